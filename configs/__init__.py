@@ -1,0 +1,1 @@
+"""Experiment configs: one module per experiment, each with ``get_config(variant=None)``."""

@@ -1,0 +1,167 @@
+"""FedAvg and the FedOpt family (FedAvgM, FedAdam, FedYogi, FedAdagrad)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_sim.aggregators import Aggregator, weighted_mean
+from fedjax_sim.core.client import local_train, masked_mean_loss, tree_sub
+from fedjax_sim.core.round import (
+    AGGREGATE_SALT,
+    UPDATE_SALT,
+    run_clients,
+    weighted_client_metrics,
+)
+from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model, Params, PyTree
+from fedjax_sim.optimizers import optimizer_update
+
+WEIGHTINGS = ("num_examples", "uniform")
+
+# (update, key) -> update: applied to each client's update before aggregation (clipping,
+# noise, compression).
+UpdateTransform = Callable[[Params, jax.Array], Params]
+
+
+class ServerState(NamedTuple):
+    """State of FedAvg/FedOpt between rounds.
+
+    Attributes:
+      params: the global model.
+      opt_state: the server optimizer's state.
+      aggregator_state: the aggregator's state.
+      round: rounds applied so far (int32).
+    """
+
+    params: Params
+    opt_state: PyTree
+    aggregator_state: PyTree
+    round: jax.Array
+
+
+def client_weight(num_examples: jax.Array, weighting: str) -> jax.Array:
+    if weighting == "num_examples":
+        return num_examples
+    if weighting == "uniform":
+        return (num_examples > 0).astype(num_examples.dtype)
+    raise ValueError(f"unknown weighting {weighting!r}; known: {', '.join(WEIGHTINGS)}.")
+
+
+def fedopt(
+    model: Model,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+    *,
+    weighting: str = "num_examples",
+    aggregator: Aggregator | None = None,
+    update_transform: UpdateTransform | None = None,
+    strategy: str = "auto",
+    chunk_size: int = 10,
+) -> FederatedAlgorithm:
+    """FedOpt (Reddi et al. 2021, Algorithm 1): local training, then a server optimizer step.
+
+    Each client starts from the server params, runs its local steps with
+    ``client_optimizer`` and returns the delta ``server - client``. The server averages the
+    deltas (the pseudo-gradient) and applies ``server_optimizer`` to it. With
+    ``optax.sgd(1.0)`` this is FedAvg (McMahan et al. 2017); with momentum, FedAvgM (Hsu et al.
+    2019); with ``fs.optimizers.fedadam/fedyogi/fedadagrad``, FedAdam/FedYogi/FedAdagrad.
+
+    Args:
+      model: the model (its ``apply`` and per-example ``loss``).
+      client_optimizer: the local optimizer, re-initialized every round.
+      server_optimizer: applied to the aggregated pseudo-gradient.
+      weighting: ``num_examples`` (weight by client size) or ``uniform``.
+      aggregator: how client deltas combine; default the weighted mean.
+      update_transform: optional ``(delta, key) -> delta`` applied per client before
+        aggregation.
+      strategy: client execution strategy (``auto``, ``vmap``, ``chunked``, ``sequential``).
+      chunk_size: clients per chunk for ``chunked``.
+
+    Returns:
+      A ``FederatedAlgorithm`` whose state is a ``ServerState``.
+    """
+    client_weight(jnp.zeros(()), weighting)  # validates the name eagerly
+    aggregator = aggregator or weighted_mean()
+    loss_fn = masked_mean_loss(model, train=True)
+
+    def init(params):
+        return ServerState(
+            params=params,
+            opt_state=server_optimizer.init(params),
+            aggregator_state=aggregator.init(params),
+            round=jnp.zeros((), jnp.int32),
+        )
+
+    def apply(state, cohort, key):
+        server_params = state.params
+
+        def client_fn(data, client_state, ckey):
+            local = local_train(
+                server_params,
+                data["batches"],
+                data["mask"],
+                ckey,
+                loss_fn=loss_fn,
+                optimizer=client_optimizer,
+            )
+            delta = tree_sub(server_params, local.params)
+            if update_transform is not None:
+                delta = update_transform(delta, jax.random.fold_in(ckey, UPDATE_SALT))
+            return ClientOutput(
+                update=delta,
+                weight=client_weight(data["num_examples"], weighting),
+                metrics={"loss_sum": local.loss_sum, "num_seen": local.num_seen},
+                client_state=client_state,
+            )
+
+        outputs, _ = run_clients(
+            client_fn,
+            cohort,
+            key,
+            strategy=strategy,
+            chunk_size=chunk_size,
+            params_for_auto=server_params,
+        )
+        agg_key = jax.random.fold_in(key, AGGREGATE_SALT)
+        pseudo_grad, agg_state = aggregator.apply(
+            state.aggregator_state, outputs.update, outputs.weight, agg_key
+        )
+        updates, opt_state = optimizer_update(
+            server_optimizer, pseudo_grad, state.opt_state, server_params
+        )
+        new_state = ServerState(
+            params=optax.apply_updates(server_params, updates),
+            opt_state=opt_state,
+            aggregator_state=agg_state,
+            round=state.round + 1,
+        )
+        return new_state, weighted_client_metrics(outputs)
+
+    return FederatedAlgorithm(init=init, apply=apply)
+
+
+def fedavg(
+    model: Model,
+    client_optimizer: optax.GradientTransformation,
+    *,
+    server_learning_rate: float = 1.0,
+    **kwargs,
+) -> FederatedAlgorithm:
+    """FedAvg (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
+    Decentralized Data"): ``fedopt`` with the server optimizer ``sgd(server_learning_rate)``.
+
+    Args:
+      model: the model.
+      client_optimizer: the local optimizer.
+      server_learning_rate: 1.0 replaces the global model by the clients' weighted mean.
+      **kwargs: ``weighting``, ``aggregator``, ``update_transform``, ``strategy``,
+        ``chunk_size`` as in ``fedopt``.
+
+    Returns:
+      A ``FederatedAlgorithm``.
+    """
+    return fedopt(model, client_optimizer, optax.sgd(server_learning_rate), **kwargs)

@@ -1,0 +1,99 @@
+"""Pure pieces of client work: masked losses and the local training loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from fedjax_sim.core.types import Array, Model, Params, PRNGKey, PyTree
+from fedjax_sim.optimizers import optimizer_update
+
+# (params, batch, mask, key) -> (mean loss over real examples, aux)
+LossFn = Callable[[Params, dict, Array, PRNGKey], Array]
+
+
+def masked_mean_loss(model: Model, *, train: bool = True) -> LossFn:
+    """Mean per-example loss over the real (mask=True) examples of a batch."""
+
+    def loss_fn(params, batch, mask, key):
+        logits = model.apply(params, batch["x"], train=train, key=key)
+        per_example = model.loss(logits, batch["y"])
+        mask = mask.astype(per_example.dtype)
+        return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    return loss_fn
+
+
+def num_real_steps(mask: Array) -> Array:
+    """Steps with at least one real example (packing puts them first)."""
+    return jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
+
+
+class LocalResult(NamedTuple):
+    params: Params
+    opt_state: PyTree
+    loss_sum: Array  # sum over real examples of the pre-step loss
+    num_seen: Array  # real examples seen
+
+
+def local_train(
+    params: Params,
+    batches: dict,
+    mask: Array,
+    key: PRNGKey,
+    *,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    grad_transform: Callable[[Params, Params], Params] | None = None,
+    opt_state: PyTree | None = None,
+    num_steps: Array | None = None,
+) -> LocalResult:
+    """Runs a client's local steps; padded steps are skipped, not zero-stepped.
+
+    A zero gradient is a no-op only for plain SGD (momentum or Adam would still move), so the
+    loop runs exactly the client's real steps: ``lax.fori_loop`` up to its own step count.
+
+    Args:
+      params: starting parameters.
+      batches: dict of ``[steps, batch, ...]`` arrays.
+      mask: ``[steps, batch]`` example mask.
+      key: the client's key for this round; step ``i`` uses ``fold_in(key, i)``.
+      loss_fn: ``(params, batch, mask, key) -> loss``.
+      optimizer: the client optimizer.
+      grad_transform: optional ``(grads, params) -> grads`` (proximal terms, control variates).
+      opt_state: optional starting optimizer state (default: ``optimizer.init(params)``).
+      num_steps: optional step count (default: the real steps of ``mask``; stragglers pass less).
+
+    Returns:
+      A ``LocalResult``.
+    """
+    if opt_state is None:
+        opt_state = optimizer.init(params)
+    if num_steps is None:
+        num_steps = num_real_steps(mask)
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def body(i, carry):
+        p, s, loss_sum, seen = carry
+        batch = jax.tree.map(lambda a: a[i], batches)
+        m = mask[i]
+        loss, grads = grad_fn(p, batch, m, jax.random.fold_in(key, i))
+        if grad_transform is not None:
+            grads = grad_transform(grads, p)
+        updates, s = optimizer_update(optimizer, grads, s, p)
+        p = optax.apply_updates(p, updates)
+        n = jnp.sum(m).astype(loss.dtype)
+        return p, s, loss_sum + loss * n, seen + n
+
+    zero = jnp.zeros((), jnp.float32)
+    p, s, loss_sum, seen = lax.fori_loop(0, num_steps, body, (params, opt_state, zero, zero))
+    return LocalResult(p, s, loss_sum, seen)
+
+
+def tree_sub(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(lambda x, y: x - y, a, b)

@@ -1,0 +1,101 @@
+"""Shared types of the pure core."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+PyTree = Any
+Params = PyTree
+PRNGKey = jax.Array
+Metrics = Mapping[str, Array]
+
+
+class Cohort(NamedTuple):
+    """The sampled clients' data for one round, packed into fixed shapes.
+
+    Attributes:
+      batches: dict of arrays shaped ``[clients, steps, batch, ...]`` (for example ``x`` and
+        ``y``). Padding entries hold zeros.
+      mask: ``[clients, steps, batch]`` bool, True for real examples.
+      num_examples: ``[clients]`` float32, the client's example count (its FedAvg weight).
+        Padded clients have 0.
+      client_ids: ``[clients]`` int32 index of each client in its dataset. Padded clients
+        carry an out-of-range index (``>= num_clients``) so scatters to per-client state drop
+        them.
+    """
+
+    batches: Mapping[str, Array]
+    mask: Array
+    num_examples: Array
+    client_ids: Array
+
+    @property
+    def num_clients(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.mask.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[2]
+
+    def steps_per_client(self) -> Array:
+        """``[clients]`` int32: steps that hold at least one real example.
+
+        Packing puts all real steps first, so a client runs steps ``0 .. n-1``.
+        """
+        return jnp.sum(jnp.any(self.mask, axis=-1), axis=-1).astype(jnp.int32)
+
+
+class Model(NamedTuple):
+    """A model as two pure functions plus its loss.
+
+    Attributes:
+      init: ``key -> params``.
+      apply: ``(params, x, *, train: bool, key: PRNGKey | None) -> logits``. ``key`` feeds
+        dropout when ``train`` is True.
+      loss: per-example loss ``(logits, y) -> [batch]``.
+      name: registry name.
+      input_shape: shape of one example's ``x``.
+    """
+
+    init: Callable[[PRNGKey], Params]
+    apply: Callable[..., Array]
+    loss: Callable[[Array, Array], Array]
+    name: str
+    input_shape: tuple[int, ...]
+
+
+class ClientOutput(NamedTuple):
+    """What one client sends back at the end of its local work.
+
+    Attributes:
+      update: pytree shaped like the params, aggregated across the cohort (FedAvg: the
+        model delta ``server_params - client_params``; FedSGD: the gradient).
+      weight: scalar aggregation weight (0 for padded clients).
+      metrics: dict of per-client scalars (``loss``, ``num_examples``, ...).
+      client_state: the client's new persistent state (``()`` for stateless algorithms).
+    """
+
+    update: Params
+    weight: Array
+    metrics: Mapping[str, Array]
+    client_state: PyTree
+
+
+class FederatedAlgorithm(NamedTuple):
+    """A federated algorithm: two pure functions, as Optax's GradientTransformation.
+
+    ``state = algo.init(params)``; ``state, metrics = algo.apply(state, cohort, key)``.
+    The state's structure, shapes and dtypes never change between rounds.
+    """
+
+    init: Callable[[Params], PyTree]
+    apply: Callable[[PyTree, Cohort, PRNGKey], tuple[PyTree, Metrics]]

@@ -1,0 +1,188 @@
+"""Packing ragged client datasets into the fixed-shape cohorts the compiled round takes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedjax_sim.core.types import Cohort
+from fedjax_sim.data.federated import FederatedDataset
+
+
+def num_local_steps(
+    num_examples, *, batch_size: int, local_epochs: int, max_local_steps: int | None = None
+):
+    """Local steps a client of ``num_examples`` runs: ``epochs * ceil(n / batch)``, capped."""
+    n = np.asarray(num_examples, dtype=np.int64)
+    steps = local_epochs * (-(-n // batch_size))
+    if max_local_steps:
+        steps = np.minimum(steps, max_local_steps)
+    return steps
+
+
+def max_local_steps_of(
+    dataset: FederatedDataset,
+    *,
+    batch_size: int,
+    local_epochs: int,
+    max_local_steps: int | None = None,
+) -> int:
+    """The step count that fits every client of ``dataset``: pad cohorts to it to compile once."""
+    steps = num_local_steps(
+        dataset.sizes,
+        batch_size=batch_size,
+        local_epochs=local_epochs,
+        max_local_steps=max_local_steps,
+    )
+    return max(int(steps.max()), 1)
+
+
+def client_shuffle_rng(seed: int, round_num: int, client_index: int) -> np.random.Generator:
+    """The host RNG for one client's shuffle in one round; independent of cohort order."""
+    return np.random.default_rng([seed, 1, round_num, client_index])
+
+
+def client_batch_indices(
+    num_examples: int,
+    *,
+    batch_size: int,
+    local_epochs: int,
+    max_local_steps: int | None,
+    num_steps: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """``[num_steps, batch_size]`` example indices, -1 for padding.
+
+    Each epoch is a fresh permutation cut into ``ceil(n / batch)`` batches (the last one may be
+    partial); epochs follow each other; the result is capped at ``max_local_steps`` and padded
+    with empty steps up to ``num_steps``.
+    """
+    per_epoch = -(-num_examples // batch_size)
+    out = np.full((num_steps, batch_size), -1, dtype=np.int64)
+    want = int(
+        num_local_steps(
+            num_examples,
+            batch_size=batch_size,
+            local_epochs=local_epochs,
+            max_local_steps=max_local_steps,
+        )
+    )
+    if want > num_steps:
+        raise ValueError(
+            f"a client with {num_examples} examples needs {want} local steps but the cohort "
+            f"has room for {num_steps}; pack with num_steps >= {want}."
+        )
+    if num_examples == 0:
+        return out
+    epochs_needed = -(-want // per_epoch)
+    rows = []
+    for _ in range(epochs_needed):
+        perm = np.full(per_epoch * batch_size, -1, dtype=np.int64)
+        perm[:num_examples] = rng.permutation(num_examples)
+        rows.append(perm.reshape(per_epoch, batch_size))
+    out[:want] = np.concatenate(rows)[:want]
+    return out
+
+
+def pack_cohort(
+    dataset: FederatedDataset,
+    client_indices: Sequence[int],
+    *,
+    batch_size: int,
+    local_epochs: int = 1,
+    max_local_steps: int | None = None,
+    num_steps: int | None = None,
+    num_clients: int | None = None,
+    seed: int,
+    round_num: int,
+) -> Cohort:
+    """Packs the chosen clients into a ``Cohort`` of NumPy arrays.
+
+    Args:
+      dataset: the clients' ragged data.
+      client_indices: indices into ``dataset`` of the sampled clients, in cohort order.
+      batch_size: examples per local step.
+      local_epochs: passes over each client's data.
+      max_local_steps: optional cap on local steps (None or 0: no cap).
+      num_steps: the step dimension to pad to; defaults to what ``dataset``'s largest client
+        needs, which keeps shapes (and so the compiled round) fixed across rounds.
+      num_clients: the client dimension to pad to (extra clients are empty, weight 0).
+      seed: the experiment seed; each client's shuffle draws from
+        ``(seed, round_num, client_index)``, so it does not depend on the cohort's order.
+      round_num: the round number.
+
+    Returns:
+      A ``Cohort`` whose padding (steps, examples, clients) is masked out.
+    """
+    if batch_size < 1 or local_epochs < 1:
+        raise ValueError(
+            f"batch_size and local_epochs must be >= 1, got {batch_size} and {local_epochs}."
+        )
+    client_indices = [int(i) for i in client_indices]
+    if len(set(client_indices)) != len(client_indices):
+        raise ValueError(f"a cohort may not repeat a client: {client_indices}.")
+    bad = [i for i in client_indices if not 0 <= i < dataset.num_clients]
+    if bad:
+        raise ValueError(f"client indices {bad} are outside 0..{dataset.num_clients - 1}.")
+    if num_steps is None:
+        num_steps = max_local_steps_of(
+            dataset,
+            batch_size=batch_size,
+            local_epochs=local_epochs,
+            max_local_steps=max_local_steps,
+        )
+    num_clients = len(client_indices) if num_clients is None else num_clients
+    if num_clients < len(client_indices):
+        raise ValueError(f"num_clients={num_clients} < cohort size {len(client_indices)}.")
+
+    rows: dict[str, list[np.ndarray]] = {k: [] for k in dataset.element_spec}
+    mask = np.zeros((num_clients, num_steps, batch_size), bool)
+    counts = np.zeros((num_clients,), np.float32)
+    ids = np.full((num_clients,), dataset.num_clients, np.int32)
+    for row, ci in enumerate(client_indices):
+        arrays = dataset.client(ci)
+        n = int(dataset.sizes[ci])
+        idx = client_batch_indices(
+            n,
+            batch_size=batch_size,
+            local_epochs=local_epochs,
+            max_local_steps=max_local_steps,
+            num_steps=num_steps,
+            rng=client_shuffle_rng(seed, round_num, ci),
+        )
+        real = idx >= 0
+        for k, a in arrays.items():
+            # Index -1 (padding) reads the appended zero row: one gather per feature.
+            padded = np.concatenate([a, np.zeros((1,) + a.shape[1:], a.dtype)])
+            rows[k].append(np.take(padded, idx, axis=0))
+        mask[row] = real
+        counts[row] = n
+        ids[row] = ci
+    batches = {}
+    for k, (shape, dtype) in dataset.element_spec.items():
+        empty = np.zeros((num_clients - len(client_indices), num_steps, batch_size) + shape, dtype)
+        batches[k] = np.concatenate(rows[k] and [np.stack(rows[k]), empty] or [empty])
+    return Cohort(batches=batches, mask=mask, num_examples=counts, client_ids=ids)
+
+
+def pack_eval(dataset: FederatedDataset, *, batch_size: int = 1024):
+    """All examples of ``dataset`` in ``[batches, batch_size, ...]`` with masks and client ids.
+
+    Returns:
+      ``(arrays, mask, client_index)`` with ``client_index`` shaped like ``mask``.
+    """
+    total = dataset.num_examples
+    batch_size = max(1, min(batch_size, total))
+    nb = -(-total // batch_size)
+    flat = dataset.all_examples()
+    arrays = {}
+    for k, a in flat.items():
+        padded = np.zeros((nb * batch_size,) + a.shape[1:], a.dtype)
+        padded[:total] = a
+        arrays[k] = padded.reshape((nb, batch_size) + a.shape[1:])
+    mask = np.zeros(nb * batch_size, bool)
+    mask[:total] = True
+    owner = np.zeros(nb * batch_size, np.int32)
+    owner[:total] = np.repeat(np.arange(dataset.num_clients, dtype=np.int32), dataset.sizes)
+    return arrays, mask.reshape(nb, batch_size), owner.reshape(nb, batch_size)

@@ -1,0 +1,253 @@
+"""The simulation driver: the only impure module (files, clocks, logs, host syncs).
+
+``simulate(config, workdir)`` builds the dataset, model and algorithm a config names, then
+runs the round loop: sample a cohort on the host, pack it, run the compiled round, evaluate
+every ``eval_every`` rounds and append one JSON line per evaluation to ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fedjax_sim import aggregators, algorithms, data, models, optimizers
+from fedjax_sim.core.execution import resolve_strategy
+from fedjax_sim.core.types import FederatedAlgorithm, Model
+from fedjax_sim.metrics import make_evaluator, summarize_eval
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss or the evaluated model became NaN or infinite."""
+
+
+class Experiment(NamedTuple):
+    """Everything a run is built from."""
+
+    config: ml_collections.ConfigDict
+    data: data.FederatedData
+    model: Model
+    algorithm: FederatedAlgorithm
+    num_steps: int
+
+
+def _kwargs(node) -> dict[str, Any]:
+    return dict(node.to_dict()) if node is not None else {}
+
+
+def build_optimizer(spec: ml_collections.ConfigDict):
+    return optimizers.get_optimizer(spec.optimizer, spec.learning_rate, **_kwargs(spec.kwargs))
+
+
+def build_experiment(
+    config: ml_collections.ConfigDict, federated_data: data.FederatedData | None = None
+) -> Experiment:
+    """Validates ``config`` and builds data, model and algorithm from it (no training).
+
+    Args:
+      config: an experiment config (see ``configs/default.py``).
+      federated_data: use this data instead of the dataset the config names.
+
+    Returns:
+      An ``Experiment``.
+    """
+    algorithms.check_algorithm_name(config.algorithm)
+    if federated_data is None:
+        federated_data = data.get_federated_data(
+            config.dataset.name, seed=config.seed, **_kwargs(config.dataset.kwargs)
+        )
+    train = federated_data.train
+    if not 1 <= config.clients_per_round <= train.num_clients:
+        raise ValueError(
+            f"clients_per_round={config.clients_per_round} but the dataset has "
+            f"{train.num_clients} training clients; choose 1..{train.num_clients}."
+        )
+    if config.num_rounds < 1 or config.eval_every < 1:
+        raise ValueError("num_rounds and eval_every must be >= 1.")
+    input_shape = train.element_spec["x"][0]
+    model = models.get_model(
+        config.model.name,
+        num_classes=federated_data.num_classes,
+        input_shape=tuple(input_shape),
+        **_kwargs(config.model.kwargs),
+    )
+    server_opt = build_optimizer(config.server)
+    common = dict(
+        weighting=config.weighting,
+        aggregator=aggregators.get_aggregator(config.aggregator),
+        strategy=config.strategy,
+        chunk_size=config.chunk_size,
+    )
+    resolve_strategy(config.strategy, params=(), num_clients=1)  # validates the name
+    if config.algorithm == "fedsgd":
+        algorithm = algorithms.fedsgd(model, server_opt, **common)
+    else:
+        algorithm = algorithms.fedopt(model, build_optimizer(config.client), server_opt, **common)
+    num_steps = data.max_local_steps_of(
+        train,
+        batch_size=config.client.batch_size,
+        local_epochs=config.client.local_epochs,
+        max_local_steps=config.client.max_local_steps or None,
+    )
+    return Experiment(config, federated_data, model, algorithm, num_steps)
+
+
+def sample_clients(seed: int, round_num: int, num_clients: int, cohort_size: int) -> np.ndarray:
+    """Uniform sampling without replacement, a pure function of (seed, round)."""
+    rng = np.random.default_rng([seed, 0, round_num])
+    return rng.choice(num_clients, size=cohort_size, replace=False)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="round", dynamic_ncols=True, file=sys.stderr)
+
+
+def simulate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    federated_data: data.FederatedData | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Runs a federated simulation and writes ``config.json`` and ``metrics.jsonl``.
+
+    Args:
+      config: the experiment config.
+      workdir: output directory (created if needed).
+      federated_data: optional data to use instead of the config's dataset.
+      progress: show a progress bar.
+      overwrite: replace the results of an earlier run in ``workdir``.
+
+    Returns:
+      The summary dict (also written to ``workdir/summary.json``), with ``params`` (the final
+      global model) and ``history`` (the evaluation records).
+
+    Raises:
+      TrainingDiverged: the loss became NaN/inf; ``metrics.jsonl`` keeps the evaluations
+        before it.
+    """
+    t_start = time.perf_counter()
+    workdir = Path(workdir)
+    metrics_path = workdir / "metrics.jsonl"
+    exp = build_experiment(config, federated_data)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if metrics_path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{metrics_path} already holds the results of a run; choose another --workdir or "
+            "pass --overwrite to replace them."
+        )
+    (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
+    metrics_path.write_text("")
+
+    train, test = exp.data.train, exp.data.test
+    root = jax.random.key(config.seed)
+    params = exp.model.init(jax.random.fold_in(root, 0))
+    state = exp.algorithm.init(params)
+    round_fn = jax.jit(exp.algorithm.apply, donate_argnums=0)
+    evaluator = make_evaluator(exp.model, test.num_clients)
+    eval_arrays = jax.device_put(pack_eval_once(test, config.eval_batch_size))
+    strategy = resolve_strategy(
+        config.strategy, params=params, num_clients=config.clients_per_round
+    )
+
+    history: list[dict[str, Any]] = []
+    pending_losses: list[tuple[int, jax.Array]] = []
+    bar = _progress(config.num_rounds, progress)
+    try:
+        for r in range(1, config.num_rounds + 1):
+            ids = sample_clients(config.seed, r, train.num_clients, config.clients_per_round)
+            cohort = data.pack_cohort(
+                train,
+                ids,
+                batch_size=config.client.batch_size,
+                local_epochs=config.client.local_epochs,
+                max_local_steps=config.client.max_local_steps or None,
+                num_steps=exp.num_steps,
+                seed=config.seed,
+                round_num=r,
+            )
+            state, round_metrics = round_fn(state, cohort, jax.random.fold_in(root, r))
+            pending_losses.append((r, round_metrics["train_loss"]))
+            if bar is not None:
+                bar.update(1)
+            if r % config.eval_every and r != config.num_rounds:
+                continue
+            # One host sync per evaluation, not per round.
+            rounds = [rr for rr, _ in pending_losses]
+            losses = np.asarray(jnp.stack([loss for _, loss in pending_losses]), np.float64)
+            bad = [i for i, loss in enumerate(losses) if not math.isfinite(loss)]
+            if bad:
+                raise TrainingDiverged(
+                    f"the training loss became {losses[bad[0]]} in round {rounds[bad[0]]}; "
+                    f"{metrics_path} keeps the evaluations before it. Lower the client or "
+                    "server learning rate, or clip updates."
+                )
+            ev = summarize_eval(*evaluator(state.params, *eval_arrays))
+            if not math.isfinite(ev["test_loss"]):
+                raise TrainingDiverged(
+                    f"the evaluated test loss is {ev['test_loss']} after round {r}; "
+                    f"{metrics_path} keeps the evaluations before it. Lower the learning rates."
+                )
+            record = {
+                "round": r,
+                "train_loss": float(losses.mean()),
+                **ev,
+                "wall_s": round(time.perf_counter() - t_start, 3),
+            }
+            pending_losses.clear()
+            history.append(record)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{record['train_loss']:.4f}", acc=f"{record['test_accuracy']:.4f}"
+                )
+    finally:
+        if bar is not None:
+            bar.close()
+
+    wall = time.perf_counter() - t_start
+    best = max(history, key=lambda h: h["test_accuracy"])
+    summary = {
+        "rounds": config.num_rounds,
+        "final_test_accuracy": history[-1]["test_accuracy"],
+        "final_test_loss": history[-1]["test_loss"],
+        "final_train_loss": history[-1]["train_loss"],
+        "best_test_accuracy": best["test_accuracy"],
+        "best_round": best["round"],
+        "client_accuracy_p10": history[-1]["client_accuracy_p10"],
+        "wall_s": round(wall, 3),
+        "rounds_per_s": round(config.num_rounds / wall, 2),
+        "strategy": strategy,
+        "compiles": round_fn._cache_size(),
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {**summary, "params": state.params, "history": history}
+
+
+def pack_eval_once(dataset: data.FederatedDataset, batch_size: int):
+    return data.pack_eval(dataset, batch_size=batch_size)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    return (
+        f"done: {summary['rounds']} rounds in {summary['wall_s']:.1f} s "
+        f"({summary['rounds_per_s']:.1f} rounds/s, strategy {summary['strategy']})\n"
+        f"  test accuracy {summary['final_test_accuracy']:.4f} (best "
+        f"{summary['best_test_accuracy']:.4f} at round {summary['best_round']}), "
+        f"test loss {summary['final_test_loss']:.4f}, "
+        f"p10 client accuracy {summary['client_accuracy_p10']:.4f}"
+    )

@@ -1,0 +1,231 @@
+"""Invariants and independent references for FedAvg, FedSGD and FedOpt."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fedjax_sim as fs
+from fedjax_sim.data import pack_cohort
+from tests.helpers import linear_model, mean_loss, ragged_dataset, tree_allclose
+
+MODEL = linear_model()
+PARAMS = MODEL.init(jax.random.key(0))
+KEY = jax.random.key(42)
+
+
+def cohort_of(ds, ids, **kw):
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("seed", 0)
+    kw.setdefault("round_num", 1)
+    return pack_cohort(ds, ids, **kw)
+
+
+def test_fedavg_one_client_one_step_is_one_sgd_step():
+    ds = ragged_dataset([4])
+    cohort = cohort_of(ds, [0], batch_size=4)
+    algo = fs.fedavg(MODEL, optax.sgd(0.1))
+    state, _ = algo.apply(algo.init(PARAMS), cohort, KEY)
+    x, y = ds.client(0)["x"], ds.client(0)["y"]
+    grads = jax.grad(lambda p: mean_loss(MODEL, p, x, y))(PARAMS)
+    opt = optax.sgd(0.1)
+    updates, _ = opt.update(grads, opt.init(PARAMS), PARAMS)
+    tree_allclose(state.params, optax.apply_updates(PARAMS, updates), rtol=1e-6, atol=1e-7)
+
+
+def test_fedsgd_full_batches_equal_centralized_gradient_descent():
+    ds = ragged_dataset([5, 11, 8])
+    everything = ds.all_examples()
+    algo = fs.fedsgd(MODEL, optax.sgd(0.5))
+    state = algo.init(PARAMS)
+    params = PARAMS
+    for r in range(3):
+        # Batch size 3 does not divide the client sizes: accumulation must still be exact.
+        cohort = cohort_of(ds, [0, 1, 2], batch_size=3, round_num=r)
+        state, _ = algo.apply(state, cohort, KEY)
+        g = jax.grad(lambda p: mean_loss(MODEL, p, everything["x"], everything["y"]))(params)
+        params = jax.tree.map(lambda p, g: p - 0.5 * g, params, g)
+    tree_allclose(state.params, params, rtol=1e-5, atol=1e-6)
+
+
+def reference_fedavg_round(params, ds, ids, *, lr, batch_size, epochs, seed, round_num):
+    """Clients trained one by one in Python with the same batches, then averaged by size."""
+    cohort = cohort_of(
+        ds, ids, batch_size=batch_size, local_epochs=epochs, seed=seed, round_num=round_num
+    )
+    finals, weights = [], []
+    for row, ci in enumerate(ids):
+        p = params
+        for s in range(cohort.mask.shape[1]):
+            m = cohort.mask[row, s]
+            if not m.any():
+                continue
+            x, y = cohort.batches["x"][row, s][m], cohort.batches["y"][row, s][m]
+            g = jax.grad(lambda q: mean_loss(MODEL, q, x, y))(p)
+            p = jax.tree.map(lambda a, b: a - lr * b, p, g)
+        finals.append(p)
+        weights.append(ds.sizes[ci])
+    w = np.array(weights, np.float32) / np.sum(weights)
+    return jax.tree.map(lambda *ps: sum(wi * pi for wi, pi in zip(w, ps)), *finals)
+
+
+def test_fedopt_with_server_sgd_1_is_the_weighted_mean_of_client_models():
+    ds = ragged_dataset([6, 13, 3, 9])
+    ids = [3, 0, 1]
+    algo = fs.fedopt(MODEL, optax.sgd(0.2), optax.sgd(1.0))
+    state, metrics = algo.apply(algo.init(PARAMS), cohort_of(ds, ids, local_epochs=2), KEY)
+    ref = reference_fedavg_round(
+        PARAMS, ds, ids, lr=0.2, batch_size=4, epochs=2, seed=0, round_num=1
+    )
+    tree_allclose(state.params, ref, rtol=1e-5, atol=1e-6)
+    assert int(metrics["num_clients"]) == 3
+    # Every example seen twice (two epochs).
+    assert float(metrics["num_examples_seen"]) == 2 * (9 + 6 + 13)
+    fedavg_state, _ = fs.fedavg(MODEL, optax.sgd(0.2)).apply(
+        algo.init(PARAMS), cohort_of(ds, ids, local_epochs=2), KEY
+    )
+    tree_allclose(fedavg_state.params, state.params, rtol=0, atol=0)
+
+
+def test_uniform_weighting():
+    ds = ragged_dataset([2, 20])
+    ids = [0, 1]
+    algo = fs.fedavg(MODEL, optax.sgd(0.3), weighting="uniform")
+    state, _ = algo.apply(algo.init(PARAMS), cohort_of(ds, ids, batch_size=20), KEY)
+    solo = []
+    for i in ids:
+        s, _ = fs.fedavg(MODEL, optax.sgd(0.3)).apply(
+            algo.init(PARAMS), cohort_of(ds, [i], batch_size=20), KEY
+        )
+        solo.append(s.params)
+    tree_allclose(state.params, jax.tree.map(lambda a, b: (a + b) / 2, *solo), rtol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "chunked", "sequential", "auto"])
+def test_every_strategy_gives_the_same_result(strategy):
+    ds = ragged_dataset([5, 17, 2, 9, 11, 4, 8])
+    ids = [6, 1, 2, 4, 0, 5, 3]
+    cohort = cohort_of(ds, ids, local_epochs=2)
+    client_opt = optax.adam(0.05)  # stateful client optimizer: padded steps must not move it
+    ref_algo = fs.fedopt(MODEL, client_opt, optax.adam(0.1), strategy="sequential")
+    algo = fs.fedopt(MODEL, client_opt, optax.adam(0.1), strategy=strategy, chunk_size=3)
+    ref, ref_m = jax.jit(ref_algo.apply)(ref_algo.init(PARAMS), cohort, KEY)
+    got, got_m = jax.jit(algo.apply)(algo.init(PARAMS), cohort, KEY)
+    tree_allclose(got.params, ref.params, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_m["train_loss"], ref_m["train_loss"], rtol=1e-5)
+
+
+def test_padded_clients_and_steps_change_nothing():
+    ds = ragged_dataset([5, 9, 3])
+    algo = fs.fedopt(MODEL, optax.sgd(0.1, momentum=0.9), optax.sgd(1.0), strategy="vmap")
+    plain = cohort_of(ds, [0, 1, 2])
+    padded = cohort_of(ds, [0, 1, 2], num_steps=plain.num_steps + 5, num_clients=6)
+    a, ma = algo.apply(algo.init(PARAMS), plain, KEY)
+    b, mb = algo.apply(algo.init(PARAMS), padded, KEY)
+    tree_allclose(a.params, b.params, rtol=1e-6, atol=1e-7)
+    assert int(mb["num_clients"]) == 3
+    np.testing.assert_allclose(ma["train_loss"], mb["train_loss"], rtol=1e-6)
+
+
+def test_cohort_order_does_not_matter():
+    ds = ragged_dataset([5, 9, 3, 7])
+    algo = fs.fedopt(MODEL, optax.sgd(0.1), optax.adam(0.05))
+    a, _ = algo.apply(algo.init(PARAMS), cohort_of(ds, [0, 1, 2, 3]), KEY)
+    b, _ = algo.apply(algo.init(PARAMS), cohort_of(ds, [3, 1, 0, 2]), KEY)
+    tree_allclose(a.params, b.params, rtol=1e-5, atol=1e-6)
+
+
+def test_fedadam_round_matches_reddi_algorithm_2_by_hand():
+    ds = ragged_dataset([6, 10])
+    cohort = cohort_of(ds, [0, 1])
+    lr, b1, b2, tau = 0.03, 0.9, 0.99, 1e-3
+    algo = fs.fedopt(MODEL, optax.sgd(0.1), fs.optimizers.fedadam(lr, b1=b1, b2=b2, tau=tau))
+    state = algo.init(PARAMS)
+    state, _ = algo.apply(state, cohort, KEY)
+    # The mean client model, as FedAvg (server sgd(1)) computes it.
+    avg_state, _ = fs.fedavg(MODEL, optax.sgd(0.1)).apply(
+        state._replace(params=PARAMS), cohort, KEY
+    )
+    for x0, xbar, x1 in zip(
+        jax.tree.leaves(PARAMS), jax.tree.leaves(avg_state.params), jax.tree.leaves(state.params)
+    ):
+        delta = np.asarray(xbar, np.float64) - np.asarray(x0, np.float64)  # Delta_t
+        m = (1 - b1) * delta  # m_t = b1 * 0 + (1 - b1) Delta_t
+        v = b2 * tau**2 + (1 - b2) * delta**2  # v_{-1} = tau^2
+        expected = np.asarray(x0, np.float64) + lr * m / (np.sqrt(v) + tau)
+        np.testing.assert_allclose(np.asarray(x1), expected, rtol=2e-5, atol=1e-6)
+    # A second round uses the stored moments: v_1 = b2 v_0 + (1 - b2) Delta_1^2.
+    assert np.all(np.asarray(jax.tree.leaves(state.opt_state.v)[0]) >= tau**2 * b2)
+
+
+def test_server_adam_by_optax_name_is_bias_corrected():
+    ds = ragged_dataset([6, 10])
+    cohort = cohort_of(ds, [0, 1])
+    algo = fs.fedopt(MODEL, optax.sgd(0.1), fs.get_optimizer("adam", 0.01, eps=1e-3))
+    state, _ = algo.apply(algo.init(PARAMS), cohort, KEY)
+    avg, _ = fs.fedavg(MODEL, optax.sgd(0.1)).apply(algo.init(PARAMS), cohort, KEY)
+    for x0, xbar, x1 in zip(*(jax.tree.leaves(t) for t in (PARAMS, avg.params, state.params))):
+        delta = np.asarray(xbar, np.float64) - np.asarray(x0, np.float64)
+        # After one step Adam's bias-corrected moments are Delta and Delta^2.
+        expected = np.asarray(x0) + 0.01 * delta / (np.abs(delta) + 1e-3)
+        np.testing.assert_allclose(np.asarray(x1), expected, rtol=2e-5, atol=1e-6)
+
+
+def test_round_compiles_once_and_jit_equals_no_jit():
+    ds = ragged_dataset([5, 9, 3, 7, 12])
+    algo = fs.fedopt(MODEL, optax.sgd(0.1), optax.sgd(1.0, momentum=0.9))
+    step = jax.jit(algo.apply)
+    state = algo.init(PARAMS)
+    eager_state = algo.init(PARAMS)
+    n = fs.data.max_local_steps_of(ds, batch_size=4, local_epochs=1)
+    rng = np.random.default_rng(0)
+    for r in range(6):
+        ids = rng.choice(5, size=3, replace=False)
+        cohort = cohort_of(ds, ids, num_steps=n, round_num=r)
+        key = jax.random.fold_in(KEY, r)
+        state, _ = step(state, cohort, key)
+        eager_state, _ = algo.apply(eager_state, cohort, key)
+    assert step._cache_size() == 1
+    assert int(state.round) == 6
+    tree_allclose(state.params, eager_state.params, rtol=1e-5, atol=1e-6)
+    # The state's structure, shapes and dtypes are those of init.
+    assert jax.tree.structure(state) == jax.tree.structure(algo.init(PARAMS))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(algo.init(PARAMS))):
+        assert a.shape == b.shape and a.dtype == b.dtype
+
+
+def test_median_aggregator_ignores_padded_clients():
+    updates = {"w": jnp.array([[1.0], [5.0], [3.0], [100.0]])}
+    weights = jnp.array([1.0, 1.0, 1.0, 0.0])
+    agg = fs.coordinate_median()
+    out, _ = agg.apply(agg.init(None), updates, weights, KEY)
+    assert float(out["w"][0]) == 3.0
+    mean, _ = fs.weighted_mean().apply((), updates, weights, KEY)
+    assert float(mean["w"][0]) == 3.0  # (1 + 5 + 3) / 3
+    zero, _ = fs.weighted_mean().apply((), updates, jnp.zeros(4), KEY)
+    assert float(zero["w"][0]) == 0.0
+
+
+def test_update_transform_sees_each_client_before_aggregation():
+    ds = ragged_dataset([5, 9])
+    clip = lambda delta, key: jax.tree.map(lambda d: jnp.clip(d, -1e-3, 1e-3), delta)
+    algo = fs.fedavg(MODEL, optax.sgd(1.0), update_transform=clip)
+    state, _ = algo.apply(algo.init(PARAMS), cohort_of(ds, [0, 1]), KEY)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(PARAMS)):
+        assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 1e-3 + 1e-7
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(ValueError, match="known: .*sequential"):
+        fs.resolve_strategy("fast", params={}, num_clients=1)
+    with pytest.raises(ValueError, match="known: .*adam"):
+        fs.get_optimizer("adamm", 0.1)
+    with pytest.raises(ValueError, match="takes no argument"):
+        fs.get_optimizer("sgd", 0.1, beta=3)
+    with pytest.raises(ValueError, match="known: num_examples, uniform"):
+        fs.fedavg(MODEL, optax.sgd(0.1), weighting="size")
+    with pytest.raises(ValueError, match="known: mean, median"):
+        fs.aggregators.get_aggregator("krum2")
+    with pytest.raises(ValueError, match="known: fedavg, fedopt, fedsgd"):
+        fs.algorithms.check_algorithm_name("fedprox2")
