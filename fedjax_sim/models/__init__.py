@@ -1,0 +1,74 @@
+"""Model registry: ``get_model(name, num_classes=..., input_shape=...)``.
+
+Every model is a :class:`fedjax_sim.core.types.Model` (pure ``init``/``apply`` plus a
+per-example cross-entropy loss); stride-1 convolutions use the loop-friendly convolution of
+:mod:`fedjax_sim.models.conv`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fedjax_sim.core.types import Model
+from fedjax_sim.models.base import count_params, model_from_linen, softmax_cross_entropy
+from fedjax_sim.models.cnn import cnn_emnist, cnn_femnist, cnn_mcmahan
+from fedjax_sim.models.conv import conv, conv2d, conv_general_dilated
+from fedjax_sim.models.linear import logreg
+from fedjax_sim.models.mlp import mlp
+from fedjax_sim.models.resnet import resnet18_gn
+from fedjax_sim.models.rnn import lstm_shakespeare
+
+_REGISTRY: dict[str, Callable[..., Model]] = {
+    "logreg": logreg,
+    "mlp": mlp,
+    "cnn_mcmahan": cnn_mcmahan,
+    "cnn_emnist": cnn_emnist,
+    "cnn_femnist": cnn_femnist,
+    "lstm_shakespeare": lstm_shakespeare,
+    "resnet18_gn": resnet18_gn,
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_model(
+    name: str, *, num_classes: int, input_shape: tuple[int, ...], **model_kwargs: Any
+) -> Model:
+    """Builds a registered model by name.
+
+    Args:
+      name: one of :data:`MODEL_NAMES`.
+      num_classes: number of classes (the vocabulary size for ``lstm_shakespeare``).
+      input_shape: shape of one example's ``x``.
+      **model_kwargs: extra options of that model's factory (e.g. ``num_groups`` of
+        ``resnet18_gn``).
+
+    Returns:
+      The model.
+
+    Raises:
+      ValueError: for an unknown name; the message lists the known ones.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    return _REGISTRY[name](num_classes=num_classes, input_shape=tuple(input_shape), **model_kwargs)
+
+
+__all__ = [
+    "MODEL_NAMES",
+    "cnn_emnist",
+    "cnn_femnist",
+    "cnn_mcmahan",
+    "conv",
+    "conv2d",
+    "conv_general_dilated",
+    "count_params",
+    "get_model",
+    "logreg",
+    "lstm_shakespeare",
+    "mlp",
+    "model_from_linen",
+    "resnet18_gn",
+    "softmax_cross_entropy",
+]

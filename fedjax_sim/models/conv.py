@@ -1,0 +1,235 @@
+"""A stride-1 2-D convolution whose gradients stay fast inside loops on XLA:CPU.
+
+Inside a ``lax.scan`` / ``while`` body, XLA:CPU keeps the convolutions that autodiff emits for
+the input and kernel gradients in non-canonical layouts and falls back to a naive kernel,
+20-60x slower than outside a loop (jax-ml/jax#12868). :func:`conv2d` has a custom VJP that
+computes the forward pass and both gradients with ``lax.conv_general_dilated`` in the
+canonical NHWC/HWIO layout, with explicit transposes of the operands, which restores full
+speed and gives the same values.
+
+:func:`conv_general_dilated` is a drop-in for ``lax.conv_general_dilated`` that Flax's
+``linen.Conv(conv_general_dilated=...)`` accepts; :func:`conv` builds such a layer (plain lax
+convolution for strided layers, which the custom VJP does not cover).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(lhs: Array, rhs: Array, padding: Padding, precision: Any) -> Array:
+    return lax.conv_general_dilated(
+        lhs, rhs, (1, 1), padding, dimension_numbers=_NHWC, precision=precision
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv2d(x: Array, w: Array, padding: Padding, precision: Any) -> Array:
+    return _conv(x, w, padding, precision)
+
+
+def _conv2d_fwd(x, w, padding, precision):
+    return _conv(x, w, padding, precision), (x, w)
+
+
+def _conv2d_bwd(padding, precision, res, dy):
+    x, w = res
+    kh, kw = w.shape[0], w.shape[1]
+    (ph_lo, ph_hi), (pw_lo, pw_hi) = padding
+    # Input gradient: full correlation of dy with the spatially flipped kernel, I and O swapped.
+    # Pads wider than k - 1 make these pads negative; XLA:CPU mishandles negative conv padding
+    # (wrong values), so pad by at least zero and crop the surplus rows/columns instead.
+    w_flip = w[::-1, ::-1].transpose(0, 1, 3, 2)  # [kh, kw, O, I]
+    dx_pad = ((kh - 1 - ph_lo, kh - 1 - ph_hi), (kw - 1 - pw_lo, kw - 1 - pw_hi))
+    dx = _conv(dy, w_flip, tuple((max(lo, 0), max(hi, 0)) for lo, hi in dx_pad), precision)
+    top, left = max(-dx_pad[0][0], 0), max(-dx_pad[1][0], 0)
+    dx = dx[:, top : top + x.shape[1], left : left + x.shape[2], :]
+    # Kernel gradient: channels play the batch role and the batch is contracted, so x becomes
+    # [C, H, W, N] (read as NHWC) and dy becomes [Ho, Wo, N, O] (read as HWIO); the result is
+    # [C, kh, kw, O].
+    dw = _conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), padding, precision)
+    dw = dw.transpose(1, 2, 0, 3)  # [kh, kw, I, O]
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def resolve_padding(
+    padding: str | Sequence[tuple[int, int]],
+    input_hw: Sequence[int],
+    kernel_hw: Sequence[int],
+) -> Padding:
+    """Explicit ``((top, bottom), (left, right))`` pads of a stride-1 2-D convolution.
+
+    Args:
+      padding: ``'SAME'``, ``'SAME_LOWER'``, ``'VALID'`` or two ``(lo, hi)`` pairs.
+      input_hw: spatial size of the input, ``(H, W)``.
+      kernel_hw: spatial size of the kernel, ``(kh, kw)``.
+
+    Returns:
+      Two ``(lo, hi)`` pairs of non-negative Python ints.
+    """
+    if isinstance(padding, str):
+        pads = lax.padtype_to_pads(tuple(input_hw), tuple(kernel_hw), (1, 1), padding)
+    else:
+        pads = [tuple(p) for p in padding]
+    if len(pads) != 2 or any(len(p) != 2 for p in pads):
+        raise ValueError(f"expected padding for 2 spatial dimensions, got {padding!r}")
+    (a, b), (c, d) = pads
+    resolved = ((int(a), int(b)), (int(c), int(d)))
+    if min(a, b, c, d) < 0:
+        raise ValueError(f"negative padding {resolved} is not supported")
+    return resolved
+
+
+def conv2d(
+    x: Array,
+    w: Array,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    *,
+    precision: Any = None,
+) -> Array:
+    """Stride-1 2-D convolution with a loop-friendly custom VJP.
+
+    Args:
+      x: input ``[N, H, W, C]``.
+      w: kernel ``[kh, kw, C, O]``.
+      padding: ``'SAME'``, ``'VALID'`` or ``((top, bottom), (left, right))``.
+      precision: passed to ``lax.conv_general_dilated``.
+
+    Returns:
+      ``[N, Ho, Wo, O]``, equal to ``lax.conv_general_dilated`` with NHWC/HWIO dimension numbers;
+      its input and kernel gradients are also computed in the canonical layout.
+    """
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(
+            f"conv2d expects x [N,H,W,C] and w [kh,kw,C,O], got shapes {x.shape} and {w.shape}"
+        )
+    if x.shape[3] != w.shape[2]:
+        raise ValueError(
+            f"conv2d: input has {x.shape[3]} channels but the kernel expects {w.shape[2]} "
+            "(grouped convolutions are not supported)"
+        )
+    pads = resolve_padding(padding, x.shape[1:3], w.shape[0:2])
+    return _conv2d(x, w, pads, precision)
+
+
+def _all_ones(value: int | Sequence[int] | None) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, int):
+        return value == 1
+    return all(v == 1 for v in value)
+
+
+def conv_general_dilated(
+    lhs: Array,
+    rhs: Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> Array:
+    """Drop-in for ``lax.conv_general_dilated`` covering the stride-1 NHWC/HWIO 2-D case.
+
+    Use as ``flax.linen.Conv(..., conv_general_dilated=conv_general_dilated)``. Anything
+    outside that case (strides, dilations, groups, other layouts, ``preferred_element_type``)
+    raises ``NotImplementedError`` rather than silently taking the slow path; use plain
+    ``lax.conv_general_dilated`` for those layers.
+
+    Returns:
+      The same value as ``lax.conv_general_dilated``; gradients via :func:`conv2d`.
+    """
+    unsupported = []
+    if lhs.ndim != 4 or rhs.ndim != 4:
+        unsupported.append(
+            f"only 2-D convolutions (lhs/rhs of rank 4), got ranks {lhs.ndim}/{rhs.ndim}"
+        )
+    if not _all_ones(window_strides):
+        unsupported.append(f"window_strides={tuple(window_strides)} (only stride 1)")
+    if not _all_ones(lhs_dilation):
+        unsupported.append(f"lhs_dilation={tuple(lhs_dilation)} (only 1)")
+    if not _all_ones(rhs_dilation):
+        unsupported.append(f"rhs_dilation={tuple(rhs_dilation)} (only 1)")
+    if feature_group_count != 1:
+        unsupported.append(f"feature_group_count={feature_group_count} (only 1)")
+    if batch_group_count != 1:
+        unsupported.append(f"batch_group_count={batch_group_count} (only 1)")
+    if preferred_element_type is not None:
+        unsupported.append(f"preferred_element_type={preferred_element_type} (only None)")
+    if not unsupported:
+        if dimension_numbers is None:
+            unsupported.append("dimension_numbers=None (lax default NCHW); pass NHWC/HWIO/NHWC")
+        else:
+            want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+            got = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            if got != want:
+                unsupported.append(f"dimension_numbers={dimension_numbers} (only NHWC/HWIO/NHWC)")
+    if unsupported:
+        raise NotImplementedError(
+            "fedjax_sim.models.conv.conv_general_dilated supports only stride-1, undilated, "
+            "ungrouped NHWC/HWIO 2-D convolutions; unsupported: "
+            + "; ".join(unsupported)
+            + ". Use lax.conv_general_dilated for this layer."
+        )
+    return conv2d(lhs, rhs, padding, precision=precision)
+
+
+def conv(
+    features: int,
+    kernel_size: int | Sequence[int],
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    use_bias: bool = True,
+    name: str | None = None,
+) -> nn.Conv:
+    """A ``flax.linen.Conv`` that uses :func:`conv_general_dilated` when its stride is 1.
+
+    Call inside a ``@nn.compact`` method. Strided layers use plain ``lax.conv_general_dilated``.
+
+    Args:
+      features: output channels.
+      kernel_size: ``k`` or ``(kh, kw)``.
+      strides: ``s`` or ``(sh, sw)``.
+      padding: ``'SAME'``, ``'VALID'`` or ``((top, bottom), (left, right))``.
+      use_bias: whether to add a bias.
+      name: optional submodule name.
+
+    Returns:
+      The Flax module (float32 parameters and computation).
+    """
+    if isinstance(kernel_size, int):
+        kernel_size = (kernel_size, kernel_size)
+    if isinstance(strides, int):
+        strides = (strides, strides)
+    fast = _all_ones(strides)
+    return nn.Conv(
+        features,
+        tuple(kernel_size),
+        strides=tuple(strides),
+        padding=padding,
+        use_bias=use_bias,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        conv_general_dilated=conv_general_dilated if fast else None,
+        name=name,
+    )

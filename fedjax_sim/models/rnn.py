@@ -1,0 +1,47 @@
+"""Recurrent models."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fedjax_sim.core.types import Model
+from fedjax_sim.models.base import model_from_linen
+
+
+class CharLSTM(nn.Module):
+    vocab_size: int
+    embed_dim: int
+    hidden: int
+    num_layers: int
+
+    @nn.compact
+    def __call__(self, tokens, *, train: bool):
+        del train
+        x = nn.Embed(self.vocab_size, self.embed_dim, param_dtype=jnp.float32)(tokens)
+        for _ in range(self.num_layers):
+            cell = nn.OptimizedLSTMCell(self.hidden, dtype=jnp.float32, param_dtype=jnp.float32)
+            x = nn.RNN(cell)(x)
+        return nn.Dense(self.vocab_size, dtype=jnp.float32, param_dtype=jnp.float32)(x[:, -1])
+
+
+def lstm_shakespeare(*, num_classes: int, input_shape: tuple[int, ...]) -> Model:
+    """The LEAF Shakespeare next-character LSTM (Caldas et al. 2018, LEAF; McMahan et al.
+    2017): Embed 8, two stacked LSTM layers of 256, Dense ``num_classes`` on the last step.
+
+    Args:
+      num_classes: vocabulary size (80 in LEAF); inputs are ids in ``[0, num_classes)``.
+      input_shape: ``(sequence_length,)``, e.g. ``(80,)``.
+
+    Returns:
+      The model; ``apply`` takes int ids ``[B, T]`` and returns ``[B, num_classes]`` logits
+      for the character after the sequence.
+    """
+    if len(input_shape) != 1:
+        raise ValueError(f"lstm_shakespeare expects input_shape=(seq_len,), got {input_shape}")
+    return model_from_linen(
+        CharLSTM(vocab_size=num_classes, embed_dim=8, hidden=256, num_layers=2),
+        name="lstm_shakespeare",
+        input_shape=input_shape,
+        input_dtype=jnp.int32,
+    )
