@@ -37,6 +37,7 @@ class Experiment(NamedTuple):
     model: Model
     algorithm: FederatedAlgorithm
     num_steps: int
+    strategy: str  # the concrete client execution strategy
 
 
 def _kwargs(node) -> dict[str, Any]:
@@ -86,18 +87,31 @@ def build_experiment(
         strategy=config.strategy,
         chunk_size=config.chunk_size,
     )
-    resolve_strategy(config.strategy, params=(), num_clients=1)  # validates the name
-    if config.algorithm == "fedsgd":
-        algorithm = algorithms.fedsgd(model, server_opt, **common)
-    else:
-        algorithm = algorithms.fedopt(model, build_optimizer(config.client), server_opt, **common)
     num_steps = data.max_local_steps_of(
         train,
         batch_size=config.client.batch_size,
         local_epochs=config.client.local_epochs,
         max_local_steps=config.client.max_local_steps or None,
     )
-    return Experiment(config, federated_data, model, algorithm, num_steps)
+    real_steps = data.packing.num_local_steps(
+        train.sizes,
+        batch_size=config.client.batch_size,
+        local_epochs=config.client.local_epochs,
+        max_local_steps=config.client.max_local_steps or None,
+    )
+    # The driver knows the clients' sizes, so it resolves ``auto`` with them.
+    strategy = resolve_strategy(
+        config.strategy,
+        params=jax.eval_shape(model.init, jax.random.key(0)),
+        num_clients=config.clients_per_round,
+        step_fill=float(real_steps.mean() / num_steps),
+    )
+    common["strategy"] = strategy
+    if config.algorithm == "fedsgd":
+        algorithm = algorithms.fedsgd(model, server_opt, **common)
+    else:
+        algorithm = algorithms.fedopt(model, build_optimizer(config.client), server_opt, **common)
+    return Experiment(config, federated_data, model, algorithm, num_steps, strategy)
 
 
 def sample_clients(seed: int, round_num: int, num_clients: int, cohort_size: int) -> np.ndarray:
@@ -159,9 +173,6 @@ def simulate(
     round_fn = jax.jit(exp.algorithm.apply, donate_argnums=0)
     evaluator = make_evaluator(exp.model, test.num_clients)
     eval_arrays = jax.device_put(pack_eval_once(test, config.eval_batch_size))
-    strategy = resolve_strategy(
-        config.strategy, params=params, num_clients=config.clients_per_round
-    )
 
     history: list[dict[str, Any]] = []
     pending_losses: list[tuple[int, jax.Array]] = []
@@ -231,7 +242,7 @@ def simulate(
         "client_accuracy_p10": history[-1]["client_accuracy_p10"],
         "wall_s": round(wall, 3),
         "rounds_per_s": round(config.num_rounds / wall, 2),
-        "strategy": strategy,
+        "strategy": exp.strategy,
         "compiles": round_fn._cache_size(),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -44,9 +44,18 @@ def test_default_run_reaches_accuracy_far_above_chance(tmp_path):
 def test_cli_smoke_run_and_overrides(tmp_path, capsys):
     rc = cli_main(
         [
-            "run", "--workdir", str(tmp_path), "--config", "default:smoke", "--no-progress",
-            "--config.num_rounds=4", "--config.eval_every", "2", "--config.strategy=sequential",
-            "--config.server.optimizer=fedadam", "--config.server.learning_rate=0.01",
+            "run",
+            "--workdir",
+            str(tmp_path),
+            "--config",
+            "default:smoke",
+            "--no-progress",
+            "--config.num_rounds=4",
+            "--config.eval_every",
+            "2",
+            "--config.strategy=sequential",
+            "--config.server.optimizer=fedadam",
+            "--config.server.learning_rate=0.01",
             "--config.server.kwargs.tau=0.01",
         ]
     )

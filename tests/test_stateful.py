@@ -45,7 +45,12 @@ def toy_scaffold(num_clients: int, strategy: str) -> fs.FederatedAlgorithm:
             c_i, count = client_state
             correct = lambda g, p: jax.tree.map(lambda g, ci, cc: g - ci + cc, g, c_i, c)
             local = local_train(
-                x, data["batches"], data["mask"], ckey, loss_fn=loss_fn, optimizer=opt,
+                x,
+                data["batches"],
+                data["mask"],
+                ckey,
+                loss_fn=loss_fn,
+                optimizer=opt,
                 grad_transform=correct,
             )
             k = jnp.maximum(num_real_steps(data["mask"]), 1).astype(jnp.float32)
@@ -60,7 +65,12 @@ def toy_scaffold(num_clients: int, strategy: str) -> fs.FederatedAlgorithm:
             )
 
         outputs, (new_controls, new_counts) = fs.run_clients(
-            client_fn, cohort, key, strategy=strategy, chunk_size=2, params_for_auto=x,
+            client_fn,
+            cohort,
+            key,
+            strategy=strategy,
+            chunk_size=2,
+            params_for_auto=x,
             client_states=(state.client_controls, state.participations),
         )
         (mean_delta, mean_dc), _ = fs.weighted_mean().apply((), outputs.update, outputs.weight, key)
@@ -87,8 +97,7 @@ def test_toy_stateful_algorithm_fits_the_api(strategy):
     rounds = [[0, 2], [2, 4], [1, 2]]
     n = fs.data.max_local_steps_of(ds, batch_size=2, local_epochs=1)
     for r, ids in enumerate(rounds):
-        cohort = pack_cohort(ds, ids, batch_size=2, num_steps=n, num_clients=3, seed=0,
-                             round_num=r)
+        cohort = pack_cohort(ds, ids, batch_size=2, num_steps=n, num_clients=3, seed=0, round_num=r)
         before = state
         state, _ = step(state, cohort, jax.random.key(r))
         untouched = [i for i in range(ds.num_clients) if i not in ids]
