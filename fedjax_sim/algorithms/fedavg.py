@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.aggregators import Aggregator, weighted_mean
+from fedjax_sim.aggregators import Aggregator, aggregate, weighted_mean
 from fedjax_sim.core.client import local_train, masked_mean_loss, tree_sub
+from fedjax_sim.core.execution import resolve_strategy
 from fedjax_sim.core.round import (
     AGGREGATE_SALT,
     UPDATE_SALT,
@@ -98,6 +99,7 @@ def fedopt(
 
     def apply(state, cohort, key):
         server_params = state.params
+        strat = resolve_strategy(strategy, params=server_params, num_clients=cohort.num_clients)
 
         def client_fn(data, client_state, ckey):
             local = local_train(
@@ -107,6 +109,7 @@ def fedopt(
                 ckey,
                 loss_fn=loss_fn,
                 optimizer=client_optimizer,
+                static_loop=strat != "sequential",
             )
             delta = tree_sub(server_params, local.params)
             if update_transform is not None:
@@ -122,14 +125,13 @@ def fedopt(
             client_fn,
             cohort,
             key,
-            strategy=strategy,
+            strategy=strat,
             chunk_size=chunk_size,
             params_for_auto=server_params,
+            sum_weighted_updates=aggregator.from_sums is not None,
         )
         agg_key = jax.random.fold_in(key, AGGREGATE_SALT)
-        pseudo_grad, agg_state = aggregator.apply(
-            state.aggregator_state, outputs.update, outputs.weight, agg_key
-        )
+        pseudo_grad, agg_state = aggregate(aggregator, state.aggregator_state, outputs, agg_key)
         updates, opt_state = optimizer_update(
             server_optimizer, pseudo_grad, state.opt_state, server_params
         )

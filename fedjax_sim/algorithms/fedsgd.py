@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from fedjax_sim.aggregators import Aggregator, weighted_mean
+from fedjax_sim.aggregators import Aggregator, aggregate, weighted_mean
 from fedjax_sim.algorithms.fedavg import ServerState, client_weight
 from fedjax_sim.core.client import masked_mean_loss, num_real_steps
+from fedjax_sim.core.execution import resolve_strategy
 from fedjax_sim.core.round import (
     AGGREGATE_SALT,
     run_clients,
@@ -66,6 +67,7 @@ def fedsgd(
 
     def apply(state, cohort, key):
         params = state.params
+        strat = resolve_strategy(strategy, params=params, num_clients=cohort.num_clients)
 
         def client_fn(data, client_state, ckey):
             batches, mask = data["batches"], data["mask"]
@@ -78,12 +80,12 @@ def fedsgd(
                 return g_sum, l_sum + loss, n + jnp.sum(mask[i]).astype(jnp.float32)
 
             zero = jnp.zeros((), jnp.float32)
-            g_sum, l_sum, n = lax.fori_loop(
-                0,
-                num_real_steps(mask),
-                body,
-                (jax.tree.map(jnp.zeros_like, params), zero, zero),
-            )
+            init = (jax.tree.map(jnp.zeros_like, params), zero, zero)
+            if strat == "sequential":
+                g_sum, l_sum, n = lax.fori_loop(0, num_real_steps(mask), body, init)
+            else:
+                # Padded steps add exact zeros; a static scan vectorizes well (see local_train).
+                g_sum, l_sum, n = lax.fori_loop(0, mask.shape[0], body, init)
             grad = jax.tree.map(lambda g: g / jnp.maximum(n, 1.0), g_sum)
             return ClientOutput(
                 update=grad,
@@ -96,16 +98,13 @@ def fedsgd(
             client_fn,
             cohort,
             key,
-            strategy=strategy,
+            strategy=strat,
             chunk_size=chunk_size,
             params_for_auto=params,
+            sum_weighted_updates=aggregator.from_sums is not None,
         )
-        grad, agg_state = aggregator.apply(
-            state.aggregator_state,
-            outputs.update,
-            outputs.weight,
-            jax.random.fold_in(key, AGGREGATE_SALT),
-        )
+        agg_key = jax.random.fold_in(key, AGGREGATE_SALT)
+        grad, agg_state = aggregate(aggregator, state.aggregator_state, outputs, agg_key)
         updates, opt_state = optimizer_update(server_optimizer, grad, state.opt_state, params)
         new_state = ServerState(
             params=optax.apply_updates(params, updates),

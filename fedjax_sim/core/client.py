@@ -52,6 +52,7 @@ def local_train(
     grad_transform: Callable[[Params, Params], Params] | None = None,
     opt_state: PyTree | None = None,
     num_steps: Array | None = None,
+    static_loop: bool = False,
 ) -> LocalResult:
     """Runs a client's local steps; padded steps are skipped, not zero-stepped.
 
@@ -68,6 +69,11 @@ def local_train(
       grad_transform: optional ``(grads, params) -> grads`` (proximal terms, control variates).
       opt_state: optional starting optimizer state (default: ``optimizer.init(params)``).
       num_steps: optional step count (default: the real steps of ``mask``; stragglers pass less).
+      static_loop: scan over every packed step and skip the padded ones with ``lax.cond``
+        instead of looping to the client's own step count. Under ``vmap`` a dynamic loop
+        becomes a batched while loop that selects the whole state every step (on CPU 16x
+        slower for 1000 logistic-regression clients); a static scan slices its batches for
+        free. Sequential execution wants the dynamic loop, which never visits padding.
 
     Returns:
       A ``LocalResult``.
@@ -91,8 +97,16 @@ def local_train(
         return p, s, loss_sum + loss * n, seen + n
 
     zero = jnp.zeros((), jnp.float32)
-    p, s, loss_sum, seen = lax.fori_loop(0, num_steps, body, (params, opt_state, zero, zero))
-    return LocalResult(p, s, loss_sum, seen)
+    init = (params, opt_state, zero, zero)
+    if not static_loop:
+        return LocalResult(*lax.fori_loop(0, num_steps, body, init))
+
+    def scan_body(carry, i):
+        carry = lax.cond(i < num_steps, lambda c: body(i, c), lambda c: c, carry)
+        return carry, None
+
+    steps = jnp.arange(mask.shape[0], dtype=jnp.int32)
+    return LocalResult(*lax.scan(scan_body, init, steps)[0])
 
 
 def tree_sub(a: PyTree, b: PyTree) -> PyTree:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from fedjax_sim.core.types import PyTree
@@ -74,27 +75,77 @@ def map_clients(
     *,
     strategy: str,
     chunk_size: int = 10,
+    reduce_sum: bool = False,
 ) -> PyTree:
     """Applies ``fn`` to every client's slice of ``per_client`` (leading axis = clients).
 
     Args:
       fn: per-client function; closes over anything shared (server params, broadcasts).
+        With ``reduce_sum`` it returns ``(to_sum, to_stack)``.
       per_client: pytree whose leaves have the cohort on axis 0.
       strategy: ``vmap``, ``chunked`` or ``sequential`` (resolve ``auto`` first).
       chunk_size: clients per chunk for ``chunked``.
+      reduce_sum: sum the first output over clients inside the loop instead of stacking it.
+        Stacking model-sized outputs for a large cohort in a scan costs superlinear time and
+        ``clients x params`` memory; a running sum costs neither.
 
     Returns:
-      ``fn``'s outputs stacked over clients.
+      ``fn``'s outputs stacked over clients, or ``(sum over clients, stacked)``.
     """
-    if strategy == "vmap":
-        return jax.vmap(fn)(per_client)
-    if strategy == "sequential":
-        return lax.map(fn, per_client)
-    if strategy == "chunked":
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    if strategy not in STRATEGIES or strategy == "auto":
+        raise ValueError(
+            f"unknown client strategy {strategy!r}; known: {', '.join(STRATEGIES[1:])} "
+            "(resolve 'auto' with resolve_strategy first)."
+        )
+    if strategy == "chunked" and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    if not reduce_sum:
+        if strategy == "vmap":
+            return jax.vmap(fn)(per_client)
+        if strategy == "sequential":
+            return lax.map(fn, per_client)
         return lax.map(fn, per_client, batch_size=chunk_size)
-    raise ValueError(
-        f"unknown client strategy {strategy!r}; known: {', '.join(STRATEGIES)} "
-        "(resolve 'auto' with resolve_strategy first)."
+
+    if strategy == "vmap":
+        summed, stacked = jax.vmap(fn)(per_client)
+        return jax.tree.map(lambda a: jnp.sum(a, axis=0), summed), stacked
+
+    first = jax.tree.map(lambda a: a[0], per_client)
+    sum_shape = jax.eval_shape(fn, first)[0]
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sum_shape)
+    add = lambda a, b: jax.tree.map(jnp.add, a, b)
+
+    if strategy == "sequential":
+
+        def body(total, x):
+            summed, stacked = fn(x)
+            return add(total, summed), stacked
+
+        return lax.scan(body, zeros, per_client)
+
+    # chunked: pad the cohort to whole chunks by repeating client 0, and mask the repeats out.
+    num = jax.tree.leaves(per_client)[0].shape[0]
+    k = min(chunk_size, num)
+    chunks = -(-num // k)
+    pad = chunks * k - num
+    valid = jnp.arange(chunks * k) < num
+
+    def to_chunks(a):
+        if pad:
+            a = jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)])
+        return a.reshape((chunks, k) + a.shape[1:])
+
+    def body(total, xs):
+        inputs, ok = xs
+        summed, stacked = jax.vmap(fn)(inputs)
+        summed = jax.tree.map(
+            lambda a: jnp.sum(jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0), 0),
+            summed,
+        )
+        return add(total, summed), stacked
+
+    total, stacked = lax.scan(
+        body, zeros, (jax.tree.map(to_chunks, per_client), valid.reshape(chunks, k))
     )
+    stacked = jax.tree.map(lambda a: a.reshape((chunks * k,) + a.shape[2:])[:num], stacked)
+    return total, stacked

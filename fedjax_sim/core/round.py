@@ -51,6 +51,7 @@ def run_clients(
     chunk_size: int,
     params_for_auto: PyTree,
     client_states: PyTree = (),
+    sum_weighted_updates: bool = False,
 ) -> tuple[ClientOutput, PyTree]:
     """Runs ``client_fn`` for every cohort member with the chosen execution strategy.
 
@@ -63,6 +64,10 @@ def run_clients(
       params_for_auto: the model params, for ``auto``'s choice.
       client_states: persistent per-client state with a leading ``[num_clients]`` axis, or
         ``()``.
+      sum_weighted_updates: instead of stacking every client's update, accumulate
+        ``(sum_c weight_c * update_c, sum_c weight_c)`` inside the client loop; the returned
+        ``outputs.update`` is that pair. Linear aggregators (the weighted mean) need no more,
+        and large cohorts then cost no ``clients x params`` memory.
 
     Returns:
       ``(outputs stacked over the cohort, updated client_states)``.
@@ -78,9 +83,22 @@ def run_clients(
         gather_client_states(client_states, cohort.client_ids),
         client_keys(key, cohort.client_ids),
     )
-    outputs = map_clients(
-        lambda args: client_fn(*args), per_client, strategy=strategy, chunk_size=chunk_size
-    )
+    if sum_weighted_updates:
+
+        def fn(args):
+            out = client_fn(*args)
+            w = out.weight
+            weighted = jax.tree.map(lambda u: u * w.astype(u.dtype), out.update)
+            return (weighted, w), out._replace(update=())
+
+        sums, outputs = map_clients(
+            fn, per_client, strategy=strategy, chunk_size=chunk_size, reduce_sum=True
+        )
+        outputs = outputs._replace(update=sums)
+    else:
+        outputs = map_clients(
+            lambda args: client_fn(*args), per_client, strategy=strategy, chunk_size=chunk_size
+        )
     new_states = scatter_client_states(client_states, cohort.client_ids, outputs.client_state)
     return outputs, new_states
 
