@@ -22,6 +22,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # Client execution: auto | vmap | chunked | sequential.
     config.strategy = "auto"
     config.chunk_size = 10
+    # Devices the cohort is split over (0: all local devices). On CPU the CLI first makes
+    # ``cpu_devices`` virtual devices (0: one per core), so each core runs its own clients.
+    config.num_devices = 0
+    config.cpu_devices = 0
 
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "synthetic"

@@ -11,7 +11,7 @@ from fedjax_sim.aggregators import Aggregator, coordinate_median, weighted_mean
 from fedjax_sim.algorithms import ServerState, fedavg, fedopt, fedsgd
 from fedjax_sim.config import load_config
 from fedjax_sim.core.execution import STRATEGIES, map_clients, resolve_strategy
-from fedjax_sim.core.round import run_clients
+from fedjax_sim.core.round import client_mesh, run_clients
 from fedjax_sim.core.types import ClientOutput, Cohort, FederatedAlgorithm, Model
 from fedjax_sim.data import FederatedData, FederatedDataset, from_client_arrays, pack_cohort
 from fedjax_sim.models import get_model
@@ -34,6 +34,7 @@ __all__ = [
     "aggregators",
     "algorithms",
     "build_experiment",
+    "client_mesh",
     "coordinate_median",
     "data",
     "fedavg",

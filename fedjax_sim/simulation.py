@@ -21,6 +21,7 @@ import numpy as np
 
 from fedjax_sim import aggregators, algorithms, data, models, optimizers
 from fedjax_sim.core.execution import resolve_strategy
+from fedjax_sim.core.round import client_mesh, replicate
 from fedjax_sim.core.types import FederatedAlgorithm, Model
 from fedjax_sim.metrics import make_evaluator, summarize_eval
 
@@ -38,6 +39,8 @@ class Experiment(NamedTuple):
     algorithm: FederatedAlgorithm
     num_steps: int
     strategy: str  # the concrete client execution strategy
+    mesh: jax.sharding.Mesh | None  # devices the cohort is split over
+    cohort_slots: int  # clients per packed cohort (a multiple of the device count)
 
 
 def _kwargs(node) -> dict[str, Any]:
@@ -93,25 +96,22 @@ def build_experiment(
         local_epochs=config.client.local_epochs,
         max_local_steps=config.client.max_local_steps or None,
     )
-    real_steps = data.packing.num_local_steps(
-        train.sizes,
-        batch_size=config.client.batch_size,
-        local_epochs=config.client.local_epochs,
-        max_local_steps=config.client.max_local_steps or None,
-    )
-    # The driver knows the clients' sizes, so it resolves ``auto`` with them.
+    # Resolved here so the summary can say which strategy ran.
     strategy = resolve_strategy(
         config.strategy,
         params=jax.eval_shape(model.init, jax.random.key(0)),
         num_clients=config.clients_per_round,
-        step_fill=float(real_steps.mean() / num_steps),
     )
     common["strategy"] = strategy
+    mesh = client_mesh(config.num_devices)
+    n_dev = 1 if mesh is None else mesh.size
+    common["mesh"] = mesh
     if config.algorithm == "fedsgd":
         algorithm = algorithms.fedsgd(model, server_opt, **common)
     else:
         algorithm = algorithms.fedopt(model, build_optimizer(config.client), server_opt, **common)
-    return Experiment(config, federated_data, model, algorithm, num_steps, strategy)
+    slots = -(-config.clients_per_round // n_dev) * n_dev
+    return Experiment(config, federated_data, model, algorithm, num_steps, strategy, mesh, slots)
 
 
 def sample_clients(seed: int, round_num: int, num_clients: int, cohort_size: int) -> np.ndarray:
@@ -169,10 +169,11 @@ def simulate(
     train, test = exp.data.train, exp.data.test
     root = jax.random.key(config.seed)
     params = exp.model.init(jax.random.fold_in(root, 0))
-    state = exp.algorithm.init(params)
+    state = replicate(exp.algorithm.init(params), exp.mesh)
     round_fn = jax.jit(exp.algorithm.apply, donate_argnums=0)
     evaluator = make_evaluator(exp.model, test.num_clients)
-    eval_arrays = jax.device_put(pack_eval_once(test, config.eval_batch_size))
+    eval_device = jax.local_devices()[0]
+    eval_arrays = jax.device_put(pack_eval_once(test, config.eval_batch_size), eval_device)
 
     history: list[dict[str, Any]] = []
     pending_losses: list[tuple[int, jax.Array]] = []
@@ -187,6 +188,7 @@ def simulate(
                 local_epochs=config.client.local_epochs,
                 max_local_steps=config.client.max_local_steps or None,
                 num_steps=exp.num_steps,
+                num_clients=exp.cohort_slots,
                 seed=config.seed,
                 round_num=r,
             )
@@ -206,7 +208,8 @@ def simulate(
                     f"{metrics_path} keeps the evaluations before it. Lower the client or "
                     "server learning rate, or clip updates."
                 )
-            ev = summarize_eval(*evaluator(state.params, *eval_arrays))
+            eval_params = jax.device_put(state.params, eval_device)
+            ev = summarize_eval(*evaluator(eval_params, *eval_arrays))
             if not math.isfinite(ev["test_loss"]):
                 raise TrainingDiverged(
                     f"the evaluated test loss is {ev['test_loss']} after round {r}; "
@@ -243,6 +246,7 @@ def simulate(
         "wall_s": round(wall, 3),
         "rounds_per_s": round(config.num_rounds / wall, 2),
         "strategy": exp.strategy,
+        "devices": 1 if exp.mesh is None else exp.mesh.size,
         "compiles": round_fn._cache_size(),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -256,7 +260,8 @@ def pack_eval_once(dataset: data.FederatedDataset, batch_size: int):
 def format_summary(summary: dict[str, Any]) -> str:
     return (
         f"done: {summary['rounds']} rounds in {summary['wall_s']:.1f} s "
-        f"({summary['rounds_per_s']:.1f} rounds/s, strategy {summary['strategy']})\n"
+        f"({summary['rounds_per_s']:.1f} rounds/s, strategy {summary['strategy']} on "
+        f"{summary['devices']} device(s))\n"
         f"  test accuracy {summary['final_test_accuracy']:.4f} (best "
         f"{summary['best_test_accuracy']:.4f} at round {summary['best_round']}), "
         f"test loss {summary['final_test_loss']:.4f}, "

@@ -229,3 +229,33 @@ def test_unknown_names_list_the_known_ones():
         fs.aggregators.get_aggregator("krum2")
     with pytest.raises(ValueError, match="known: fedavg, fedopt, fedsgd"):
         fs.algorithms.check_algorithm_name("fedprox2")
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+@pytest.mark.parametrize("strategy", ["vmap", "chunked", "sequential"])
+@pytest.mark.parametrize("algorithm", ["fedopt", "fedsgd"])
+def test_sharding_the_cohort_over_devices_gives_the_same_result(devices, strategy, algorithm):
+    # conftest.py fakes 4 CPU devices. Gradients w.r.t. the replicated server params must not
+    # be summed across devices (the shard_map trap in ../shared/PERF_NOTES.md).
+    ds = ragged_dataset([5, 17, 2, 9, 11, 4, 8])
+    cohort = cohort_of(ds, [6, 1, 2, 4, 0, 5, 3], num_clients=8, local_epochs=2)
+    mesh = fs.client_mesh(devices)
+
+    def make(mesh, strategy):
+        if algorithm == "fedsgd":
+            return fs.fedsgd(MODEL, optax.adam(0.1), strategy=strategy, mesh=mesh)
+        return fs.fedopt(MODEL, optax.adam(0.05), optax.adam(0.1), strategy=strategy, mesh=mesh)
+
+    ref_algo, algo = make(None, "sequential"), make(mesh, strategy)
+    ref, ref_m = jax.jit(ref_algo.apply)(ref_algo.init(PARAMS), cohort, KEY)
+    got, got_m = jax.jit(algo.apply)(algo.init(PARAMS), cohort, KEY)
+    tree_allclose(got.params, ref.params, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_m["train_loss"], ref_m["train_loss"], rtol=1e-5)
+    assert int(got_m["num_clients"]) == 7
+
+
+def test_a_cohort_that_does_not_split_over_the_devices_is_an_error():
+    ds = ragged_dataset([5, 6, 7])
+    algo = fs.fedavg(MODEL, optax.sgd(0.1), mesh=fs.client_mesh(2))
+    with pytest.raises(ValueError, match="does not split over 2 devices"):
+        algo.apply(algo.init(PARAMS), cohort_of(ds, [0, 1, 2]), KEY)

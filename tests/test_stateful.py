@@ -14,6 +14,7 @@ import pytest
 
 import fedjax_sim as fs
 from fedjax_sim.core.client import local_train, masked_mean_loss, num_real_steps, tree_sub
+from fedjax_sim.core.round import replicate
 from fedjax_sim.data import pack_cohort
 from tests.helpers import linear_model, ragged_dataset, tree_allclose
 
@@ -29,7 +30,7 @@ class ToyState(NamedTuple):
     participations: jax.Array  # [num_clients] int32
 
 
-def toy_scaffold(num_clients: int, strategy: str) -> fs.FederatedAlgorithm:
+def toy_scaffold(num_clients: int, strategy: str, mesh=None) -> fs.FederatedAlgorithm:
     loss_fn = masked_mean_loss(MODEL)
     opt = optax.sgd(LR)
 
@@ -41,7 +42,8 @@ def toy_scaffold(num_clients: int, strategy: str) -> fs.FederatedAlgorithm:
     def apply(state, cohort, key):
         x, c = state.params, state.control
 
-        def client_fn(data, client_state, ckey):
+        def client_fn(shared, data, client_state, ckey):
+            x, c = shared  # the broadcast: server params and control variate
             c_i, count = client_state
             correct = lambda g, p: jax.tree.map(lambda g, ci, cc: g - ci + cc, g, c_i, c)
             local = local_train(
@@ -68,10 +70,11 @@ def toy_scaffold(num_clients: int, strategy: str) -> fs.FederatedAlgorithm:
             client_fn,
             cohort,
             key,
+            broadcast=(x, c),
             strategy=strategy,
             chunk_size=2,
-            params_for_auto=x,
             client_states=(state.client_controls, state.participations),
+            mesh=mesh,
         )
         (mean_delta, mean_dc), _ = fs.weighted_mean().apply((), outputs.update, outputs.weight, key)
         frac = jnp.sum(outputs.weight) / num_clients
@@ -88,12 +91,15 @@ def toy_scaffold(num_clients: int, strategy: str) -> fs.FederatedAlgorithm:
     return fs.FederatedAlgorithm(init, apply)
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "chunked", "sequential"])
-def test_toy_stateful_algorithm_fits_the_api(strategy):
+@pytest.mark.parametrize(
+    "strategy, devices", [("vmap", 1), ("chunked", 1), ("sequential", 1), ("sequential", 3)]
+)
+def test_toy_stateful_algorithm_fits_the_api(strategy, devices):
     ds = ragged_dataset([5, 9, 3, 7, 6])
-    algo = toy_scaffold(ds.num_clients, strategy)
+    mesh = fs.client_mesh(devices)
+    algo = toy_scaffold(ds.num_clients, strategy, mesh)
     step = jax.jit(algo.apply)
-    state = algo.init(PARAMS)
+    state = replicate(algo.init(PARAMS), mesh)
     rounds = [[0, 2], [2, 4], [1, 2]]
     n = fs.data.max_local_steps_of(ds, batch_size=2, local_epochs=1)
     for r, ids in enumerate(rounds):

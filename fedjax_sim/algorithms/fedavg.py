@@ -22,6 +22,8 @@ from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model, Param
 from fedjax_sim.optimizers import optimizer_update
 
 WEIGHTINGS = ("num_examples", "uniform")
+# Local loops of at most this many packed steps are unrolled (measured: scripts/bench.py).
+UNROLL_STEPS = 4
 
 # (update, key) -> update: applied to each client's update before aggregation (clipping,
 # noise, compression).
@@ -62,6 +64,7 @@ def fedopt(
     update_transform: UpdateTransform | None = None,
     strategy: str = "auto",
     chunk_size: int = 10,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> FederatedAlgorithm:
     """FedOpt (Reddi et al. 2021, Algorithm 1): local training, then a server optimizer step.
 
@@ -81,6 +84,7 @@ def fedopt(
         aggregation.
       strategy: client execution strategy (``auto``, ``vmap``, ``chunked``, ``sequential``).
       chunk_size: clients per chunk for ``chunked``.
+      mesh: optional device mesh (``fs.client_mesh()``) to split the cohort over devices.
 
     Returns:
       A ``FederatedAlgorithm`` whose state is a ``ServerState``.
@@ -101,17 +105,19 @@ def fedopt(
         server_params = state.params
         strat = resolve_strategy(strategy, params=server_params, num_clients=cohort.num_clients)
 
-        def client_fn(data, client_state, ckey):
+        def client_fn(broadcast, data, client_state, ckey):
             local = local_train(
-                server_params,
+                broadcast,
                 data["batches"],
                 data["mask"],
                 ckey,
                 loss_fn=loss_fn,
                 optimizer=client_optimizer,
-                static_loop=strat != "sequential",
+                # A few steps unroll best; many ragged ones want the dynamic loop.
+                static_loop=strat != "sequential" or cohort.num_steps <= UNROLL_STEPS,
+                unroll=cohort.num_steps <= UNROLL_STEPS,
             )
-            delta = tree_sub(server_params, local.params)
+            delta = tree_sub(broadcast, local.params)
             if update_transform is not None:
                 delta = update_transform(delta, jax.random.fold_in(ckey, UPDATE_SALT))
             return ClientOutput(
@@ -125,9 +131,10 @@ def fedopt(
             client_fn,
             cohort,
             key,
+            broadcast=server_params,
             strategy=strat,
             chunk_size=chunk_size,
-            params_for_auto=server_params,
+            mesh=mesh,
             sum_weighted_updates=aggregator.from_sums is not None,
         )
         agg_key = jax.random.fold_in(key, AGGREGATE_SALT)
@@ -161,7 +168,7 @@ def fedavg(
       client_optimizer: the local optimizer.
       server_learning_rate: 1.0 replaces the global model by the clients' weighted mean.
       **kwargs: ``weighting``, ``aggregator``, ``update_transform``, ``strategy``,
-        ``chunk_size`` as in ``fedopt``.
+        ``chunk_size``, ``mesh`` as in ``fedopt``.
 
     Returns:
       A ``FederatedAlgorithm``.

@@ -9,7 +9,7 @@ from jax import lax
 
 from fedjax_sim.aggregators import Aggregator, aggregate, weighted_mean
 from fedjax_sim.algorithms.fedavg import ServerState, client_weight
-from fedjax_sim.core.client import masked_mean_loss, num_real_steps
+from fedjax_sim.core.client import masked_mean_loss, match_vma, num_real_steps
 from fedjax_sim.core.execution import resolve_strategy
 from fedjax_sim.core.round import (
     AGGREGATE_SALT,
@@ -28,6 +28,7 @@ def fedsgd(
     aggregator: Aggregator | None = None,
     strategy: str = "auto",
     chunk_size: int = 10,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> FederatedAlgorithm:
     """FedSGD (McMahan et al. 2017, the ``E = 1, B = inf`` baseline).
 
@@ -44,6 +45,7 @@ def fedsgd(
       aggregator: default the weighted mean.
       strategy: client execution strategy.
       chunk_size: clients per chunk for ``chunked``.
+      mesh: optional device mesh (``fs.client_mesh()``) to split the cohort over devices.
 
     Returns:
       A ``FederatedAlgorithm`` whose state is a ``ServerState``.
@@ -69,18 +71,18 @@ def fedsgd(
         params = state.params
         strat = resolve_strategy(strategy, params=params, num_clients=cohort.num_clients)
 
-        def client_fn(data, client_state, ckey):
+        def client_fn(broadcast, data, client_state, ckey):
             batches, mask = data["batches"], data["mask"]
 
             def body(i, carry):
                 g_sum, l_sum, n = carry
                 batch = jax.tree.map(lambda a: a[i], batches)
-                loss, g = grad_fn(params, batch, mask[i], jax.random.fold_in(ckey, i))
+                loss, g = grad_fn(broadcast, batch, mask[i], jax.random.fold_in(ckey, i))
                 g_sum = jax.tree.map(jnp.add, g_sum, g)
                 return g_sum, l_sum + loss, n + jnp.sum(mask[i]).astype(jnp.float32)
 
-            zero = jnp.zeros((), jnp.float32)
-            init = (jax.tree.map(jnp.zeros_like, params), zero, zero)
+            zero = match_vma(jnp.zeros((), jnp.float32), mask)
+            init = (jax.tree.map(jnp.zeros_like, broadcast), zero, zero)
             if strat == "sequential":
                 g_sum, l_sum, n = lax.fori_loop(0, num_real_steps(mask), body, init)
             else:
@@ -98,9 +100,10 @@ def fedsgd(
             client_fn,
             cohort,
             key,
+            broadcast=params,
             strategy=strat,
             chunk_size=chunk_size,
-            params_for_auto=params,
+            mesh=mesh,
             sum_weighted_updates=aggregator.from_sums is not None,
         )
         agg_key = jax.random.fold_in(key, AGGREGATE_SALT)

@@ -1,0 +1,781 @@
+#!/usr/bin/env python
+"""Benchmark of the client execution strategies against a FedJAX-style Python loop.
+
+One FedAvg round (client SGD, server SGD 1.0) of logistic regression, the MLP and the EMNIST
+CNN on synthetic EMNIST-shaped data (28x28x1 float32, 62 classes), for cohorts of 10, 100 and
+1000 clients (the CNN up to 100 on a CPU). Every strategy (``vmap``, ``chunked``,
+``sequential``, ``auto``) runs the whole round as one compiled program; the reference loops
+over the clients in Python, calling a jitted per-client update and a jitted weighted add, then
+a jitted server update (how FedJAX's default backend runs a round).
+
+For every model, cohort and strategy it reports clients/s, examples/s, the ratio to the
+reference and to the best strategy, model-FLOPs utilization against a float32 matmul peak
+measured in the same run, compile time and memory, prints a table, and writes JSON. It also
+checks that every strategy's round gives the reference's params (within ``--tolerance``).
+
+    python scripts/bench.py --out bench.json --quick
+    python scripts/bench.py --out bench.json                      # full: ~10 min on 2 cores
+    python scripts/bench.py --out b.json --models mlp --cohorts 100,1000
+
+Timing: the cohort is packed and put on the device once; compile time is the time of
+``jax.jit(algo.apply).lower(...).compile()``; each program then runs one warmup round and the
+best of N timed rounds (``jax.block_until_ready`` of the round). Repetitions are interleaved
+across the strategies and the reference, so that load from other processes hits all of them
+alike. Per-client data of the reference is sliced on the host and put on the device before
+timing.
+
+Checks (exit status 1 when one fails, unless ``--no-check``):
+
+- ``auto`` reaches 5x the reference's clients/s for logreg with 1000 clients (when run);
+- ``auto`` is never below 0.9x the best strategy, for any model and cohort;
+- every strategy's params match the reference's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+import fedjax_sim as fs
+from fedjax_sim.core.client import local_train, masked_mean_loss, tree_sub
+from fedjax_sim.core.execution import has_convolution
+from fedjax_sim.core.round import CLIENT_AXIS, client_keys, replicate
+
+STRATEGIES = ("vmap", "chunked", "sequential", "auto")
+REFERENCE = "reference"  # FedJAX's default backend: Python loops over clients and batches
+FUSED = "fused_loop"  # a stronger baseline: Python loop over clients, whole client jitted
+MODELS = ("logreg", "mlp", "cnn_emnist")
+INPUT_SHAPE = (28, 28, 1)
+NUM_CLASSES = 62
+FULL_COHORTS = {"logreg": (10, 100, 1000), "mlp": (10, 100, 1000), "cnn_emnist": (10, 100)}
+QUICK_COHORTS = {"logreg": (10, 100, 1000), "mlp": (10, 100), "cnn_emnist": (10,)}
+# The CNN's cohort cap on a CPU (vmapped convolutions of 1000 clients take minutes and GBs).
+CPU_CNN_MAX_CLIENTS = 100
+# No reference loop for cohorts this large of a convolutional model.
+REFERENCE_CONV_MAX_CLIENTS = 999
+AUTO_VS_REF_TARGET = 5.0
+AUTO_VS_BEST_TARGET = 0.9
+MIB = 1024.0 * 1024.0
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+
+
+def measure_peak_flops(n: int = 1024, reps: int = 10) -> float:
+    """Best float32 ``jnp.dot`` FLOP/s of an ``n x n`` by ``n x n`` product."""
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.float32)
+    b = jax.random.normal(kb, (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot).lower(a, b).compile()
+    jax.block_until_ready(dot(a, b))
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(dot(a, b))
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def cost_flops(compiled) -> float | None:
+    """``flops`` of XLA's cost analysis (a dict, or a list of dicts in older JAX), or None."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - cost analysis is optional on some backends
+        return None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    if not ca or "flops" not in ca:
+        return None
+    flops = float(ca["flops"])
+    return flops if flops > 0 else None
+
+
+def analytic_forward_flops(params) -> float:
+    """Per-example forward FLOPs of a dense-only model: 2 per weight (convs undercounted)."""
+    return 2.0 * sum(int(p.size) for p in jax.tree.leaves(params) if p.ndim >= 2)
+
+
+def forward_flops_per_example(model: fs.Model, params, batch_size: int) -> tuple[float, str]:
+    """Forward-pass FLOPs of one example, from XLA's cost analysis of one batch."""
+    x = jnp.zeros((batch_size, *model.input_shape), jnp.float32)
+    fwd = jax.jit(lambda p, x: model.apply(p, x, train=False))
+    flops = cost_flops(fwd.lower(params, x).compile())
+    if flops is not None:
+        return flops / batch_size, "xla_cost_analysis"
+    return analytic_forward_flops(params), "analytic_2x_weights"
+
+
+def compiled_memory(compiled) -> dict[str, float] | None:
+    """Temp, argument and output bytes of a compiled program (MiB), or None."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - optional on some backends
+        return None
+    if ma is None:
+        return None
+    out = {
+        "temp_mib": ma.temp_size_in_bytes / MIB,
+        "argument_mib": ma.argument_size_in_bytes / MIB,
+        "output_mib": ma.output_size_in_bytes / MIB,
+    }
+    out["total_mib"] = out["temp_mib"] + out["argument_mib"] + out["output_mib"]
+    return out
+
+
+def peak_rss_mib() -> float:
+    """The process's resident-set high-water mark (Linux reports KiB)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (MIB if sys.platform == "darwin" else 1024.0)
+
+
+def device_peak_mib() -> float | None:
+    """The device allocator's peak bytes in use (GPU/TPU), or None (CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001
+        return None
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return stats["peak_bytes_in_use"] / MIB
+
+
+def tree_bytes(tree) -> int:
+    return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def rel_err(a, b) -> float:
+    """Max over leaves of ``max|a - b| / max|b|``."""
+    worst = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        x = np.asarray(x, np.float64)
+        y = np.asarray(y, np.float64)
+        scale = max(float(np.max(np.abs(y), initial=0.0)), 1e-30)
+        worst = max(worst, float(np.max(np.abs(x - y), initial=0.0)) / scale)
+    return worst
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def make_cohort(num_clients: int, args) -> fs.Cohort:
+    """A packed cohort of random EMNIST-shaped clients of ``examples_per_client`` each."""
+    rng = np.random.default_rng(args.seed)
+    n = args.examples_per_client
+    x = rng.random((num_clients, n, *INPUT_SHAPE), dtype=np.float32)
+    y = rng.integers(0, NUM_CLASSES, size=(num_clients, n), dtype=np.int32)
+    ds = fs.FederatedDataset({f"c{i}": {"x": x[i], "y": y[i]} for i in range(num_clients)})
+    return fs.pack_cohort(
+        ds,
+        range(num_clients),
+        batch_size=args.batch_size,
+        local_epochs=args.local_epochs,
+        seed=args.seed,
+        round_num=0,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Programs under test
+
+
+class Runner:
+    """One way of running the round: a zero-argument ``call`` returning the new params."""
+
+    def __init__(self, name: str, call: Callable[[], Any], compile_s: float, memory, extra=None):
+        self.name = name
+        self.call = call
+        self.compile_s = compile_s
+        self.memory = memory
+        self.extra = dict(extra or {})
+        self.times: list[float] = []
+        self.first_s = math.nan
+        self.params = None
+        self.reps = 0
+
+    def run_once(self) -> float:
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(self.call())
+        dt = time.perf_counter() - t0
+        self.params = out
+        return dt
+
+
+def strategy_runner(strategy, model, params, cohort, key, args, mesh) -> Runner:
+    algo = fs.fedavg(
+        model,
+        optax.sgd(args.learning_rate),
+        server_learning_rate=args.server_learning_rate,
+        strategy=strategy,
+        chunk_size=args.chunk_size,
+        mesh=mesh,
+    )
+    state = replicate(algo.init(params), mesh)
+    if mesh is not None:  # the cohort arrives split over the devices, as the driver sends it
+        cohort = jax.device_put(cohort, NamedSharding(mesh, PartitionSpec(CLIENT_AXIS)))
+    t0 = time.perf_counter()
+    compiled = jax.jit(algo.apply).lower(state, cohort, key).compile()
+    compile_s = time.perf_counter() - t0
+    extra = {}
+    if strategy == "auto":
+        extra["resolved"] = fs.resolve_strategy(
+            "auto", params=params, num_clients=cohort.num_clients
+        )
+    return Runner(
+        strategy,
+        lambda: compiled(state, cohort, key)[0].params,
+        compile_s,
+        compiled_memory(compiled),
+        extra,
+    )
+
+
+def fedjax_reference_runner(model, params, cohort_np: fs.Cohort, key, args) -> Runner:
+    """FedAvg as FedJAX's default ``ForEachClientJitBackend`` runs it.
+
+    ``client_init``, ``client_step`` and ``client_final`` are jitted separately; Python loops
+    over the clients and, inside each, over its (padded, masked) batches, which come from
+    host NumPy arrays as FedJAX's client datasets hand them out; a jitted add accumulates
+    the weighted deltas; a jitted server step ends the round.
+    """
+    loss_fn = masked_mean_loss(model, train=True)
+    client_opt = optax.sgd(args.learning_rate)
+    server_lr = args.server_learning_rate
+    grad_fn = jax.grad(loss_fn)
+
+    def client_init(shared, client_key):
+        return shared, client_opt.init(shared), client_key, jnp.zeros((), jnp.int32)
+
+    def client_step(state, batch, mask):
+        p, opt_state, k, i = state
+        g = grad_fn(p, batch, mask, jax.random.fold_in(k, i))
+        updates, opt_state = client_opt.update(g, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, k, i + 1
+
+    def client_final(shared, state):
+        return tree_sub(shared, state[0])
+
+    def accumulate(acc, delta, weight):
+        return jax.tree.map(lambda a, d: a + weight * d, acc, delta)
+
+    def server_update(params, acc, total_weight):
+        return jax.tree.map(lambda p, a: p - server_lr * (a / total_weight), params, acc)
+
+    num_clients = cohort_np.num_clients
+    params = jax.device_put(params)
+    keys = client_keys(key, jnp.asarray(cohort_np.client_ids))
+    client_key = [keys[c] for c in range(num_clients)]
+    steps = [int(np.any(cohort_np.mask[c], -1).sum()) for c in range(num_clients)]
+    host_batches = [
+        [
+            ({k: v[c, s] for k, v in cohort_np.batches.items()}, cohort_np.mask[c, s])
+            for s in range(steps[c])
+        ]
+        for c in range(num_clients)
+    ]
+    weights = [np.float32(w) for w in cohort_np.num_examples]
+    acc0 = jax.tree.map(jnp.zeros_like, params)
+
+    t0 = time.perf_counter()
+    init_c = jax.jit(client_init).lower(params, client_key[0]).compile()
+    state0 = init_c(params, client_key[0])
+    step_c = jax.jit(client_step).lower(state0, *host_batches[0][0]).compile()
+    final_c = jax.jit(client_final).lower(params, state0).compile()
+    add_c = jax.jit(accumulate).lower(acc0, acc0, weights[0]).compile()
+    server_c = jax.jit(server_update).lower(params, acc0, np.float32(1)).compile()
+    compile_s = time.perf_counter() - t0
+
+    def round_():
+        acc, total = acc0, np.float32(0)
+        for c in range(num_clients):
+            state = init_c(params, client_key[c])
+            for batch, mask in host_batches[c]:
+                state = step_c(state, batch, mask)
+            acc = add_c(acc, final_c(params, state), weights[c])
+            total += weights[c]
+        return server_c(params, acc, total)
+
+    return Runner(REFERENCE, round_, compile_s, None)
+
+
+def fused_runner(model, params, cohort_np: fs.Cohort, key, args) -> Runner:
+    """A Python loop over clients, each client's whole local training one jitted call."""
+    loss_fn = masked_mean_loss(model, train=True)
+    client_opt = optax.sgd(args.learning_rate)
+    server_lr = args.server_learning_rate
+
+    def client_update(params, batches, mask, key):
+        local = local_train(params, batches, mask, key, loss_fn=loss_fn, optimizer=client_opt)
+        return tree_sub(params, local.params), local.num_seen
+
+    def accumulate(acc, delta, weight):
+        return jax.tree.map(lambda a, d: a + weight * d, acc, delta)
+
+    def server_update(params, acc, total_weight):
+        scale = 1.0 / total_weight
+        return jax.tree.map(lambda p, a: p - server_lr * (a * scale), params, acc)
+
+    num_clients = cohort_np.num_clients
+    params = jax.device_put(params)
+    keys = client_keys(key, jnp.asarray(cohort_np.client_ids))
+    # Per-client slices, cut on the host and put on the device before any timing.
+    batches = [
+        jax.device_put({k: np.ascontiguousarray(v[c]) for k, v in cohort_np.batches.items()})
+        for c in range(num_clients)
+    ]
+    masks = [jax.device_put(np.ascontiguousarray(cohort_np.mask[c])) for c in range(num_clients)]
+    client_key = [keys[c] for c in range(num_clients)]
+    host_weights = [float(w) for w in cohort_np.num_examples]
+    weights = [jax.device_put(np.float32(w)) for w in host_weights]
+    acc0 = jax.tree.map(jnp.zeros_like, params)
+    total = jax.device_put(np.float32(sum(host_weights)))
+
+    t0 = time.perf_counter()
+    cu = jax.jit(client_update).lower(params, batches[0], masks[0], client_key[0]).compile()
+    delta_shape = jax.eval_shape(client_update, params, batches[0], masks[0], client_key[0])[0]
+    add = jax.jit(accumulate).lower(acc0, delta_shape, weights[0]).compile()
+    server = jax.jit(server_update).lower(params, acc0, total).compile()
+    compile_s = time.perf_counter() - t0
+
+    def round_():
+        acc = acc0
+        total_weight = 0.0
+        for c in range(num_clients):
+            delta, _ = cu(params, batches[c], masks[c], client_key[c])
+            acc = add(acc, delta, weights[c])
+            total_weight += host_weights[c]
+        return server(params, acc, np.float32(total_weight))
+
+    memory = None
+    mem_cu, mem_add = compiled_memory(cu), compiled_memory(add)
+    if mem_cu is not None and mem_add is not None:
+        # The per-client program, the accumulation, and the cohort's data held on the device.
+        cohort_mib = tree_bytes(batches) / MIB + tree_bytes(masks) / MIB
+        memory = {
+            "client_update_mib": mem_cu["total_mib"],
+            "accumulate_mib": mem_add["total_mib"],
+            "cohort_data_mib": cohort_mib,
+        }
+        memory["total_mib"] = mem_cu["total_mib"] + mem_add["total_mib"] + cohort_mib
+    return Runner(FUSED, round_, compile_s, memory)
+
+
+# --------------------------------------------------------------------------------------------
+# One case: a model and a cohort size
+
+
+def time_interleaved(runners: Sequence[Runner], rounds: int) -> None:
+    """``rounds`` more passes; each pass times every runner that still wants repetitions."""
+    for _ in range(rounds):
+        for r in runners:
+            if len(r.times) < r.reps:
+                r.times.append(r.run_once())
+
+
+def run_case(model_name: str, num_clients: int, args, peak_flops: float) -> list[dict]:
+    model = fs.get_model(model_name, num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE)
+    params = model.init(jax.random.key(args.seed))
+    key = jax.random.key(args.seed + 1)
+    cohort_np = make_cohort(num_clients, args)
+    cohort = jax.device_put(cohort_np)
+    examples = float(np.sum(cohort_np.mask))  # real examples processed in one round
+    fwd_flops, flops_source = forward_flops_per_example(model, params, args.batch_size)
+    round_flops = 3.0 * fwd_flops * examples  # forward + backward
+
+    is_conv = has_convolution(params)
+    # The most devices (up to --num_devices) that split the cohort evenly.
+    available = args.num_devices or len(jax.local_devices())
+    mesh = fs.client_mesh(max(d for d in range(1, available + 1) if num_clients % d == 0))
+    runners: list[Runner] = []
+    for strategy in STRATEGIES:
+        log(f"[{model_name} C={num_clients}] compiling {strategy}")
+        runners.append(strategy_runner(strategy, model, params, cohort, key, args, mesh))
+    with_reference = not (is_conv and num_clients > REFERENCE_CONV_MAX_CLIENTS)
+    if with_reference:
+        log(f"[{model_name} C={num_clients}] compiling {REFERENCE} and {FUSED}")
+        runners.append(fedjax_reference_runner(model, params, cohort_np, key, args))
+        runners.append(fused_runner(model, params, cohort_np, key, args))
+
+    # Warmup (first run allocates; the RSS high-water growth is charged to that runner).
+    for r in runners:
+        rss0 = peak_rss_mib()
+        r.first_s = r.run_once()
+        r.extra["rss_hwm_growth_mib"] = peak_rss_mib() - rss0
+        dev = device_peak_mib()
+        if dev is not None:
+            r.extra["device_peak_mib"] = dev
+        # Best of N; fewer for slow rounds, more (up to 10N) for rounds of a few milliseconds.
+        per_round = max(r.first_s, 1e-6)
+        reps = max(1, min(args.repeats, int(args.max_seconds // per_round)))
+        reps = max(reps, min(10 * args.repeats, int(args.min_seconds // per_round)))
+        r.reps = reps
+        log(f"[{model_name} C={num_clients}] {r.name}: first round {r.first_s:.3f}s, {reps} reps")
+    time_interleaved(runners, max(r.reps for r in runners))
+
+    # auto and the strategy it resolves to run the same program: when they differ by more
+    # than noise should allow, time the two (and the best) head to head once more.
+    by_name = {r.name: r for r in runners}
+    best_strategy = min((by_name[s] for s in STRATEGIES), key=lambda r: min(r.times))
+    auto = by_name["auto"]
+    remeasured: list[Runner] = []
+    if best_strategy is not auto and min(best_strategy.times) / min(auto.times) < 0.95:
+        contenders = [auto, best_strategy]
+        resolved = by_name.get(auto.extra["resolved"])
+        if resolved is not None and resolved not in contenders:
+            contenders.append(resolved)
+        log(f"[{model_name} C={num_clients}] re-timing {', '.join(r.name for r in contenders)}")
+        # Best of more rounds: under load from other processes the minimum converges.
+        per_round = max(min(auto.times), 1e-6)
+        extra = max(2 * args.repeats, min(20 * args.repeats, int(2 * args.min_seconds / per_round)))
+        if per_round * extra > 2 * args.max_seconds:
+            extra = max(1, args.repeats // 2)
+        for r in contenders:
+            r.reps = len(r.times) + extra
+        time_interleaved(contenders, extra)
+        remeasured = contenders
+
+    reference_params = by_name[REFERENCE].params if with_reference else None
+    rows = []
+    for r in runners:
+        best = min(r.times)
+        row = {
+            "model": model_name,
+            "num_clients": num_clients,
+            "devices": 1 if mesh is None or r.name in (REFERENCE, FUSED) else mesh.size,
+            "strategy": r.name,
+            "resolved": r.extra.get("resolved"),
+            "examples_per_round": examples,
+            "best_s": best,
+            "first_s": r.first_s,
+            "times_s": r.times,
+            "clients_per_s": num_clients / best,
+            "examples_per_s": examples / best,
+            "model_flops_per_round": round_flops,
+            "gflops_per_s": round_flops / best / 1e9,
+            "mfu": round_flops / best / peak_flops,
+            "flops_source": flops_source,
+            "compile_s": r.compile_s,
+            "memory": r.memory,
+            "mem_mib": r.memory["total_mib"] if r.memory else None,
+            "rss_hwm_growth_mib": r.extra.get("rss_hwm_growth_mib"),
+            "device_peak_mib": r.extra.get("device_peak_mib"),
+            "remeasured": r in remeasured,
+        }
+        if reference_params is not None:
+            row["params_rel_err"] = rel_err(r.params, reference_params)
+            row["update_rel_err"] = rel_err(
+                jax.tree.map(lambda a, p: a - p, r.params, params),
+                jax.tree.map(lambda a, p: a - p, reference_params, params),
+            )
+            row["match"] = row["params_rel_err"] <= args.tolerance
+        else:
+            row["params_rel_err"] = row["update_rel_err"] = row["match"] = None
+        rows.append(row)
+
+    best_cps = max(r["clients_per_s"] for r in rows if r["strategy"] in STRATEGIES)
+    ref_cps = next((r["clients_per_s"] for r in rows if r["strategy"] == REFERENCE), None)
+    fused_cps = next((r["clients_per_s"] for r in rows if r["strategy"] == FUSED), None)
+    for row in rows:
+        row["x_best"] = row["clients_per_s"] / best_cps
+        row["x_ref"] = row["clients_per_s"] / ref_cps if ref_cps else None
+        row["x_fused"] = row["clients_per_s"] / fused_cps if fused_cps else None
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+COLUMNS = (
+    ("model", 10, "{}"),
+    ("C", 5, "{}"),
+    ("strategy", 17, "{}"),
+    ("clients/s", 10, "{:.1f}"),
+    ("examples/s", 11, "{:.0f}"),
+    ("x ref", 6, "{:.2f}"),
+    ("x fused", 7, "{:.2f}"),
+    ("x best", 6, "{:.2f}"),
+    ("MFU %", 6, "{:.2f}"),
+    ("compile s", 9, "{:.2f}"),
+    ("mem MiB", 9, "{:.1f}"),
+    ("note", 0, "{}"),
+)
+
+
+def table_header() -> str:
+    head = " ".join(f"{name:>{w}}" if w else name for name, w, _ in COLUMNS)
+    return head + "\n" + "-" * len(head)
+
+
+def table_row(row: dict) -> str:
+    strategy = row["strategy"]
+    if row["resolved"]:
+        strategy = f"auto->{row['resolved']}"
+    notes = []
+    if row["match"] is False:
+        notes.append(f"WARNING params differ from reference (rel {row['params_rel_err']:.1e})")
+    if row["remeasured"]:
+        notes.append("re-timed")
+    values = (
+        row["model"],
+        row["num_clients"],
+        strategy,
+        row["clients_per_s"],
+        row["examples_per_s"],
+        row["x_ref"],
+        row["x_fused"],
+        row["x_best"],
+        100.0 * row["mfu"],
+        row["compile_s"],
+        row["mem_mib"],
+        "; ".join(notes),
+    )
+    cells = []
+    for (_, width, fmt), value in zip(COLUMNS, values):
+        text = "-" if value is None else fmt.format(value)
+        cells.append(f"{text:>{width}}" if width else text)
+    return " ".join(cells).rstrip()
+
+
+def run_checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
+    """``(name, passed or None when not applicable, detail)`` for each check."""
+    checks = []
+    target = next(
+        (
+            r
+            for r in rows
+            if r["model"] == "logreg" and r["num_clients"] == 1000 and r["strategy"] == "auto"
+        ),
+        None,
+    )
+    name = f"auto >= {AUTO_VS_REF_TARGET:g}x reference on logreg C=1000"
+    if target is None or target["x_ref"] is None:
+        checks.append((name, None, "not run"))
+    else:
+        ok = target["x_ref"] >= AUTO_VS_REF_TARGET
+        checks.append((name, ok, f"{target['x_ref']:.2f}x"))
+
+    autos = [r for r in rows if r["strategy"] == "auto"]
+    name = f"auto >= {AUTO_VS_BEST_TARGET:g}x best everywhere"
+    if not autos:
+        checks.append((name, None, "not run"))
+    else:
+        worst = min(autos, key=lambda r: r["x_best"])
+        best = max(
+            (
+                r
+                for r in rows
+                if r["model"] == worst["model"]
+                and r["num_clients"] == worst["num_clients"]
+                and r["strategy"] in STRATEGIES
+            ),
+            key=lambda r: r["clients_per_s"],
+        )
+        detail = (
+            f"worst case {worst['model']} C={worst['num_clients']}: {worst['x_best']:.2f}x, "
+            f"auto->{worst['resolved']} vs best {best['strategy']}"
+        )
+        checks.append((name, worst["x_best"] >= AUTO_VS_BEST_TARGET, detail))
+
+    compared = [r for r in rows if r["match"] is not None]
+    bad = [r for r in compared if not r["match"]]
+    name = "every strategy's params match the reference"
+    if not compared:
+        checks.append((name, None, "no reference run"))
+    else:
+        worst_err = max(r["params_rel_err"] for r in compared)
+        detail = f"worst rel err {worst_err:.1e}"
+        if bad:
+            detail += "; mismatches: " + ", ".join(
+                f"{r['model']} C={r['num_clients']} {r['strategy']}" for r in bad
+            )
+        checks.append((name, not bad, detail))
+    return checks
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(t) for t in text.split(",") if t.strip())
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--quick", action="store_true", help="fewer cases and repetitions (~3 min)")
+    p.add_argument("--models", default=None, help=f"comma-separated subset of {MODELS}")
+    p.add_argument("--cohorts", default=None, help="comma-separated cohort sizes")
+    p.add_argument("--examples_per_client", type=int, default=20)
+    p.add_argument("--batch_size", type=int, default=10)
+    p.add_argument("--local_epochs", type=int, default=1)
+    p.add_argument("--chunk_size", type=int, default=10)
+    p.add_argument("--cpu_devices", type=int, default=0, help="virtual CPU devices (0: cores)")
+    p.add_argument("--num_devices", type=int, default=0, help="cohort devices (0: all)")
+    p.add_argument("--learning_rate", type=float, default=0.05, help="client SGD step")
+    p.add_argument("--server_learning_rate", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (3 quick, 5 full)")
+    p.add_argument(
+        "--max_seconds",
+        type=float,
+        default=None,
+        help="fewer repetitions for programs whose round takes long (per program; 8 quick, 20 "
+        "full)",
+    )
+    p.add_argument(
+        "--min_seconds",
+        type=float,
+        default=0.3,
+        help="more repetitions (up to 10x --repeats) for rounds shorter than this / repeats",
+    )
+    p.add_argument("--tolerance", type=float, default=1e-4, help="params rel err vs reference")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-check", dest="check", action="store_false", help="always exit 0")
+    args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 5
+    if args.max_seconds is None:
+        args.max_seconds = 8.0 if args.quick else 20.0
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return args
+
+
+def select_cases(args) -> list[tuple[str, int]]:
+    models = MODELS
+    if args.models:
+        models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        unknown = [m for m in models if m not in fs.models.MODEL_NAMES]
+        if unknown:
+            raise SystemExit(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    cohorts = parse_ints(args.cohorts) if args.cohorts else None
+    table = QUICK_COHORTS if args.quick else FULL_COHORTS
+    cases = []
+    for m in models:
+        for c in cohorts or table.get(m, (10, 100)):
+            if jax.default_backend() == "cpu" and m.startswith("cnn") and c > CPU_CNN_MAX_CLIENTS:
+                log(f"skipping {m} C={c}: the CNN runs up to {CPU_CNN_MAX_CLIENTS} on a CPU")
+                continue
+            cases.append((m, c))
+    return cases
+
+
+def metadata(args, peak_start: float, peak_end: float) -> dict:
+    dev = jax.devices()[0]
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    import flax
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "jax": jax.__version__,
+        "jaxlib": _jaxlib_version(),
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "fedjax_sim": fs.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "backend": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "peak_gflops": max(peak_start, peak_end) / 1e9,
+        "peak_gflops_start": peak_start / 1e9,
+        "peak_gflops_end": peak_end / 1e9,
+        "peak_method": "best of 10 float32 jnp.dot 1024x1024 (2*n^3 FLOPs), start and end",
+        "auto_rule": "fedjax_sim.core.execution.resolve_strategy",
+        "args": vars(args),
+    }
+
+
+def _jaxlib_version() -> str | None:
+    try:
+        import jaxlib
+
+        return jaxlib.__version__
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:  # one virtual CPU device per core, as the CLI does; a no-op on GPU/TPU
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices or os.cpu_count() or 1)
+    except RuntimeError:
+        log("JAX already started: keeping its CPU device count")
+    cases = select_cases(args)
+    log(
+        f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+        f"{len(jax.devices())} device(s), {len(cases)} cases"
+    )
+    peak_start = measure_peak_flops()
+    log(f"matmul peak {peak_start / 1e9:.1f} GFLOP/s")
+
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+    for model_name, num_clients in cases:
+        # MFU is computed against the start peak here and rescaled to the run's peak below.
+        case_rows = run_case(model_name, num_clients, args, peak_start)
+        rows.extend(case_rows)
+    peak_end = measure_peak_flops()
+    peak = max(peak_start, peak_end)
+    for row in rows:
+        row["mfu"] = row["gflops_per_s"] * 1e9 / peak
+    print(table_header())
+    for model_name, num_clients in cases:
+        for row in rows:
+            if row["model"] == model_name and row["num_clients"] == num_clients:
+                print(table_row(row), flush=True)
+    print(
+        f"\nmatmul peak {peak / 1e9:.1f} GFLOP/s (start {peak_start / 1e9:.1f}, end "
+        f"{peak_end / 1e9:.1f}); total {time.perf_counter() - t_start:.0f}s; mem = compiled "
+        "temp+argument+output (reference: per-client program + add + cohort data)"
+    )
+
+    checks = run_checks(rows)
+    print("\nCHECK")
+    for name, ok, detail in checks:
+        status = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
+        print(f"  {name}: {status} ({detail})")
+
+    result = {
+        "meta": metadata(args, peak_start, peak_end),
+        "rows": rows,
+        "checks": [{"name": n, "passed": ok, "detail": d} for n, ok, d in checks],
+    }
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwrote {args.out}")
+    failed = [name for name, ok, _ in checks if ok is False]
+    return 1 if (failed and args.check) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""scripts/bench.py runs end to end on a tiny case and measures the reference's computation."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+def load_bench():
+    path = os.path.join(REPO_ROOT, "scripts", "bench.py")
+    spec = importlib.util.spec_from_file_location("fedjax_sim_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_tiny_case_writes_rows_that_match_the_reference(tmp_path, capsys):
+    bench = load_bench()
+    out = tmp_path / "bench.json"
+    argv = ["--out", str(out), "--models", "logreg", "--cohorts", "10", "--repeats", "1"]
+    argv += ["--min_seconds", "0", "--max_seconds", "1", "--no-check"]
+    assert bench.main(argv) == 0
+
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["strategy"] for r in rows] == [*bench.STRATEGIES, bench.REFERENCE, bench.FUSED]
+    for row in rows:
+        assert (row["model"], row["num_clients"]) == ("logreg", 10)
+        assert row["match"] is True, row
+        assert row["params_rel_err"] <= 1e-4
+        assert row["clients_per_s"] > 0
+        assert row["examples_per_s"] == pytest.approx(20 * row["clients_per_s"])
+        assert row["compile_s"] > 0 and row["mfu"] > 0
+        assert row["times_s"]
+    reference, fused = rows[-2], rows[-1]
+    assert reference["x_ref"] == 1.0 and fused["x_fused"] == 1.0
+    assert max(r["x_best"] for r in rows if r["strategy"] in bench.STRATEGIES) == 1.0
+    auto = rows[bench.STRATEGIES.index("auto")]
+    assert auto["resolved"] in ("vmap", "chunked", "sequential")  # what auto ran
+
+    meta = result["meta"]
+    assert meta["backend"] == "cpu" and meta["peak_gflops"] > 0
+    checks = {c["name"]: c["passed"] for c in result["checks"]}
+    assert checks["every strategy's params match the reference"] is True
+    assert checks["auto >= 5x reference on logreg C=1000"] is None  # not run
+
+    printed = capsys.readouterr().out
+    assert f"auto->{auto['resolved']}" in printed and "CHECK" in printed
