@@ -51,13 +51,115 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     show = sub.add_parser("show-config", help="print the resolved config")
     show.add_argument("--config", default=None)
+    sub.add_parser("datasets", help="list the datasets and partitioners")
+    st = sub.add_parser(
+        "data-stats",
+        help="client counts, sizes and padding waste of a dataset",
+        description="Load a dataset (and partition it) and print its statistics.",
+    )
+    st.add_argument("dataset", help="dataset name (see `fedjax-sim datasets`)")
+    st.add_argument("--partition", default=None, help="partitioner for centralized datasets")
+    st.add_argument(
+        "--partition_kwargs",
+        default="{}",
+        help="partition parameters as JSON, e.g. '{\"alpha\": 0.1}'",
+    )
+    st.add_argument("--num_clients", type=int, default=None)
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--data_dir", default=None, help="data root (default: ../shared/data)")
+    st.add_argument("--batch_size", type=int, default=20)
+    st.add_argument("--local_epochs", type=int, default=1)
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.add_argument("--save_stats", default=None, help="folder for label histograms and a plot")
     return p
+
+
+def _set_cpu_devices(count: int) -> None:
+    """One virtual CPU device per core (before JAX starts), so clients run on every core."""
+    import os
+
+    import jax
+
+    count = count or os.cpu_count() or 1
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # JAX already started (e.g. main() called from Python): keep it.
+        pass
+
+
+def _datasets() -> int:
+    from fedjax_sim import data
+
+    print("datasets:")
+    for name, text in sorted(data.BUILTIN_DATASETS.items()):
+        print(f"  {name:18s} built-in   {text}")
+    for name, entry in sorted(data.DATASETS.items()):
+        print(f"  {name:18s} {entry.kind:10s} {entry.description}")
+    print("partitioners (for centralized datasets):")
+    for name, entry in sorted(data.PARTITIONERS.items()):
+        print(f"  {name:18s} {getattr(entry, 'description', '')}")
+    return 0
+
+
+def _data_stats(args) -> int:
+    from fedjax_sim import data
+
+    try:
+        partition_kwargs = json.loads(args.partition_kwargs)
+    except json.JSONDecodeError as e:
+        print(f"fedjax-sim: --partition_kwargs is not JSON: {e}", file=sys.stderr)
+        return 2
+    kwargs = {}
+    if args.dataset in data.DATASETS:
+        kwargs = {"data_dir": args.data_dir}
+        if data.DATASETS[args.dataset].kind == "centralized":
+            kwargs.update(
+                partition=args.partition,
+                partition_kwargs=partition_kwargs,
+                num_clients=args.num_clients,
+            )
+    fd = data.get_federated_data(args.dataset, seed=args.seed, **kwargs)
+    stats = data.data_stats(fd, batch_size=args.batch_size, local_epochs=args.local_epochs)
+    stats = {"dataset": args.dataset, "partition": args.partition, **stats}
+    if args.save_stats:
+        from fedjax_sim.data import partition as partition_lib
+
+        partition_lib.save_stats(
+            partition_lib.label_stats(fd.train, fd.num_classes), args.save_stats
+        )
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        for split in ("train", "test"):
+            sp = stats[split]
+            q = sp["size_quantiles"]
+            print(
+                f"{split}: {sp['num_clients']} clients, {sp['num_examples']} examples, "
+                f"client sizes min {q['p0']:.0f} / median {q['p50']:.0f} / max {q['p100']:.0f}"
+            )
+        pad = stats["padding"]
+        print(
+            f"padding waste (batch {pad['batch_size']}, {pad['local_epochs']} epoch): "
+            f"{pad['waste_single_bucket']:.1%} in one bucket, {pad['waste_bucketed']:.1%} in "
+            f"{pad['num_buckets']} buckets"
+        )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
+    if args.command == "datasets":
+        return _datasets()
+    if args.command == "data-stats":
+        from fedjax_sim.data.files import DataFileError, DataNotFoundError
+
+        try:
+            return _data_stats(args)
+        except (ValueError, DataNotFoundError, DataFileError, FileNotFoundError) as e:
+            print(f"fedjax-sim: error: {e}", file=sys.stderr)
+            return 2
 
     from fedjax_sim import config as config_lib
 
@@ -74,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "show-config":
         print(config.to_json(indent=2))
         return 0
+
+    _set_cpu_devices(config.cpu_devices)
 
     from fedjax_sim import simulation
 

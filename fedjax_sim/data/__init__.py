@@ -2,6 +2,7 @@
 
 from fedjax_sim.data.federated import FederatedData, FederatedDataset, from_client_arrays
 from fedjax_sim.data.packing import max_local_steps_of, pack_cohort, pack_eval
+from fedjax_sim.data.registry import DATASETS, PARTITIONERS, data_stats, load_federated
 from fedjax_sim.data.synthetic import synthetic, synthetic_iid
 
 BUILTIN_DATASETS = {
@@ -10,19 +11,36 @@ BUILTIN_DATASETS = {
 }
 
 
+def dataset_names() -> list[str]:
+    return sorted(set(BUILTIN_DATASETS) | set(DATASETS))
+
+
 def get_federated_data(name: str, *, seed: int, **kwargs) -> FederatedData:
-    """Builds a dataset by name (``synthetic``, ``synthetic_iid``, ...)."""
+    """Builds a dataset by name: built-in (``synthetic``, ``synthetic_iid``) or a real one.
+
+    Real datasets go through ``load_federated`` (TFDS, LEAF, TFF and FedJAX files); ``seed``
+    seeds their partition unless ``kwargs`` sets ``seed``.
+    """
     if name == "synthetic":
         kwargs.setdefault("alpha", 1.0)
         kwargs.setdefault("beta", 1.0)
         return synthetic(seed=seed, **kwargs)
     if name == "synthetic_iid":
         return synthetic_iid(seed=seed, **kwargs)
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(BUILTIN_DATASETS))}.")
+    if name in DATASETS:
+        if DATASETS[name].kind == "centralized":
+            kwargs.setdefault("seed", seed)
+        return load_federated(name, **kwargs)
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}.")
 
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "DATASETS",
+    "PARTITIONERS",
+    "data_stats",
+    "dataset_names",
+    "load_federated",
     "FederatedData",
     "FederatedDataset",
     "from_client_arrays",
