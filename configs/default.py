@@ -49,6 +49,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.client.batch_size = 10
     config.client.local_epochs = 20
     config.client.max_local_steps = 0  # 0: no cap
+    # Pad each cohort to one of this many step counts (0 or 1: the largest client's), so
+    # ragged datasets waste fewer padded steps; one compilation per bucket used.
+    config.client.step_buckets = 0
 
     config.server = ml_collections.ConfigDict()
     config.server.optimizer = "sgd"
@@ -56,6 +59,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.server.kwargs = ml_collections.ConfigDict()
 
     config.eval_batch_size = 1024
+    # Keep the training examples on the device and gather each cohort there (auto: <= 1 GiB).
+    config.data_on_device = "auto"  # auto | device | host
 
     if variant == "smoke":
         config.num_rounds = 10

@@ -170,7 +170,19 @@ def simulate(
     root = jax.random.key(config.seed)
     params = exp.model.init(jax.random.fold_in(root, 0))
     state = replicate(exp.algorithm.init(params), exp.mesh)
-    round_fn = jax.jit(exp.algorithm.apply, donate_argnums=0)
+    on_device = data_on_device(config.data_on_device, train)
+    if on_device:
+        device_examples = replicate(jax.device_put(train.all_examples()), exp.mesh)
+
+        def gather_and_apply(state, indexed, key, examples):
+            cohort = data.packing.gather_cohort(examples, indexed, xp=jnp)
+            return exp.algorithm.apply(state, cohort, key)
+
+        round_fn = jax.jit(gather_and_apply, donate_argnums=0)
+    else:
+        round_fn = jax.jit(exp.algorithm.apply, donate_argnums=0)
+    bucket_steps = step_bucketer(config, train, exp.num_steps)
+    real_slots = total_slots = 0
     evaluator = make_evaluator(exp.model, test.num_clients)
     eval_device = jax.local_devices()[0]
     eval_arrays = jax.device_put(pack_eval_once(test, config.eval_batch_size), eval_device)
@@ -181,18 +193,24 @@ def simulate(
     try:
         for r in range(1, config.num_rounds + 1):
             ids = sample_clients(config.seed, r, train.num_clients, config.clients_per_round)
-            cohort = data.pack_cohort(
-                train,
-                ids,
+            pack = dict(
                 batch_size=config.client.batch_size,
                 local_epochs=config.client.local_epochs,
                 max_local_steps=config.client.max_local_steps or None,
-                num_steps=exp.num_steps,
+                num_steps=bucket_steps(ids),
                 num_clients=exp.cohort_slots,
                 seed=config.seed,
                 round_num=r,
             )
-            state, round_metrics = round_fn(state, cohort, jax.random.fold_in(root, r))
+            if on_device:  # only the indices travel; the round gathers the examples
+                cohort = data.packing.pack_cohort_indices(train, ids, **pack)
+                args = (device_examples,)
+            else:
+                cohort = data.pack_cohort(train, ids, **pack)
+                args = ()
+            real_slots += int(cohort.mask.sum())
+            total_slots += cohort.mask.size
+            state, round_metrics = round_fn(state, cohort, jax.random.fold_in(root, r), *args)
             pending_losses.append((r, round_metrics["train_loss"]))
             if bar is not None:
                 bar.update(1)
@@ -248,9 +266,52 @@ def simulate(
         "strategy": exp.strategy,
         "devices": 1 if exp.mesh is None else exp.mesh.size,
         "compiles": round_fn._cache_size(),
+        "data_on_device": on_device,
+        "padding_waste": round(1 - real_slots / max(total_slots, 1), 4),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {**summary, "params": state.params, "history": history}
+
+
+def data_on_device(setting: str, train: data.FederatedDataset) -> bool:
+    """Whether the training examples live on the device (``auto``: when they take <= 1 GiB)."""
+    if setting not in ("auto", "device", "host"):
+        raise ValueError(f"unknown data_on_device {setting!r}; known: auto, device, host.")
+    if setting == "auto":
+        nbytes = sum(
+            train.num_examples * int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            for shape, dtype in train.element_spec.values()
+        )
+        return nbytes <= DEVICE_DATA_BUDGET
+    return setting == "device"
+
+
+DEVICE_DATA_BUDGET = 1 << 30
+
+
+def step_bucketer(config, train: data.FederatedDataset, max_steps: int):
+    """``ids -> num_steps`` for a cohort: one fixed size, or ``client.step_buckets`` sizes.
+
+    With buckets, a cohort is padded to the smallest bucket that holds its longest client:
+    less padding for ragged datasets, one compiled round per bucket used.
+    """
+    kw = dict(
+        batch_size=config.client.batch_size,
+        local_epochs=config.client.local_epochs,
+        max_local_steps=config.client.max_local_steps or None,
+    )
+    if config.client.step_buckets <= 1:
+        return lambda ids: max_steps
+    from fedjax_sim.data.bucketing import bucket_by_size
+
+    bounds = bucket_by_size(train.sizes, num_buckets=config.client.step_buckets, **kw).num_steps
+    steps = data.packing.num_local_steps(train.sizes, **kw)
+
+    def for_cohort(ids):
+        need = int(steps[np.asarray(ids)].max())
+        return int(bounds[np.searchsorted(bounds, need)])
+
+    return for_cohort
 
 
 def pack_eval_once(dataset: data.FederatedDataset, batch_size: int):

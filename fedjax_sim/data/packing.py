@@ -85,6 +85,92 @@ def client_batch_indices(
     return out
 
 
+def pack_cohort_indices(
+    dataset: FederatedDataset,
+    client_indices: Sequence[int],
+    *,
+    batch_size: int,
+    local_epochs: int = 1,
+    max_local_steps: int | None = None,
+    num_steps: int | None = None,
+    num_clients: int | None = None,
+    seed: int,
+    round_num: int,
+) -> Cohort:
+    """Like ``pack_cohort``, but ``batches`` is ``{"index": [clients, steps, batch]}``.
+
+    The indices point into ``dataset.all_examples()`` (clients concatenated in order), -1 for
+    padding. ``gather_cohort`` turns this into the real cohort, on the host or (for data kept
+    on the device) inside the compiled round, so only the indices cross to the device.
+    """
+    if batch_size < 1 or local_epochs < 1:
+        raise ValueError(
+            f"batch_size and local_epochs must be >= 1, got {batch_size} and {local_epochs}."
+        )
+    client_indices = [int(i) for i in client_indices]
+    if len(set(client_indices)) != len(client_indices):
+        raise ValueError(f"a cohort may not repeat a client: {client_indices}.")
+    bad = [i for i in client_indices if not 0 <= i < dataset.num_clients]
+    if bad:
+        raise ValueError(f"client indices {bad} are outside 0..{dataset.num_clients - 1}.")
+    if num_steps is None:
+        num_steps = max_local_steps_of(
+            dataset,
+            batch_size=batch_size,
+            local_epochs=local_epochs,
+            max_local_steps=max_local_steps,
+        )
+    num_clients = len(client_indices) if num_clients is None else num_clients
+    if num_clients < len(client_indices):
+        raise ValueError(f"num_clients={num_clients} < cohort size {len(client_indices)}.")
+
+    offsets = np.concatenate([[0], np.cumsum(dataset.sizes)])
+    index = np.full((num_clients, num_steps, batch_size), -1, np.int64)
+    counts = np.zeros((num_clients,), np.float32)
+    ids = np.full((num_clients,), dataset.num_clients, np.int32)
+    for row, ci in enumerate(client_indices):
+        n = int(dataset.sizes[ci])
+        idx = client_batch_indices(
+            n,
+            batch_size=batch_size,
+            local_epochs=local_epochs,
+            max_local_steps=max_local_steps,
+            num_steps=num_steps,
+            rng=client_shuffle_rng(seed, round_num, ci),
+        )
+        index[row] = np.where(idx >= 0, idx + offsets[ci], -1)
+        counts[row] = n
+        ids[row] = ci
+    index_dtype = np.int32 if offsets[-1] < 2**31 else np.int64
+    return Cohort(
+        batches={"index": index.astype(index_dtype)},
+        mask=index >= 0,
+        num_examples=counts,
+        client_ids=ids,
+    )
+
+
+def gather_cohort(examples: dict, indexed: Cohort, xp=np) -> Cohort:
+    """Fills an index cohort from ``examples`` (all clients' arrays, concatenated).
+
+    Args:
+      examples: ``dataset.all_examples()``, as NumPy arrays or device arrays.
+      indexed: a cohort from ``pack_cohort_indices``.
+      xp: ``numpy`` on the host, ``jax.numpy`` inside a compiled round.
+
+    Returns:
+      The cohort with ``[clients, steps, batch, ...]`` batches; padding is zero.
+    """
+    index = indexed.batches["index"]
+    safe = xp.where(indexed.mask, index, 0)
+    batches = {}
+    for k, a in examples.items():
+        taken = xp.take(a, safe, axis=0)
+        keep = indexed.mask.reshape(indexed.mask.shape + (1,) * (a.ndim - 1))
+        batches[k] = xp.where(keep, taken, xp.zeros((), a.dtype))
+    return indexed._replace(batches=batches)
+
+
 def pack_cohort(
     dataset: FederatedDataset,
     client_indices: Sequence[int],
@@ -115,55 +201,31 @@ def pack_cohort(
     Returns:
       A ``Cohort`` whose padding (steps, examples, clients) is masked out.
     """
-    if batch_size < 1 or local_epochs < 1:
-        raise ValueError(
-            f"batch_size and local_epochs must be >= 1, got {batch_size} and {local_epochs}."
-        )
-    client_indices = [int(i) for i in client_indices]
-    if len(set(client_indices)) != len(client_indices):
-        raise ValueError(f"a cohort may not repeat a client: {client_indices}.")
-    bad = [i for i in client_indices if not 0 <= i < dataset.num_clients]
-    if bad:
-        raise ValueError(f"client indices {bad} are outside 0..{dataset.num_clients - 1}.")
-    if num_steps is None:
-        num_steps = max_local_steps_of(
-            dataset,
-            batch_size=batch_size,
-            local_epochs=local_epochs,
-            max_local_steps=max_local_steps,
-        )
-    num_clients = len(client_indices) if num_clients is None else num_clients
-    if num_clients < len(client_indices):
-        raise ValueError(f"num_clients={num_clients} < cohort size {len(client_indices)}.")
-
-    rows: dict[str, list[np.ndarray]] = {k: [] for k in dataset.element_spec}
-    mask = np.zeros((num_clients, num_steps, batch_size), bool)
-    counts = np.zeros((num_clients,), np.float32)
-    ids = np.full((num_clients,), dataset.num_clients, np.int32)
-    for row, ci in enumerate(client_indices):
-        arrays = dataset.client(ci)
-        n = int(dataset.sizes[ci])
-        idx = client_batch_indices(
-            n,
-            batch_size=batch_size,
-            local_epochs=local_epochs,
-            max_local_steps=max_local_steps,
-            num_steps=num_steps,
-            rng=client_shuffle_rng(seed, round_num, ci),
-        )
-        real = idx >= 0
-        for k, a in arrays.items():
-            # Index -1 (padding) reads the appended zero row: one gather per feature.
-            padded = np.concatenate([a, np.zeros((1,) + a.shape[1:], a.dtype)])
-            rows[k].append(np.take(padded, idx, axis=0))
-        mask[row] = real
-        counts[row] = n
-        ids[row] = ci
+    indexed = pack_cohort_indices(
+        dataset,
+        client_indices,
+        batch_size=batch_size,
+        local_epochs=local_epochs,
+        max_local_steps=max_local_steps,
+        num_steps=num_steps,
+        num_clients=num_clients,
+        seed=seed,
+        round_num=round_num,
+    )
+    # Gather per client from its own arrays: no copy of the whole dataset per round.
+    offsets = np.concatenate([[0], np.cumsum(dataset.sizes)])
     batches = {}
     for k, (shape, dtype) in dataset.element_spec.items():
-        empty = np.zeros((num_clients - len(client_indices), num_steps, batch_size) + shape, dtype)
-        batches[k] = np.concatenate(rows[k] and [np.stack(rows[k]), empty] or [empty])
-    return Cohort(batches=batches, mask=mask, num_examples=counts, client_ids=ids)
+        out = np.zeros(indexed.mask.shape + shape, dtype)
+        for row, ci in enumerate(indexed.client_ids):
+            if ci >= dataset.num_clients:
+                continue
+            real = indexed.mask[row]
+            out[row][real] = dataset.client(int(ci))[k][
+                indexed.batches["index"][row][real] - offsets[ci]
+            ]
+        batches[k] = out
+    return indexed._replace(batches=batches)
 
 
 def pack_eval(dataset: FederatedDataset, *, batch_size: int = 1024):

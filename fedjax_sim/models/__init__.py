@@ -16,6 +16,7 @@ from fedjax_sim.models.cnn import cnn_emnist, cnn_femnist, cnn_mcmahan
 from fedjax_sim.models.conv import conv, conv2d, conv_general_dilated
 from fedjax_sim.models.linear import logreg
 from fedjax_sim.models.mlp import mlp
+from fedjax_sim.models.preprocess import with_image_preprocessing
 from fedjax_sim.models.resnet import resnet18_gn
 from fedjax_sim.models.rnn import lstm_shakespeare
 
@@ -42,7 +43,9 @@ def get_model(
       num_classes: number of classes (the vocabulary size for ``lstm_shakespeare``).
       input_shape: shape of one example's ``x``.
       **model_kwargs: extra options of that model's factory (e.g. ``num_groups`` of
-        ``resnet18_gn``).
+        ``resnet18_gn``), and ``augment=True`` for a random crop and flip per example
+        (images only; see ``fedjax_sim.models.preprocess``). Image models always scale
+        uint8 inputs to [0, 1].
 
     Returns:
       The model.
@@ -52,7 +55,13 @@ def get_model(
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
-    return _REGISTRY[name](num_classes=num_classes, input_shape=tuple(input_shape), **model_kwargs)
+    augment = bool(model_kwargs.pop("augment", False))
+    model = _REGISTRY[name](num_classes=num_classes, input_shape=tuple(input_shape), **model_kwargs)
+    if len(model.input_shape) == 3:  # images: uint8 scaling, optional crop + flip
+        model = with_image_preprocessing(model, augment=augment)
+    elif augment:
+        raise ValueError(f"model {name!r} takes no images; augment=True needs (H, W, C) input.")
+    return model
 
 
 __all__ = [
