@@ -259,3 +259,26 @@ def test_a_cohort_that_does_not_split_over_the_devices_is_an_error():
     algo = fs.fedavg(MODEL, optax.sgd(0.1), mesh=fs.client_mesh(2))
     with pytest.raises(ValueError, match="does not split over 2 devices"):
         algo.apply(algo.init(PARAMS), cohort_of(ds, [0, 1, 2]), KEY)
+
+
+def test_stragglers_run_only_their_step_budget():
+    ds = ragged_dataset([9, 13])
+    algo = fs.fedavg(MODEL, optax.sgd(0.1, momentum=0.9))
+    full = cohort_of(ds, [0, 1], batch_size=2, local_epochs=2)
+    limited = fs.data.packing.limit_local_steps(full, [3, 5])
+    state, metrics = algo.apply(algo.init(PARAMS), limited, KEY)
+    assert float(metrics["num_examples_seen"]) == 3 * 2 + 5 * 2
+    # Reference: each client alone, packed with a cap of its budget (same shuffle), averaged
+    # with the FedAvg weights of the full clients (9 and 13 examples).
+    solo = []
+    for i, budget in [(0, 3), (1, 5)]:
+        c = cohort_of(ds, [i], batch_size=2, local_epochs=2, max_local_steps=budget)
+        s, _ = algo.apply(algo.init(PARAMS), c, KEY)
+        solo.append(s.params)
+    expected = jax.tree.map(lambda a, b: (9 * a + 13 * b) / 22, *solo)
+    tree_allclose(state.params, expected, rtol=1e-5, atol=1e-6)
+    # Inside a compiled round, with jax.numpy.
+    jitted = jax.jit(lambda c, s: fs.data.packing.limit_local_steps(c, s, xp=jnp))(
+        jax.device_put(full), jnp.array([3, 5])
+    )
+    np.testing.assert_array_equal(np.asarray(jitted.mask), limited.mask)

@@ -228,6 +228,18 @@ def pack_cohort(
     return indexed._replace(batches=batches)
 
 
+def limit_local_steps(cohort: Cohort, steps_per_client, xp=np) -> Cohort:
+    """Stragglers: client ``c`` runs only its first ``steps_per_client[c]`` local steps.
+
+    Masks out the later steps; the client's weight (its example count) is unchanged. Works
+    on the host (``xp=numpy``) or inside a compiled round (``xp=jax.numpy``), e.g. with step
+    budgets drawn from the round key.
+    """
+    steps = xp.asarray(steps_per_client).reshape(-1, 1, 1)
+    keep = xp.arange(cohort.mask.shape[1]).reshape(1, -1, 1) < steps
+    return cohort._replace(mask=cohort.mask & keep)
+
+
 def pack_eval(dataset: FederatedDataset, *, batch_size: int = 1024):
     """All examples of ``dataset`` in ``[batches, batch_size, ...]`` with masks and client ids.
 
