@@ -59,6 +59,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.server.kwargs = ml_collections.ConfigDict()
 
     config.eval_batch_size = 1024
+    # Evaluate on a fixed seeded sample of this many test clients (0: all of them).
+    config.eval_max_clients = 0
     # Keep the training examples on the device and gather each cohort there (auto: <= 1 GiB).
     config.data_on_device = "auto"  # auto | device | host
 

@@ -166,7 +166,7 @@ def simulate(
     (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
     metrics_path.write_text("")
 
-    train, test = exp.data.train, exp.data.test
+    train, test = exp.data.train, eval_clients(exp.data.test, config)
     root = jax.random.key(config.seed)
     params = exp.model.init(jax.random.fold_in(root, 0))
     state = replicate(exp.algorithm.init(params), exp.mesh)
@@ -271,6 +271,15 @@ def simulate(
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {**summary, "params": state.params, "history": history}
+
+
+def eval_clients(test: data.FederatedDataset, config) -> data.FederatedDataset:
+    """The test clients evaluated: all, or a fixed seeded sample of ``eval_max_clients``."""
+    k = config.eval_max_clients
+    if not k or k >= test.num_clients:
+        return test
+    rng = np.random.default_rng([config.seed, 2])
+    return test.subset(sorted(rng.choice(test.num_clients, size=k, replace=False)))
 
 
 def data_on_device(setting: str, train: data.FederatedDataset) -> bool:

@@ -282,3 +282,29 @@ def test_stragglers_run_only_their_step_budget():
         jax.device_put(full), jnp.array([3, 5])
     )
     np.testing.assert_array_equal(np.asarray(jitted.mask), limited.mask)
+
+
+@pytest.mark.parametrize(
+    "name, input_shape, num_classes, x_dtype",
+    [
+        ("cnn_emnist", (28, 28, 1), 62, np.float32),  # dropout from the client key
+        ("lstm_shakespeare", (12,), 80, np.int32),  # a scan over time inside the model
+        ("resnet18_gn", (8, 8, 3), 10, np.uint8),  # group norm, strided convs, uint8 input
+    ],
+)
+def test_every_model_family_shards_over_devices(name, input_shape, num_classes, x_dtype):
+    model = fs.get_model(name, num_classes=num_classes, input_shape=input_shape)
+    params = model.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    clients = {}
+    for i in range(4):
+        x = rng.integers(0, num_classes if x_dtype == np.int32 else 2, (3, *input_shape))
+        clients[f"c{i}"] = {"x": x.astype(x_dtype), "y": rng.integers(0, num_classes, 3)}
+    ds = fs.FederatedDataset(clients)
+    cohort = cohort_of(ds, [0, 1, 2, 3], batch_size=3)
+    results = []
+    for mesh in (None, fs.client_mesh(2)):
+        algo = fs.fedavg(model, optax.sgd(0.05), mesh=mesh)
+        state, _ = jax.jit(algo.apply)(algo.init(params), cohort, KEY)
+        results.append(state.params)
+    tree_allclose(results[1], results[0], rtol=1e-4, atol=1e-5)

@@ -151,3 +151,17 @@ def test_console_script_help():
         [sys.executable, "-m", "fedjax_sim.cli", "run", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "--workdir" in out.stdout
+
+
+def test_eval_on_a_seeded_sample_of_test_clients(tmp_path):
+    config = load_config("default:smoke")
+    config.num_rounds, config.eval_every, config.eval_max_clients = 2, 2, 5
+    data = fs.data.synthetic(1.0, 1.0, seed=0)
+    sample = simulation.eval_clients(data.test, config)
+    assert sample.num_clients == 5 and sample.client_ids == sorted(sample.client_ids)
+    assert simulation.eval_clients(data.test, config).client_ids == sample.client_ids
+    fs.simulate(config, tmp_path, progress=False)
+    # The pooled accuracy is over the sample's examples: a multiple of 1 / their count.
+    acc = read_metrics(tmp_path)[-1]["test_accuracy"]
+    n = sample.num_examples
+    assert abs(acc * n - round(acc * n)) < 1e-6

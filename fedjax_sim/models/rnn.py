@@ -21,7 +21,10 @@ class CharLSTM(nn.Module):
         x = nn.Embed(self.vocab_size, self.embed_dim, param_dtype=jnp.float32)(tokens)
         for _ in range(self.num_layers):
             cell = nn.OptimizedLSTMCell(self.hidden, dtype=jnp.float32, param_dtype=jnp.float32)
-            x = nn.RNN(cell)(x)
+            # The zero initial state is built from the inputs so that it varies over devices
+            # like them inside shard_map (a scan carry must keep its type).
+            zero = jnp.zeros(x.shape[:1] + (self.hidden,), x.dtype) + 0 * x[:, :1, 0]
+            x = nn.RNN(cell)(x, initial_carry=(zero, zero))
         return nn.Dense(self.vocab_size, dtype=jnp.float32, param_dtype=jnp.float32)(x[:, -1])
 
 
