@@ -63,6 +63,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.eval_max_clients = 0
     # Keep the training examples on the device and gather each cohort there (auto: <= 1 GiB).
     config.data_on_device = "auto"  # auto | device | host
+    # Save a checkpoint (WORKDIR/checkpoints) every this many rounds, at the start and at the
+    # end (0: never); `fedjax-sim run` on a workdir with one resumes exactly. Keep the newest
+    # ``checkpoint_keep``.
+    config.checkpoint_every = 50
+    config.checkpoint_keep = 3
 
     if variant == "smoke":
         config.num_rounds = 10

@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--local_epochs", type=int, default=1)
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument("--save_stats", default=None, help="folder for label histograms and a plot")
+    from fedjax_sim import report
+
+    report.add_parser(sub)
     return p
 
 
@@ -152,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(rest)
     if args.command == "datasets":
         return _datasets()
+    if args.command == "report":
+        from fedjax_sim import report
+
+        return report.run_cli(args)
     if args.command == "data-stats":
         from fedjax_sim.data.files import DataFileError, DataNotFoundError
 

@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedjax_sim import aggregators, algorithms, data, models, optimizers
+from fedjax_sim import aggregators, algorithms, checkpoint, data, models, optimizers
 from fedjax_sim.core.execution import resolve_strategy
 from fedjax_sim.core.round import client_mesh, replicate
 from fedjax_sim.core.types import FederatedAlgorithm, Model
 from fedjax_sim.metrics import make_evaluator, summarize_eval
+from fedjax_sim.report import write_tensorboard
 
 
 class TrainingDiverged(RuntimeError):
@@ -103,7 +104,9 @@ def build_experiment(
         num_clients=config.clients_per_round,
     )
     common["strategy"] = strategy
-    mesh = client_mesh(config.num_devices)
+    # Never more devices than clients in a cohort (each device would idle on padding).
+    wanted = config.num_devices or len(jax.local_devices())
+    mesh = client_mesh(min(wanted, config.clients_per_round))
     n_dev = 1 if mesh is None else mesh.size
     common["mesh"] = mesh
     if config.algorithm == "fedsgd":
@@ -138,12 +141,19 @@ def simulate(
 ) -> dict[str, Any]:
     """Runs a federated simulation and writes ``config.json`` and ``metrics.jsonl``.
 
+    With ``config.checkpoint_every`` > 0 the run saves a checkpoint (``workdir/checkpoints``)
+    at the start, every ``checkpoint_every`` rounds and at the end; a later call on the same
+    ``workdir`` resumes from the latest one and ends with bitwise the same state and the same
+    ``metrics.jsonl`` (except ``wall_s``) as a run never interrupted. A checkpoint of a
+    different config is refused (``checkpoint.ConfigMismatchError``, naming the fields);
+    ``num_rounds`` may grow.
+
     Args:
       config: the experiment config.
-      workdir: output directory (created if needed).
+      workdir: output directory (created if needed; refused before any work if unwritable).
       federated_data: optional data to use instead of the config's dataset.
       progress: show a progress bar.
-      overwrite: replace the results of an earlier run in ``workdir``.
+      overwrite: replace the results (and checkpoints) of an earlier run in ``workdir``.
 
     Returns:
       The summary dict (also written to ``workdir/summary.json``), with ``params`` (the final
@@ -156,20 +166,74 @@ def simulate(
     t_start = time.perf_counter()
     workdir = Path(workdir)
     metrics_path = workdir / "metrics.jsonl"
-    exp = build_experiment(config, federated_data)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if metrics_path.exists() and not overwrite:
+    checkpoint.check_writable(workdir)
+    every = int(config.get("checkpoint_every", 0) or 0)
+    keep = int(config.get("checkpoint_keep", 3) or 3)
+    config_data = checkpoint.config_dict(config)
+    ckpt, meta = None, None
+    if overwrite:
+        metrics_path.unlink(missing_ok=True)
+        checkpoint.remove_checkpoints(workdir)
+    elif checkpoint.has_checkpoint(workdir):
+        ckpt = checkpoint.Checkpointer(workdir, keep=keep)
+        latest = ckpt.latest_round()
+        if latest is not None:
+            meta = ckpt.restore_meta(latest)
+            checkpoint.check_resumable(meta["config"], config_data, meta["round"], workdir)
+    if meta is None and metrics_path.exists():
         raise FileExistsError(
             f"{metrics_path} already holds the results of a run; choose another --workdir or "
             "pass --overwrite to replace them."
         )
-    (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
-    metrics_path.write_text("")
+    exp = build_experiment(config, federated_data)
 
     train, test = exp.data.train, eval_clients(exp.data.test, config)
     root = jax.random.key(config.seed)
     params = exp.model.init(jax.random.fold_in(root, 0))
     state = replicate(exp.algorithm.init(params), exp.mesh)
+    if ckpt is None and every > 0:
+        ckpt = checkpoint.Checkpointer(workdir, keep=keep)
+    history: list[dict[str, Any]] = []
+    pending_losses: list[tuple[int, jax.Array]] = []
+    real_slots = total_slots = 0
+    wall_before = 0.0  # seconds spent before the checkpoint resumed from
+    if meta is not None:
+        start = meta["round"]
+        state = replicate(ckpt.restore_state(start, state), exp.mesh)
+        history = meta["history"]
+        pending_losses = [(rr, jnp.asarray(loss, jnp.float32)) for rr, loss in meta["pending"]]
+        real_slots, total_slots = meta["real_slots"], meta["total_slots"]
+        wall_before = meta["wall_s"]
+        # The killed run may have appended evaluations after its last checkpoint.
+        checkpoint.write_lines_atomically(metrics_path, [json.dumps(h) for h in history])
+        print(f"fedjax-sim: resuming {workdir} after round {start}", file=sys.stderr)
+    else:
+        start = 0
+
+    def elapsed() -> float:
+        return wall_before + time.perf_counter() - t_start
+
+    def save_checkpoint(r: int) -> None:
+        losses = [[rr, float(loss)] for rr, loss in pending_losses]  # a host sync
+        ckpt.save(
+            r,
+            state,
+            {
+                "config": config_data,
+                "round": r,
+                "history": history,
+                "pending": losses,
+                "real_slots": real_slots,
+                "total_slots": total_slots,
+                "wall_s": elapsed(),
+            },
+        )
+
+    if meta is None and ckpt is not None:
+        save_checkpoint(0)  # from here on a killed run resumes instead of being refused
+    (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
+    if meta is None:
+        metrics_path.write_text("")
     on_device = data_on_device(config.data_on_device, train)
     if on_device:
         device_examples = replicate(jax.device_put(train.all_examples()), exp.mesh)
@@ -182,16 +246,15 @@ def simulate(
     else:
         round_fn = jax.jit(exp.algorithm.apply, donate_argnums=0)
     bucket_steps = step_bucketer(config, train, exp.num_steps)
-    real_slots = total_slots = 0
     evaluator = make_evaluator(exp.model, test.num_clients)
     eval_device = jax.local_devices()[0]
     eval_arrays = jax.device_put(pack_eval_once(test, config.eval_batch_size), eval_device)
 
-    history: list[dict[str, Any]] = []
-    pending_losses: list[tuple[int, jax.Array]] = []
     bar = _progress(config.num_rounds, progress)
+    if bar is not None:
+        bar.update(start)
     try:
-        for r in range(1, config.num_rounds + 1):
+        for r in range(start + 1, config.num_rounds + 1):
             ids = sample_clients(config.seed, r, train.num_clients, config.clients_per_round)
             pack = dict(
                 batch_size=config.client.batch_size,
@@ -214,44 +277,49 @@ def simulate(
             pending_losses.append((r, round_metrics["train_loss"]))
             if bar is not None:
                 bar.update(1)
-            if r % config.eval_every and r != config.num_rounds:
-                continue
-            # One host sync per evaluation, not per round.
-            rounds = [rr for rr, _ in pending_losses]
-            losses = np.asarray(jnp.stack([loss for _, loss in pending_losses]), np.float64)
-            bad = [i for i, loss in enumerate(losses) if not math.isfinite(loss)]
-            if bad:
-                raise TrainingDiverged(
-                    f"the training loss became {losses[bad[0]]} in round {rounds[bad[0]]}; "
-                    f"{metrics_path} keeps the evaluations before it. Lower the client or "
-                    "server learning rate, or clip updates."
-                )
-            eval_params = jax.device_put(state.params, eval_device)
-            ev = summarize_eval(*evaluator(eval_params, *eval_arrays))
-            if not math.isfinite(ev["test_loss"]):
-                raise TrainingDiverged(
-                    f"the evaluated test loss is {ev['test_loss']} after round {r}; "
-                    f"{metrics_path} keeps the evaluations before it. Lower the learning rates."
-                )
-            record = {
-                "round": r,
-                "train_loss": float(losses.mean()),
-                **ev,
-                "wall_s": round(time.perf_counter() - t_start, 3),
-            }
-            pending_losses.clear()
-            history.append(record)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            if bar is not None:
-                bar.set_postfix(
-                    loss=f"{record['train_loss']:.4f}", acc=f"{record['test_accuracy']:.4f}"
-                )
+            if r % config.eval_every == 0 or r == config.num_rounds:
+                # One host sync per evaluation, not per round.
+                rounds = [rr for rr, _ in pending_losses]
+                losses = np.asarray(jnp.stack([loss for _, loss in pending_losses]), np.float64)
+                bad = [i for i, loss in enumerate(losses) if not math.isfinite(loss)]
+                if bad:
+                    raise TrainingDiverged(
+                        f"the training loss became {losses[bad[0]]} in round {rounds[bad[0]]}; "
+                        f"{metrics_path} keeps the evaluations before it. Lower the client or "
+                        "server learning rate, or clip updates."
+                    )
+                eval_params = jax.device_put(state.params, eval_device)
+                ev = summarize_eval(*evaluator(eval_params, *eval_arrays))
+                if not math.isfinite(ev["test_loss"]):
+                    raise TrainingDiverged(
+                        f"the evaluated test loss is {ev['test_loss']} after round {r}; "
+                        f"{metrics_path} keeps the evaluations before it. Lower the learning rates."
+                    )
+                record = {
+                    "round": r,
+                    "train_loss": float(losses.mean()),
+                    **ev,
+                    "wall_s": round(elapsed(), 3),
+                }
+                pending_losses.clear()
+                history.append(record)
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                # TensorBoard events beside metrics.jsonl (no TensorFlow needed).
+                write_tensorboard(workdir)
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{record['train_loss']:.4f}", acc=f"{record['test_accuracy']:.4f}"
+                    )
+            if ckpt is not None and ((every > 0 and r % every == 0) or r == config.num_rounds):
+                save_checkpoint(r)
     finally:
         if bar is not None:
             bar.close()
+        if ckpt is not None:
+            ckpt.close()
 
-    wall = time.perf_counter() - t_start
+    wall = elapsed()
     best = max(history, key=lambda h: h["test_accuracy"])
     summary = {
         "rounds": config.num_rounds,

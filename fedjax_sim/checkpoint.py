@@ -1,0 +1,193 @@
+"""Checkpoints for exact resume: Orbax saves of the algorithm state plus the driver's progress.
+
+A checkpoint (``WORKDIR/checkpoints/<round>/``) holds two items, written together and
+atomically (Orbax writes a temporary directory and renames it when complete):
+
+- ``state``: the algorithm state (``algorithm.init(params)``'s pytree: server params,
+  optimizer state, aggregator state, per-client state, round counter), bitwise.
+- ``meta``: JSON with the config, the last completed round, the evaluation records so far
+  (``metrics.jsonl``'s lines), the train losses of rounds since the last evaluation, the
+  padding counters and the elapsed wall time.
+
+The driver's randomness is a pure function of ``(seed, round)`` (client sampling, packing
+shuffles, ``fold_in(key(seed), round)``), so no PRNG state needs saving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+CHECKPOINT_DIR = "checkpoints"
+
+# Fields that cannot change the results of the rounds already run.
+_RESUMABLE_FIELDS = ("checkpoint_every", "checkpoint_keep")
+
+
+class ConfigMismatchError(ValueError):
+    """A checkpoint was written by a run with a different config."""
+
+
+def check_writable(workdir: Path) -> None:
+    """Creates ``workdir`` and writes a probe file there; raises ValueError with the reason."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=workdir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        if isinstance(e, (FileExistsError, NotADirectoryError)):
+            reason += " (a file is in the way of the directory)"
+        raise ValueError(f"cannot write to workdir {str(workdir)!r}: {reason}.") from None
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as plain JSON data (as ``config.json`` stores it)."""
+    return json.loads(config.to_json())
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        if not tree and prefix:
+            out[prefix[:-1]] = {}
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``['client.learning_rate: 0.01 -> 0.1', ...]`` for every field that differs."""
+    a, b = _flatten(old), _flatten(new)
+    missing = object()
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, missing), b.get(key, missing)
+        if va == vb and type(va) is type(vb):
+            continue
+        fmt = lambda v: "(absent)" if v is missing else json.dumps(v)  # noqa: E731
+        out.append(f"{key}: {fmt(va)} -> {fmt(vb)}")
+    return out
+
+
+def check_resumable(stored: dict[str, Any], config: dict[str, Any], round_done: int, where):
+    """Refuses to resume a checkpoint of ``stored`` config with ``config``, naming each field.
+
+    ``num_rounds`` may grow (a run can be extended) but not fall below the rounds done;
+    checkpointing fields may change.
+    """
+    old, new = dict(stored), dict(config)
+    for key in _RESUMABLE_FIELDS:
+        old.pop(key, None)
+        new.pop(key, None)
+    diffs = config_differences(
+        {k: v for k, v in old.items() if k != "num_rounds"},
+        {k: v for k, v in new.items() if k != "num_rounds"},
+    )
+    if new.get("num_rounds", 0) < round_done:
+        diffs.append(
+            f"num_rounds: {old.get('num_rounds')} -> {new.get('num_rounds')} (the checkpoint "
+            f"is at round {round_done}; num_rounds may only grow)"
+        )
+    if diffs:
+        raise ConfigMismatchError(
+            f"{where} already holds a checkpoint of a run with a different config; these "
+            "fields differ (checkpoint -> now):\n  "
+            + "\n  ".join(diffs)
+            + "\nRun with the checkpoint's config to resume, pass --overwrite to start afresh, "
+            "or choose another --workdir."
+        )
+
+
+class Checkpointer:
+    """Saves and restores ``(state, meta)`` under ``workdir/checkpoints`` with Orbax."""
+
+    def __init__(self, workdir: Path, *, keep: int = 3):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = (Path(workdir) / CHECKPOINT_DIR).resolve()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max(1, keep),
+                create=True,
+                cleanup_tmp_directories=True,  # leftovers of a save killed midway
+                enable_async_checkpointing=False,  # a save has landed when save() returns
+            ),
+        )
+
+    def latest_round(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, round_num: int, state, meta: dict[str, Any]) -> None:
+        ocp = self._ocp
+        self.manager.save(
+            round_num,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+        self.manager.wait_until_finished()
+
+    def restore_meta(self, round_num: int) -> dict[str, Any]:
+        ocp = self._ocp
+        out = self.manager.restore(round_num, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return out["meta"]
+
+    def restore_state(self, round_num: int, target):
+        """The saved state with ``target``'s pytree structure, dtypes and shardings."""
+        ocp = self._ocp
+        out = self.manager.restore(
+            round_num, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+        return out["state"]
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def has_checkpoint(workdir: Path) -> bool:
+    """Whether ``workdir/checkpoints`` holds a finished checkpoint (cheap: no Orbax import)."""
+    d = Path(workdir) / CHECKPOINT_DIR
+    return d.is_dir() and any(p.name.isdigit() and p.is_dir() for p in d.iterdir())
+
+
+def remove_checkpoints(workdir: Path) -> None:
+    shutil.rmtree(Path(workdir) / CHECKPOINT_DIR, ignore_errors=True)
+
+
+def load_state(workdir: str | Path, round_num: int | None = None):
+    """The saved state of ``workdir``'s latest (or given) checkpoint, as saved (numpy leaves).
+
+    Without a target the pytree comes back as nested dicts/lists, not ``ServerState``.
+    """
+    ckpt = Checkpointer(Path(workdir))
+    try:
+        step = ckpt.latest_round() if round_num is None else round_num
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+        ocp = ckpt._ocp
+        out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        return out["state"]
+    finally:
+        ckpt.close()
+
+
+def write_lines_atomically(path: Path, lines: list[str]) -> None:
+    """Replaces ``path`` with ``lines`` (each newline-terminated) via a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.writelines(line + "\n" for line in lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,563 @@
+"""``fedjax-sim report``: tables and plots over finished runs, and TensorBoard event files.
+
+A run is a folder holding ``config.json`` and ``metrics.jsonl`` (as ``simulate`` writes them).
+Runs whose configs agree on everything but the seed form one *point* (of a sweep); a point's
+seeds give mean ± standard deviation of the final and best test accuracy and the band drawn
+around each curve.
+
+    fedjax-sim report RUN_OR_SWEEP_DIR [...] --out OUT [--target 0.8]
+
+writes ``OUT/report.md``, ``OUT/report.csv``, ``OUT/accuracy_vs_round.png``,
+``OUT/loss_vs_round.png`` and ``OUT/accuracy_vs_time.png``.
+
+``write_tensorboard(workdir)`` turns a run's ``metrics.jsonl`` into a TensorBoard event file
+beside it, with no TensorFlow or TensorBoard import (the format is written by hand).
+
+This module imports only the standard library and NumPy at import time; matplotlib is
+imported inside the plotting functions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+REQUIRED_KEYS = ("round", "test_accuracy")
+# Config fields that do not define an experiment: the seed (averaged over) and settings
+# about where and how a run is stored or resumed.
+IGNORED_FIELDS = ("seed", "workdir", "overwrite", "resume", "progress")
+IGNORED_PREFIXES = ("checkpoint",)
+PLOTS = {
+    "accuracy_vs_round": "Test accuracy against rounds",
+    "loss_vs_round": "Loss against rounds",
+    "accuracy_vs_time": "Test accuracy against wall-clock time",
+}
+
+
+class ReportError(ValueError):
+    """Bad input to the report: no runs found, or a run's files are malformed."""
+
+
+@dataclass
+class Run:
+    workdir: Path
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+
+    @property
+    def seed(self):
+        return self.config.get("seed")
+
+
+@dataclass
+class Point:
+    """Runs that differ only in their seed."""
+
+    key: tuple
+    fields: dict[str, Any]  # flattened config without the ignored fields
+    runs: list[Run] = field(default_factory=list)
+    label: str = ""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_run(workdir: str | Path) -> Run:
+    """Reads ``workdir/config.json`` and ``workdir/metrics.jsonl``; ReportError if malformed."""
+    workdir = Path(workdir)
+    config_path, metrics_path = workdir / CONFIG_FILE, workdir / METRICS_FILE
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReportError(f"{config_path}: cannot read the run's config: {e}") from None
+    if not isinstance(config, dict):
+        raise ReportError(f"{config_path}: expected a JSON object.")
+    records = read_metrics(metrics_path)
+    if not records:
+        raise ReportError(f"{metrics_path}: holds no evaluations (the run has not evaluated yet).")
+    return Run(workdir, config, records)
+
+
+def read_metrics(metrics_path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``, sorted by round; ReportError naming a bad line."""
+    metrics_path = Path(metrics_path)
+    records = []
+    try:
+        lines = metrics_path.read_text().splitlines()
+    except OSError as e:
+        raise ReportError(f"{metrics_path}: cannot read: {e}") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ReportError(f"{metrics_path}, line {lineno}: not valid JSON ({e}).") from None
+        if not isinstance(record, dict):
+            raise ReportError(f"{metrics_path}, line {lineno}: expected a JSON object.")
+        missing = [k for k in REQUIRED_KEYS if not isinstance(record.get(k), (int, float))]
+        if missing:
+            raise ReportError(
+                f"{metrics_path}, line {lineno}: missing or non-numeric {', '.join(missing)}."
+            )
+        records.append(record)
+    records.sort(key=lambda r: r["round"])
+    return records
+
+
+def _is_run(path: Path) -> bool:
+    return (path / METRICS_FILE).is_file() and (path / CONFIG_FILE).is_file()
+
+
+def find_runs(dirs: list[str | Path]) -> list[Run]:
+    """The runs in ``dirs``: each a run folder or a folder with run folders below it."""
+    found: dict[Path, None] = {}
+    for d in dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise ReportError(f"{d}: no such directory.")
+        candidates = [d] if _is_run(d) else []
+        candidates += sorted(p.parent for p in d.rglob(METRICS_FILE) if _is_run(p.parent))
+        if not candidates:
+            raise ReportError(
+                f"{d}: no runs found (a run is a folder with {CONFIG_FILE} and {METRICS_FILE}, "
+                "here or in any subfolder)."
+            )
+        for c in candidates:
+            found.setdefault(c.resolve(), None)
+    return [load_run(p) for p in found]
+
+
+# --------------------------------------------------------------------------- grouping
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _ignored(name: str) -> bool:
+    return name in IGNORED_FIELDS or name.startswith(IGNORED_PREFIXES)
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, float):
+        return f"{v:g}"
+    return json.dumps(v)
+
+
+def group_points(runs: list[Run]) -> tuple[list[Point], list[str]]:
+    """Groups runs by config without the seed; returns the points and the differing fields."""
+    points: dict[tuple, Point] = {}
+    for run in runs:
+        flat = {k: v for k, v in flatten(run.config).items() if not _ignored(k)}
+        key = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in flat.items()))
+        points.setdefault(key, Point(key, flat)).runs.append(run)
+    pts = list(points.values())
+    order: dict[str, None] = {}
+    for p in pts:
+        for k in p.fields:
+            order.setdefault(k, None)
+    missing = object()
+    differing = [
+        k
+        for k in order
+        if len({json.dumps(p.fields.get(k, missing), default=str) for p in pts}) > 1
+    ]
+    for p in pts:
+        p.runs.sort(key=lambda r: (str(r.seed), str(r.workdir)))
+        if differing:
+            p.label = ", ".join(f"{k}={_fmt_value(p.fields.get(k, '-'))}" for k in differing)
+        else:
+            p.label = f"algorithm={_fmt_value(p.fields.get('algorithm', '?'))}"
+
+    def sort_key(p):  # numbers by value, before other values
+        return tuple(
+            (0, v, "") if isinstance(v := p.fields.get(k), (int, float)) else (1, 0, str(v))
+            for k in differing
+        )
+
+    pts.sort(key=sort_key)
+    return pts, differing
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+    a = np.asarray(list(values), np.float64)
+    if a.size == 0:
+        return math.nan, math.nan
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def rounds_to_target(records: list[dict[str, Any]], target: float) -> int | None:
+    """The first evaluated round whose test accuracy is >= target (None if never)."""
+    for r in records:
+        if r["test_accuracy"] >= target:
+            return int(r["round"])
+    return None
+
+
+def point_stats(point: Point, target: float) -> dict[str, Any]:
+    runs = point.runs
+    final = [r.records[-1]["test_accuracy"] for r in runs]
+    best = [max(x["test_accuracy"] for x in r.records) for r in runs]
+    reached = [t for t in (rounds_to_target(r.records, target) for r in runs) if t is not None]
+    walls = [r.records[-1].get("wall_s", math.nan) for r in runs]
+    losses = [r.records[-1].get("test_loss", math.nan) for r in runs]
+    stats = {"label": point.label, "num_seeds": len(runs)}
+    stats["seeds"] = " ".join(str(r.seed) for r in runs)
+    stats["rounds"] = max(int(r.records[-1]["round"]) for r in runs)
+    stats["final_acc_mean"], stats["final_acc_std"] = mean_std(final)
+    stats["best_acc_mean"], stats["best_acc_std"] = mean_std(best)
+    stats["final_test_loss_mean"], stats["final_test_loss_std"] = mean_std(losses)
+    stats["rounds_to_target_mean"] = mean_std(reached)[0] if reached else None
+    stats["reached_target"] = len(reached)
+    stats["wall_s_mean"], stats["wall_s_std"] = mean_std(walls)
+    return stats
+
+
+def curve(point: Point, key: str, x_key: str = "round"):
+    """Per evaluated round: mean x, and mean and std of ``key`` over the seeds having it."""
+    by_round: dict[int, list[tuple[float, float]]] = {}
+    for run in point.runs:
+        for rec in run.records:
+            if isinstance(rec.get(key), (int, float)) and isinstance(rec.get(x_key), (int, float)):
+                by_round.setdefault(int(rec["round"]), []).append((rec[x_key], rec[key]))
+    xs, means, stds = [], [], []
+    for r in sorted(by_round):
+        pairs = by_round[r]
+        xs.append(float(np.mean([p[0] for p in pairs])))
+        m, s = mean_std(p[1] for p in pairs)
+        means.append(m)
+        stds.append(s)
+    return np.asarray(xs), np.asarray(means), np.asarray(stds)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+CSV_COLUMNS = [
+    "label",
+    "num_seeds",
+    "seeds",
+    "rounds",
+    "final_acc_mean",
+    "final_acc_std",
+    "best_acc_mean",
+    "best_acc_std",
+    "final_test_loss_mean",
+    "final_test_loss_std",
+    "rounds_to_target_mean",
+    "reached_target",
+    "target",
+    "wall_s_mean",
+    "wall_s_std",
+]
+
+
+def write_csv(path: Path, points, differing, stats, target: float) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS + differing)
+        for p, s in zip(points, stats):
+            row = {**s, "target": target}
+            if row["rounds_to_target_mean"] is None:
+                row["rounds_to_target_mean"] = ""
+            w.writerow(
+                [row[c] for c in CSV_COLUMNS] + [_fmt_value(p.fields.get(k, "")) for k in differing]
+            )
+
+
+def _pm(mean: float, std: float, digits: int = 4) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def format_rounds_to_target(s: dict[str, Any]) -> str:
+    if s["rounds_to_target_mean"] is None:
+        return "-"
+    return f"{s['rounds_to_target_mean']:.1f} ({s['reached_target']}/{s['num_seeds']})"
+
+
+def write_markdown(path: Path, points, differing, stats, target: float, shared: dict) -> None:
+    head = [
+        "Config",
+        "Seeds",
+        "Rounds",
+        "Final test acc.",
+        "Best test acc.",
+        f"Rounds to acc. ≥ {target:g}",
+        "Wall time (s)",
+    ]
+    lines = [
+        "# fedjax-sim report",
+        "",
+        f"{sum(len(p.runs) for p in points)} runs in {len(points)} configurations; mean ± "
+        "sample standard deviation over seeds. Rounds to target: mean over the seeds that "
+        "reached it (how many of them did).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+    ]
+    for s in stats:
+        cells = [
+            s["label"].replace("|", "\\|"),
+            str(s["num_seeds"]),
+            str(s["rounds"]),
+            _pm(s["final_acc_mean"], s["final_acc_std"]),
+            _pm(s["best_acc_mean"], s["best_acc_std"]),
+            format_rounds_to_target(s),
+            _pm(s["wall_s_mean"], s["wall_s_std"], 1),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    keys = ("dataset.name", "model.name", "algorithm", "num_rounds", "clients_per_round")
+    common = [f"{k}={_fmt_value(shared[k])}" for k in keys if k in shared]
+    if common:
+        lines += ["", "Shared settings: " + ", ".join(common) + "."]
+    lines.append("")
+    for name, title in PLOTS.items():
+        lines += [f"![{title}]({name}.png)", ""]
+    lines += ["## Runs", ""]
+    for p in points:
+        lines.append(f"- {p.label}: " + ", ".join(f"`{r.workdir}`" for r in p.runs))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _plot(path: Path, points, y_key: str, x_key: str, title: str, xlabel: str, ylabel: str,
+          target: float | None = None, dashed_key: str | None = None) -> None:  # fmt: skip
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, p in enumerate(points):
+        color = f"C{i % 10}"
+        x, m, s = curve(p, y_key, x_key)
+        if not len(x):
+            continue
+        n = len(p.runs)
+        ax.plot(x, m, color=color, marker="o" if len(x) < 30 else None, markersize=3,
+                label=f"{p.label} (n={n})")  # fmt: skip
+        if n > 1:
+            ax.fill_between(x, m - s, m + s, color=color, alpha=0.2, linewidth=0)
+        if dashed_key:
+            xd, md, _ = curve(p, dashed_key, x_key)
+            if len(xd):
+                ax.plot(xd, md, color=color, linestyle="--", linewidth=1)
+    if target is not None:
+        ax.axhline(target, color="0.4", linestyle=":", linewidth=1, label=f"target {target:g}")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small", loc="best")
+    fig.savefig(path, dpi=120)
+
+
+def write_plots(out: Path, points, target: float) -> list[Path]:
+    band = "mean ± std over seeds"
+    paths = [out / f"{name}.png" for name in PLOTS]
+    _plot(paths[0], points, "test_accuracy", "round", f"Test accuracy ({band})", "round",
+          "test accuracy", target=target)  # fmt: skip
+    _plot(paths[1], points, "test_loss", "round",
+          f"Test loss ({band}); dashed: train loss", "round", "loss",
+          dashed_key="train_loss")  # fmt: skip
+    _plot(paths[2], points, "test_accuracy", "wall_s", f"Test accuracy ({band})",
+          "wall-clock time (s, mean over seeds)", "test accuracy", target=target)  # fmt: skip
+    return paths
+
+
+def report(dirs: list[str | Path], out: str | Path, *, target: float = 0.8) -> dict[str, Path]:
+    """Writes report.md, report.csv and the plots for the runs in ``dirs`` into ``out``."""
+    runs = find_runs(dirs)
+    points, differing = group_points(runs)
+    stats = [point_stats(p, target) for p in points]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shared = {
+        k: v
+        for k, v in points[0].fields.items()
+        if k not in differing and all(k in p.fields for p in points)
+    }
+    written = {"csv": out / "report.csv", "markdown": out / "report.md"}
+    write_csv(written["csv"], points, differing, stats, target)
+    write_markdown(written["markdown"], points, differing, stats, target, shared)
+    for path in write_plots(out, points, target):
+        written[path.stem] = path
+    return written
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), as TFRecord files use."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C_TABLE
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord(data: bytes) -> bytes:
+    """One TFRecord: length, masked CRC of the length, data, masked CRC of the data."""
+    length = struct.pack("<Q", len(data))
+    return (
+        length
+        + struct.pack("<I", masked_crc32c(length))
+        + data
+        + struct.pack("<I", masked_crc32c(data))
+    )
+
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int64s take ten bytes, as in protobuf
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def event_proto(
+    wall_time: float,
+    step: int = 0,
+    *,
+    file_version: str | None = None,
+    scalars: dict[str, float] | None = None,
+) -> bytes:
+    """An ``Event`` (tensorflow/core/util/event.proto) encoded by hand.
+
+    Event: wall_time = 1 (double), step = 2 (int64), file_version = 3 (string),
+    summary = 5 (Summary). Summary: repeated value = 1. Summary.Value: tag = 1 (string),
+    simple_value = 2 (float).
+    """
+    msg = _varint(1 << 3 | 1) + struct.pack("<d", wall_time)
+    if step:
+        msg += _varint(2 << 3 | 0) + _varint(step)
+    if file_version is not None:
+        msg += _len_field(3, file_version.encode())
+    if scalars:
+        summary = b"".join(
+            _len_field(
+                1,
+                _len_field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value),
+            )
+            for tag, value in scalars.items()
+        )
+        msg += _len_field(5, summary)
+    return msg
+
+
+TB_SUFFIX = ".fedjax_sim"
+TB_SKIP = ("round", "wall_s")
+
+
+def write_tensorboard(workdir: str | Path) -> Path:
+    """Writes ``metrics.jsonl`` of ``workdir`` as a TensorBoard event file beside it.
+
+    One scalar per numeric metric (``train_loss``, ``test_accuracy``, ...) at step = round;
+    event times are the run's start (``config.json``'s modification time) plus ``wall_s``.
+    Replaces the event file an earlier call wrote, so it can be called after every evaluation
+    or once at the end. Returns the file's path.
+    """
+    workdir = Path(workdir)
+    metrics_path = workdir / METRICS_FILE
+    records = read_metrics(metrics_path) if metrics_path.exists() else []
+    config_path = workdir / CONFIG_FILE
+    start = config_path.stat().st_mtime if config_path.exists() else time.time()
+    out = bytearray(tfrecord(event_proto(start, file_version="brain.Event:2")))
+    for rec in records:
+        scalars = {
+            k: float(v)
+            for k, v in rec.items()
+            if k not in TB_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        wall = start + float(rec.get("wall_s", 0.0))
+        out += tfrecord(event_proto(wall, int(rec["round"]), scalars=scalars))
+    for old in workdir.glob(f"events.out.tfevents.*{TB_SUFFIX}"):
+        old.unlink()
+    path = workdir / f"events.out.tfevents.{int(start)}{TB_SUFFIX}"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(bytes(out))
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="tables and plots over finished runs",
+        description=(
+            "Summarize runs: report.md, report.csv and plots of test accuracy and loss against "
+            "rounds and wall-clock time. Runs that differ only in their seed are one point "
+            "(mean ± std over seeds)."
+        ),
+    )
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run folder, or a folder of runs")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--target", type=float, default=0.8, help="accuracy for 'rounds to target' (0.8)"
+    )
+
+
+def run_cli(args) -> int:
+    try:
+        written = report(args.dirs, args.out, target=args.target)
+    except ReportError as e:
+        print(f"fedjax-sim: error: {e}", file=sys.stderr)
+        return 2
+    for path in written.values():
+        print(path)
+    return 0

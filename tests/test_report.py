@@ -1,0 +1,336 @@
+"""``fedjax-sim report`` (tables, plots) and the hand-written TensorBoard event files."""
+
+import csv
+import json
+import math
+import statistics
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from fedjax_sim import cli, report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LEARNING_RATES = (0.1, 0.01)
+SEEDS = (0, 1, 2)
+ROUNDS = (2, 4, 6, 8, 10)
+TARGET = 0.8
+
+
+def _accuracy(lr, seed, r):
+    # lr 0.1 climbs past 0.8 (seed 2 never does); lr 0.01 stays below it.
+    top = {0.1: 0.9 - 0.06 * (seed == 2), 0.01: 0.6}[lr]
+    dip = 0.05 if (seed, r) == (0, 10) else 0.0  # seed 0's best is not its final accuracy
+    return round(top * (1 - math.exp(-r / (3 + seed))) + 0.01 * seed - dip, 6)
+
+
+def _write_run(path, lr, seed, rounds=ROUNDS):
+    path.mkdir(parents=True)
+    config = {
+        "seed": seed,
+        "num_rounds": 10,
+        "algorithm": "fedavg",
+        "dataset": {"name": "synthetic", "kwargs": {"alpha": 1.0}},
+        "client": {"optimizer": "sgd", "learning_rate": lr, "kwargs": {}},
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    lines = []
+    for r in rounds:
+        acc = _accuracy(lr, seed, r)
+        rec = {
+            "round": r,
+            "train_loss": 2.0 / r + seed * 0.01,
+            "test_loss": 2.5 / r + lr + 0.05 * seed,
+            "test_accuracy": acc,
+            "client_accuracy_mean": acc,
+            "client_accuracy_p10": acc - 0.1,
+            "client_accuracy_p50": acc,
+            "client_accuracy_p90": acc + 0.05,
+            "wall_s": 0.5 * r + 0.1 * seed,
+        }
+        lines.append(json.dumps(rec))
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _records(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _csv(path):
+    return list(csv.DictReader(path.read_text().splitlines()))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sweep"
+    for lr in LEARNING_RATES:
+        for seed in SEEDS:
+            _write_run(root / f"lr{lr}_seed{seed}", lr, seed)
+    return root
+
+
+def _expected(root, lr):
+    """Statistics computed straight from the metrics.jsonl files."""
+    final, best, hit, walls = [], [], [], []
+    for seed in SEEDS:
+        recs = _records(root / f"lr{lr}_seed{seed}")
+        accs = [r["test_accuracy"] for r in recs]
+        final.append(accs[-1])
+        best.append(max(accs))
+        walls.append(recs[-1]["wall_s"])
+        reached = [r["round"] for r in recs if r["test_accuracy"] >= TARGET]
+        if reached:
+            hit.append(reached[0])
+    return {
+        "final": (statistics.mean(final), statistics.stdev(final)),
+        "best": (statistics.mean(best), statistics.stdev(best)),
+        "hit": hit,
+        "wall": (statistics.mean(walls), statistics.stdev(walls)),
+    }
+
+
+def test_report_numbers_match_metrics(sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["report", str(sweep), "--out", str(out), "--target", str(TARGET)])
+    assert rc == 0
+    assert str(out / "report.md") in capsys.readouterr().out
+    rows = _csv(out / "report.csv")
+    assert len(rows) == 2
+    md = (out / "report.md").read_text()
+    for lr in LEARNING_RATES:
+        exp = _expected(sweep, lr)
+        (row,) = [r for r in rows if float(r["client.learning_rate"]) == lr]
+        assert row["label"] == f"client.learning_rate={lr:g}"
+        assert row["num_seeds"] == "3" and row["seeds"] == "0 1 2" and row["rounds"] == "10"
+        assert float(row["final_acc_mean"]) == pytest.approx(exp["final"][0], abs=1e-12)
+        assert float(row["final_acc_std"]) == pytest.approx(exp["final"][1], abs=1e-12)
+        assert float(row["best_acc_mean"]) == pytest.approx(exp["best"][0], abs=1e-12)
+        assert float(row["best_acc_std"]) == pytest.approx(exp["best"][1], abs=1e-12)
+        assert float(row["wall_s_mean"]) == pytest.approx(exp["wall"][0], abs=1e-12)
+        assert int(row["reached_target"]) == len(exp["hit"])
+        if exp["hit"]:
+            assert float(row["rounds_to_target_mean"]) == pytest.approx(statistics.mean(exp["hit"]))
+            hit_cell = f"{statistics.mean(exp['hit']):.1f} ({len(exp['hit'])}/3)"
+        else:
+            assert row["rounds_to_target_mean"] == ""
+            hit_cell = "-"
+        line = [x for x in md.splitlines() if x.startswith(f"| client.learning_rate={lr:g} |")]
+        assert len(line) == 1, md
+        cells = [c.strip() for c in line[0].strip("|").split("|")]
+        assert cells[3] == f"{exp['final'][0]:.4f} ± {exp['final'][1]:.4f}"
+        assert cells[4] == f"{exp['best'][0]:.4f} ± {exp['best'][1]:.4f}"
+        assert cells[5] == hit_cell
+        assert cells[6] == f"{exp['wall'][0]:.1f} ± {exp['wall'][1]:.1f}"
+    # lr 0.1: seeds 0 and 1 reach the target, seed 2 does not; lr 0.01 never does.
+    assert [r["client.learning_rate"] for r in rows] == ["0.01", "0.1"]  # sorted by value
+    assert [int(r["reached_target"]) for r in rows] == [0, 2]
+    assert float(rows[1]["best_acc_mean"]) > float(rows[1]["final_acc_mean"])
+    assert f"Rounds to acc. ≥ {TARGET:g}" in md
+    for name in ("accuracy_vs_round", "loss_vs_round", "accuracy_vs_time"):
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == PNG_SIGNATURE
+        assert png.stat().st_size > 10_000
+        assert f"]({name}.png)" in md
+
+
+def test_grouping_single_seed_and_label_order(tmp_path):
+    _write_run(tmp_path / "a", 0.1, 0)
+    # A shorter seed: the curve is over the seeds that have each round.
+    _write_run(tmp_path / "b", 0.1, 1, rounds=(2, 4))
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    _write_run(tmp_path / "c", 0.1, 5)
+    cfg_c = json.loads((tmp_path / "c" / "config.json").read_text())
+    cfg_c["algorithm"] = "fedopt"
+    cfg_c["checkpoint_every"] = 3  # storage-only fields do not split points
+    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg_c))
+    assert cfg["seed"] == 1
+    points, differing = report.group_points(report.find_runs([tmp_path]))
+    assert differing == ["algorithm"]
+    assert [p.label for p in points] == ["algorithm=fedavg", "algorithm=fedopt"]
+    s = report.point_stats(points[1], TARGET)
+    assert s["num_seeds"] == 1 and s["final_acc_std"] == 0.0
+    x, m, sd = report.curve(points[0], "test_accuracy")
+    assert list(x) == [2, 4, 6, 8, 10]
+    assert sd[-1] == 0.0  # only seed 0 has round 10
+    assert m[0] == pytest.approx((_accuracy(0.1, 0, 2) + _accuracy(0.1, 1, 2)) / 2)
+    assert sd[0] == pytest.approx(statistics.stdev([_accuracy(0.1, 0, 2), _accuracy(0.1, 1, 2)]))
+
+
+def test_errors(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["report", str(empty), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no runs found" in err and str(empty) in err
+
+    assert cli.main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+    _write_run(tmp_path / "bad", 0.1, 0)
+    metrics = tmp_path / "bad" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    lines[2] = lines[2][:-5]  # a truncated line
+    metrics.write_text("\n".join(lines) + "\n")
+    assert cli.main(["report", str(tmp_path / "bad"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{metrics}, line 3" in err
+
+    metrics.write_text('{"round": 1, "test_loss": 2.0}\n')
+    with pytest.raises(report.ReportError, match="line 1: missing or non-numeric test_accuracy"):
+        report.report([tmp_path / "bad"], tmp_path / "o")
+
+    with pytest.raises(SystemExit):  # --out is required
+        cli.main(["report", str(tmp_path)])
+
+
+def test_cli_entry_point(sweep, tmp_path):
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "fedjax_sim.cli", "report", str(sweep), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "report.csv").exists()
+    proc = subprocess.run(cmd[:4] + [str(tmp_path / "nothing"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "no such directory" in proc.stderr
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+def _crc32c_bitwise(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked(data: bytes) -> int:
+    crc = _crc32c_bitwise(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _read_varint(buf, i):
+    shift = value = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
+
+
+def _parse_proto(buf):
+    """field number -> list of values (bytes for length-delimited fields)."""
+    fields, i = {}, 0
+    while i < len(buf):
+        key, i = _read_varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _read_varint(buf, i)
+        elif wire == 1:
+            value, i = struct.unpack("<d", buf[i : i + 8])[0], i + 8
+        elif wire == 5:
+            value, i = struct.unpack("<f", buf[i : i + 4])[0], i + 4
+        elif wire == 2:
+            n, i = _read_varint(buf, i)
+            value, i = bytes(buf[i : i + n]), i + n
+        else:
+            raise AssertionError(f"unexpected wire type {wire}")
+        fields.setdefault(number, []).append(value)
+    return fields
+
+
+def _read_records(path):
+    data, i, out = path.read_bytes(), 0, []
+    while i < len(data):
+        header = data[i : i + 8]
+        (length,) = struct.unpack("<Q", header)
+        (crc,) = struct.unpack("<I", data[i + 8 : i + 12])
+        assert crc == _masked(header)
+        body = data[i + 12 : i + 12 + length]
+        (crc,) = struct.unpack("<I", data[i + 12 + length : i + 16 + length])
+        assert crc == _masked(body)
+        out.append(body)
+        i += 16 + length
+    return out
+
+
+def test_crc32c_known_value():
+    assert report.crc32c(b"123456789") == 0xE3069283 == _crc32c_bitwise(b"123456789")
+
+
+def test_tensorboard_round_trip(tmp_path):
+    _write_run(tmp_path / "run", 0.1, 1)
+    first = report.write_tensorboard(tmp_path / "run")
+    path = report.write_tensorboard(tmp_path / "run")  # replaces, does not duplicate
+    assert path.parent == tmp_path / "run" and "tfevents" in path.name
+    assert list((tmp_path / "run").glob("events.out.tfevents.*")) == [path] == [first]
+    records = _records(tmp_path / "run")
+    events = [_parse_proto(b) for b in _read_records(path)]
+    assert events[0][3] == [b"brain.Event:2"]
+    start = events[0][1][0]
+    assert len(events) == 1 + len(records)
+    for ev, rec in zip(events[1:], records):
+        assert ev[2] == [rec["round"]]
+        assert ev[1][0] == pytest.approx(start + rec["wall_s"])
+        (summary,) = ev[5]
+        values = {}
+        for v in _parse_proto(summary)[1]:
+            f = _parse_proto(v)
+            values[f[1][0].decode()] = f[2][0]
+        expected = {k: v for k, v in rec.items() if k not in ("round", "wall_s")}
+        assert values.keys() == expected.keys()
+        for k, v in expected.items():
+            assert values[k] == pytest.approx(v, rel=1e-6)
+
+
+def test_tensorboard_reads_it(tmp_path):
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    _write_run(tmp_path / "run", 0.1, 0)
+    report.write_tensorboard(tmp_path / "run")
+    acc = ea.EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    events = acc.Scalars("test_accuracy")
+    assert [e.step for e in events] == list(ROUNDS)
+    assert events[-1].value == pytest.approx(_accuracy(0.1, 0, 10), rel=1e-6)
+
+
+def test_import_does_not_load_tensorflow_or_matplotlib():
+    code = (
+        "import sys, fedjax_sim, fedjax_sim.report, fedjax_sim.cli; "
+        "print('tensorflow' in sys.modules, 'matplotlib' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_report_on_real_runs(tmp_path):
+    import fedjax_sim as fs
+
+    for seed in SEEDS:
+        config = fs.load_config("default:smoke")
+        config.num_rounds, config.eval_every, config.seed = 4, 2, seed
+        fs.simulate(config, tmp_path / "runs" / f"seed{seed}", progress=False)
+    written = report.report([tmp_path / "runs"], tmp_path / "out", target=0.3)
+    rows = _csv(written["csv"])
+    assert len(rows) == 1 and rows[0]["num_seeds"] == "3" and rows[0]["rounds"] == "4"
+    finals = [
+        json.loads((tmp_path / "runs" / f"seed{s}" / "summary.json").read_text())[
+            "final_test_accuracy"
+        ]
+        for s in SEEDS
+    ]
+    assert float(rows[0]["final_acc_mean"]) == pytest.approx(statistics.mean(finals))
+    assert float(rows[0]["final_acc_std"]) == pytest.approx(statistics.stdev(finals))
+    for name in ("accuracy_vs_round", "loss_vs_round", "accuracy_vs_time"):
+        assert written[name].read_bytes()[:8] == PNG_SIGNATURE
+    assert report.write_tensorboard(tmp_path / "runs" / "seed0").stat().st_size > 100
