@@ -145,7 +145,7 @@ def find_runs(dirs: list[str | Path]) -> list[Run]:
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in config.items():
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict):  # an empty dict (no kwargs) adds no field
             out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
@@ -185,7 +185,10 @@ def group_points(runs: list[Run]) -> tuple[list[Point], list[str]]:
     for p in pts:
         p.runs.sort(key=lambda r: (str(r.seed), str(r.workdir)))
         if differing:
-            p.label = ", ".join(f"{k}={_fmt_value(p.fields.get(k, '-'))}" for k in differing)
+            # A field this point lacks (say server.kwargs.tau of an SGD server) is left out.
+            p.label = ", ".join(
+                f"{k}={_fmt_value(p.fields[k])}" for k in differing if k in p.fields
+            )
         else:
             p.label = f"algorithm={_fmt_value(p.fields.get('algorithm', '?'))}"
 
@@ -345,10 +348,14 @@ def write_markdown(path: Path, points, differing, stats, target: float, shared: 
 
 def _plot(path: Path, points, y_key: str, x_key: str, title: str, xlabel: str, ylabel: str,
           target: float | None = None, dashed_key: str | None = None) -> None:  # fmt: skip
+    import textwrap
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    labels = [textwrap.fill(f"{p.label} (n={len(p.runs)})", 90) for p in points]
+    legend_lines = sum(label.count("\n") + 1 for label in labels) + (target is not None)
+    fig = Figure(figsize=(7.5, 4.2 + 0.2 * legend_lines), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for i, p in enumerate(points):
@@ -358,7 +365,7 @@ def _plot(path: Path, points, y_key: str, x_key: str, title: str, xlabel: str, y
             continue
         n = len(p.runs)
         ax.plot(x, m, color=color, marker="o" if len(x) < 30 else None, markersize=3,
-                label=f"{p.label} (n={n})")  # fmt: skip
+                label=labels[i])  # fmt: skip
         if n > 1:
             ax.fill_between(x, m - s, m + s, color=color, alpha=0.2, linewidth=0)
         if dashed_key:
@@ -371,8 +378,8 @@ def _plot(path: Path, points, y_key: str, x_key: str, title: str, xlabel: str, y
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small", loc="best")
+    if ax.get_legend_handles_labels()[0]:  # below the axes: long labels must not squash them
+        fig.legend(loc="outside lower center", fontsize="small", ncols=1)
     fig.savefig(path, dpi=120)
 
 
