@@ -17,6 +17,7 @@ from fedjax_sim.data import FederatedData, FederatedDataset, from_client_arrays,
 from fedjax_sim.models import get_model
 from fedjax_sim.optimizers import get_optimizer
 from fedjax_sim.simulation import TrainingDiverged, build_experiment, simulate
+from fedjax_sim.sweep import run_sweep
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,7 @@ __all__ = [
     "pack_cohort",
     "resolve_strategy",
     "run_clients",
+    "run_sweep",
     "simulate",
     "weighted_mean",
 ]

@@ -49,6 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--overwrite", action="store_true", help="replace an earlier run's results")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    sw = sub.add_parser(
+        "sweep",
+        help="train a grid of configs, vectorized where only hyperparameters change",
+        description="Train every member of the grid that the config's `sweep` field names "
+        "(field path -> list of values, e.g. config.sweep.client.learning_rate = [0.01, 0.1]); "
+        "members that differ only in seed, learning rates or optimizer arguments train in one "
+        "vectorized program. Each member writes WORKDIR/<label>/metrics.jsonl.",
+    )
+    sw.add_argument("--workdir", required=True, help="output directory")
+    sw.add_argument("--config", required=True, help="config file (FILE.py[:variant])")
+    sw.add_argument("--overwrite", action="store_true", help="replace earlier results")
     show = sub.add_parser("show-config", help="print the resolved config")
     show.add_argument("--config", default=None)
     sub.add_parser("datasets", help="list the datasets and partitioners")
@@ -149,6 +160,43 @@ def _data_stats(args) -> int:
     return 0
 
 
+def _pop_sweep_axes(config) -> dict:
+    from fedjax_sim.sweep import axes_from_config
+
+    if "sweep" not in config or not config.sweep:
+        raise ValueError(
+            "the config has no `sweep` axes; set e.g. config.sweep = ml_collections.ConfigDict"
+            "({'seed': [0, 1]}) and config.sweep.client = ml_collections.ConfigDict("
+            "{'learning_rate': [0.01, 0.1]})."
+        )
+    axes = axes_from_config(config.sweep)
+    with config.unlocked():
+        del config["sweep"]
+    return axes
+
+
+def _sweep(config, axes: dict, args) -> int:
+    from fedjax_sim import sweep
+
+    try:
+        out = sweep.run_sweep(config, axes, args.workdir, progress=True, overwrite=args.overwrite)
+    except (ValueError, KeyError, FileExistsError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"fedjax-sim: error: {msg}", file=sys.stderr)
+        return 2
+    for m in out["members"]:
+        s = m["summary"]
+        status = (
+            f"diverged in round {s['diverged_round']}"
+            if s["diverged"]
+            else f"test accuracy {s['final_test_accuracy']:.4f}"
+        )
+        print(f"{m['label']}: {status}")
+    n, groups = len(out["members"]), out["groups"]
+    print(f"done: {n} members in {groups} program(s), {out['wall_s']:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = _split_overrides(argv)
@@ -170,8 +218,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from fedjax_sim import config as config_lib
 
+    axes = None
     try:
         config = config_lib.load_config(args.config)
+        if args.command == "sweep":
+            axes = _pop_sweep_axes(config)
         reference = config_lib.load_config(None)
         config_lib.check_known_fields(config, reference)
         config_lib.apply_overrides(config, overrides)
@@ -183,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "show-config":
         print(config.to_json(indent=2))
         return 0
+
+    if args.command == "sweep":
+        return _sweep(config, axes, args)
 
     _set_cpu_devices(config.cpu_devices)
 

@@ -111,7 +111,9 @@ def optimizer_update(optimizer: optax.GradientTransformation, grads, state, para
         return optimizer.update(grads, state, params)
 
 
-def get_optimizer(name: str, learning_rate: float, **kwargs) -> optax.GradientTransformation:
+def get_optimizer(
+    name: str, learning_rate: float, *, inject: bool = False, **kwargs
+) -> optax.GradientTransformation:
     """Builds an optimizer by name.
 
     Args:
@@ -119,6 +121,10 @@ def get_optimizer(name: str, learning_rate: float, **kwargs) -> optax.GradientTr
         or one of Reddi et al.'s exact server updates ``fedadam``, ``fedyogi``,
         ``fedadagrad``.
       learning_rate: the step size.
+      inject: wrap the factory in ``optax.inject_hyperparams``: its numeric arguments
+        (``learning_rate``, ``momentum``, ``b1``, ...) then live in the optimizer state's
+        ``hyperparams`` as arrays, so they can be traced, vmapped over (sweeps) or replaced
+        (``with_hyperparams``) without recompiling.
       **kwargs: further arguments of that optimizer (``momentum``, ``b1``, ``eps``, ...).
 
     Returns:
@@ -137,4 +143,46 @@ def get_optimizer(name: str, learning_rate: float, **kwargs) -> optax.GradientTr
             f"optimizer {name!r} takes no argument(s) {unknown}; it takes "
             f"{', '.join(p for p in accepted if p != 'learning_rate')}."
         )
+    if inject:
+        # Optimizer states hold float32 hyperparameters whatever the params' dtype, so that
+        # a member's value does not change the state's dtype.
+        return optax.inject_hyperparams(factory, hyperparam_dtype=jnp.float32)(
+            learning_rate=learning_rate, **kwargs
+        )
     return factory(learning_rate=learning_rate, **kwargs)
+
+
+def _is_injected(opt_state) -> bool:
+    # optax.InjectHyperparamsState or InjectStatefulHyperparamsState (optax >= 0.2.3).
+    return isinstance(getattr(opt_state, "hyperparams", None), dict) and hasattr(
+        opt_state, "_replace"
+    )
+
+
+def injected_hyperparams(opt_state) -> dict | None:
+    """The ``hyperparams`` dict of an ``optax.inject_hyperparams`` state (None if not one)."""
+    if _is_injected(opt_state):
+        return dict(opt_state.hyperparams)
+    return None
+
+
+def with_hyperparams(opt_state, values) -> optax.OptState:
+    """``opt_state`` (from an ``inject_hyperparams`` optimizer) with ``values`` replacing some
+    of its hyperparameters; names it does not have are an error."""
+    if not _is_injected(opt_state):
+        raise TypeError(
+            "hyperparameters can only be set on the state of an optimizer built with "
+            "optax.inject_hyperparams (get_optimizer(..., inject=True)); got "
+            f"{type(opt_state).__name__}."
+        )
+    unknown = sorted(set(values) - set(opt_state.hyperparams))
+    if unknown:
+        raise ValueError(
+            f"the optimizer has no injected hyperparameter(s) {unknown}; it has "
+            f"{', '.join(sorted(opt_state.hyperparams))}."
+        )
+    hyper = dict(opt_state.hyperparams)
+    for k, v in values.items():
+        old = hyper[k]
+        hyper[k] = jnp.broadcast_to(jnp.asarray(v, old.dtype), old.shape)
+    return opt_state._replace(hyperparams=hyper)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import jax
@@ -19,7 +19,7 @@ from fedjax_sim.core.round import (
     weighted_client_metrics,
 )
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model, Params, PyTree
-from fedjax_sim.optimizers import optimizer_update
+from fedjax_sim.optimizers import optimizer_update, with_hyperparams
 
 WEIGHTINGS = ("num_examples", "uniform")
 # Local loops of at most this many packed steps are unrolled (measured: scripts/bench.py).
@@ -38,12 +38,17 @@ class ServerState(NamedTuple):
       opt_state: the server optimizer's state.
       aggregator_state: the aggregator's state.
       round: rounds applied so far (int32).
+      client_hparams: values (scalar arrays) that replace the client optimizer's injected
+        hyperparameters (``get_optimizer(..., inject=True)``) in every client's fresh
+        optimizer state, e.g. ``{"learning_rate": 0.1}``. Empty: the optimizer's own values.
+        Kept in the state so a sweep can vmap over them (``fedjax_sim.sweep``).
     """
 
     params: Params
     opt_state: PyTree
     aggregator_state: PyTree
     round: jax.Array
+    client_hparams: Mapping[str, jax.Array] = {}  # noqa: RUF012 (never mutated)
 
 
 def client_weight(num_examples: jax.Array, weighting: str) -> jax.Array:
@@ -105,7 +110,12 @@ def fedopt(
         server_params = state.params
         strat = resolve_strategy(strategy, params=server_params, num_clients=cohort.num_clients)
 
+        client_hparams = dict(state.client_hparams)
+
         def client_fn(broadcast, data, client_state, ckey):
+            opt_state = None
+            if client_hparams:
+                opt_state = with_hyperparams(client_optimizer.init(broadcast), client_hparams)
             local = local_train(
                 broadcast,
                 data["batches"],
@@ -113,6 +123,7 @@ def fedopt(
                 ckey,
                 loss_fn=loss_fn,
                 optimizer=client_optimizer,
+                opt_state=opt_state,
                 # A few steps unroll best; many ragged ones want the dynamic loop.
                 static_loop=strat != "sequential" or cohort.num_steps <= UNROLL_STEPS,
                 unroll=cohort.num_steps <= UNROLL_STEPS,
@@ -147,6 +158,7 @@ def fedopt(
             opt_state=opt_state,
             aggregator_state=agg_state,
             round=state.round + 1,
+            client_hparams=state.client_hparams,
         )
         return new_state, weighted_client_metrics(outputs)
 

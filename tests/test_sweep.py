@@ -1,0 +1,240 @@
+"""Sweeps: every vectorized member equals its solo run; diverged members freeze; bad axes."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fedjax_sim as fs
+from fedjax_sim import sweep
+from fedjax_sim.cli import main as cli_main
+from fedjax_sim.core.client import masked_mean_loss
+
+# Far past float32's range once multiplied by a gradient: the first local step gives inf
+# params and a NaN loss in round 1.
+HUGE_LR = 3e38
+
+
+def smoke(**overrides):
+    config = fs.load_config("default:smoke")
+    config.num_rounds = 4
+    config.eval_every = 2
+    config.num_devices = 1  # the sweep runs on one device; so does the solo run compared
+    config.checkpoint_every = 0
+    for k, v in overrides.items():
+        config[k] = v
+    return config
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return fs.data.get_federated_data("synthetic", seed=0, alpha=1.0, beta=1.0, num_clients=30)
+
+
+def member_config(base, values):
+    config = sweep.member_configs(base, {k: [v] for k, v in values.items()})[0][2]
+    return config
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def strip_wall(records):
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in records]
+
+
+def assert_records_close(a, b):
+    assert [r["round"] for r in a] == [r["round"] for r in b]
+    for x, y in zip(strip_wall(a), strip_wall(b), strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_allclose(x[k], y[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_members_equal_solo_runs_and_a_diverged_member_freezes(tmp_path, synthetic):
+    base = smoke()
+    axes = {"client.learning_rate": [0.01, 0.05, HUGE_LR], "seed": [0, 1]}
+    out = sweep.run_sweep(base, axes, tmp_path / "sweep", federated_data=synthetic)
+    members = out["members"]
+    assert out["groups"] == 1
+    assert [m["values"] for m in members] == [
+        {"client.learning_rate": lr, "seed": s} for lr in (0.01, 0.05, HUGE_LR) for s in (0, 1)
+    ]
+    index = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [m["label"] for m in index["members"]] == [m["label"] for m in members]
+    for m in members:
+        d = tmp_path / "sweep" / m["label"]
+        summary = json.loads((d / "summary.json").read_text())
+        assert summary["compiles"] == 1  # one program for all six members
+        config = member_config(base, m["values"])
+        assert json.loads((d / "config.json").read_text()) == json.loads(config.to_json())
+        solo_dir = tmp_path / ("solo_" + m["label"])
+        if m["values"]["client.learning_rate"] != HUGE_LR:
+            solo = fs.simulate(config, solo_dir, federated_data=synthetic, progress=False)
+            assert not summary["diverged"] and summary["diverged_round"] is None
+            for a, b in zip(jax.tree.leaves(solo["params"]), jax.tree.leaves(m["params"])):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+            assert_records_close(read_metrics(d / "metrics.jsonl"), solo["history"])
+            assert len(solo["history"]) == 2  # rounds 2 and 4
+            continue
+        # The solo run stops in round 1 with nothing evaluated; the member is frozen at its
+        # initial model, marked, and the others above still match their solo runs.
+        with pytest.raises(fs.TrainingDiverged, match="round 1"):
+            fs.simulate(config, solo_dir, federated_data=synthetic, progress=False)
+        assert summary["diverged"] and summary["diverged_round"] == 1
+        assert read_metrics(d / "metrics.jsonl") == read_metrics(solo_dir / "metrics.jsonl") == []
+        exp = fs.build_experiment(config, synthetic)
+        init = exp.model.init(jax.random.fold_in(jax.random.key(config.seed), 0))
+        for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(m["params"])):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_server_lr_and_momentum_axes_and_a_shape_axis_as_separate_programs(tmp_path, synthetic):
+    base = smoke(num_rounds=2, eval_every=2)
+    base.client.kwargs.momentum = 0.0
+    axes = {
+        "clients_per_round": [3, 5],  # changes shapes: one program per value
+        "server.learning_rate": [0.5, 1.0],
+        "client.kwargs.momentum": [0.0, 0.9],
+    }
+    out = sweep.run_sweep(base, axes, tmp_path / "s", federated_data=synthetic)
+    assert out["groups"] == 2 and len(out["members"]) == 8
+    # One member per group checked against its solo run (the first test covers the rest).
+    for m in (out["members"][3], out["members"][6]):
+        config = member_config(base, m["values"])
+        solo = fs.simulate(config, tmp_path / m["label"], federated_data=synthetic, progress=False)
+        for a, b in zip(jax.tree.leaves(solo["params"]), jax.tree.leaves(m["params"])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert_records_close(m["history"], solo["history"])
+        assert m["summary"]["compiles"] == 1
+
+
+def test_members_match_multi_device_solo_runs_and_fedsgd(tmp_path, synthetic):
+    """The solo run splits its cohort over the 4 fake devices (padded to 12 slots), which
+    reorders the aggregation sums: equal within 1e-5. FedSGD sweeps its server optimizer."""
+    for base, axes in [
+        (smoke(num_devices=0, num_rounds=2), {"seed": [0, 1]}),
+        (smoke(algorithm="fedsgd", num_rounds=2), {"server.learning_rate": [0.1, 0.5]}),
+    ]:
+        out = sweep.run_sweep(base, axes, tmp_path / base.algorithm, federated_data=synthetic)
+        for m in out["members"]:
+            config = member_config(base, m["values"])
+            solo_dir = tmp_path / f"{base.algorithm}_{m['label']}"
+            solo = fs.simulate(config, solo_dir, federated_data=synthetic, progress=False)
+            for a, b in zip(jax.tree.leaves(solo["params"]), jax.tree.leaves(m["params"])):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+            assert_records_close(m["history"], solo["history"])
+    # Members of different seeds vmapped instead of mapped (the default off CPU): the same.
+    base, axes = smoke(num_rounds=2), {"seed": [0, 1], "client.learning_rate": [0.01, 0.02]}
+    mapped = sweep.run_sweep(base, axes, tmp_path / "map", federated_data=synthetic)
+    vmapped = sweep.run_sweep(
+        base, axes, tmp_path / "vmap", federated_data=synthetic, seed_strategy="vmap"
+    )
+    for m, v in zip(mapped["members"], vmapped["members"], strict=True):
+        assert m["label"] == v["label"]
+        for a, b in zip(jax.tree.leaves(m["params"]), jax.tree.leaves(v["params"])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "axes, message",
+    [
+        ({}, "at least one axis"),
+        ({"client.learning_rte": [0.1]}, "unknown config field 'client.learning_rte'"),
+        ({"client.learning_rate": []}, "has no values"),
+        ({"client.learning_rate": 0.1}, "must be a list"),
+        ({"client.learning_rate": ["fast"]}, "takes numbers"),
+        ({"seed": [0, 0.5]}, "seeds must be integers"),
+        ({"seed": [1, 1]}, "repeats a value"),
+        ({"num_devices": [1, 2]}, "cannot be swept"),
+        ({"clients_per_round": [5, 500]}, "clients_per_round=500"),
+        ({"model.name": ["logreg", "nope"]}, "nope"),
+        ({"algorithm": ["fedavg", "fedsgd"], "client.learning_rate": [0.1]}, "fedsgd"),
+    ],
+)
+def test_bad_axes_are_refused_before_any_compute(tmp_path, synthetic, axes, message):
+    with pytest.raises((ValueError, KeyError), match=message):
+        sweep.run_sweep(smoke(), axes, tmp_path / "s", federated_data=synthetic)
+    assert not (tmp_path / "s").exists()
+
+
+def test_seed_axis_refused_with_sampled_eval_clients(synthetic, tmp_path):
+    with pytest.raises(ValueError, match="eval_max_clients"):
+        sweep.run_sweep(
+            smoke(eval_max_clients=5), {"seed": [0, 1]}, tmp_path, federated_data=synthetic
+        )
+
+
+def test_injected_optimizers_equal_plain_ones():
+    params = {"w": jnp.arange(3.0), "b": jnp.ones(())}
+    grads = {"w": jnp.asarray([0.5, -1.0, 2.0]), "b": jnp.asarray(0.25)}
+    for name, kw in [("sgd", {}), ("sgd", {"momentum": 0.9}), ("adam", {}), ("fedadam", {})]:
+        plain = fs.get_optimizer(name, 0.1, **kw)
+        inj = fs.get_optimizer(name, 0.1, inject=True, **kw)
+        sp, si, pp, pi = plain.init(params), inj.init(params), params, params
+        for _ in range(3):
+            up, sp = fs.optimizers.optimizer_update(plain, grads, sp, pp)
+            ui, si = fs.optimizers.optimizer_update(inj, grads, si, pi)
+            pp, pi = optax.apply_updates(pp, up), optax.apply_updates(pi, ui)
+        for a, b in zip(jax.tree.leaves(pp), jax.tree.leaves(pi)):
+            # Adam's bias correction 1 - b2**t runs on float32 arrays instead of Python
+            # floats once b1, b2 are injected: a few ulps (measured 3e-6 relative).
+            np.testing.assert_allclose(a, b, rtol=1e-5, err_msg=name)
+    state = fs.get_optimizer("sgd", 0.1, inject=True).init(params)
+    changed = fs.optimizers.with_hyperparams(state, {"learning_rate": 0.5})
+    assert float(changed.hyperparams["learning_rate"]) == 0.5
+    with pytest.raises(ValueError, match="no injected hyperparameter"):
+        fs.optimizers.with_hyperparams(state, {"momentum": 0.9})
+    with pytest.raises(TypeError, match="inject_hyperparams"):
+        fs.optimizers.with_hyperparams(optax.sgd(0.1).init(params), {"learning_rate": 0.5})
+
+
+def test_client_hparams_override_the_client_optimizer():
+    """FedAvg with one client and one full-batch step is one SGD step at the overriding lr:
+    params - 0.3 * grad (the injected default 0.01 is replaced)."""
+    model = fs.get_model("logreg", num_classes=3, input_shape=(4,))
+    params = model.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (1, 1, 5, 4))
+    y = jnp.asarray([[[0, 1, 2, 1, 0]]], jnp.int32)
+    cohort = fs.Cohort(
+        batches={"x": x, "y": y},
+        mask=jnp.ones((1, 1, 5), bool),
+        num_examples=jnp.asarray([5.0]),
+        client_ids=jnp.asarray([0], jnp.int32),
+    )
+    algo = fs.fedavg(model, fs.get_optimizer("sgd", 0.01, inject=True), strategy="sequential")
+    state = algo.init(params)._replace(client_hparams={"learning_rate": jnp.float32(0.3)})
+    new, _ = jax.jit(algo.apply)(state, cohort, jax.random.key(2))
+    loss = masked_mean_loss(model)
+    grads = jax.grad(loss)(params, {"x": x[0, 0], "y": y[0, 0]}, cohort.mask[0, 0], None)
+    expected = jax.tree.map(lambda p, g: p - 0.3 * g, params, grads)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(new.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert new.client_hparams.keys() == {"learning_rate"}
+
+
+def test_cli_sweep(tmp_path, capsys):
+    config_file = tmp_path / "sweep_config.py"
+    config_file.write_text(
+        "import ml_collections\n"
+        "from fedjax_sim.config import load_config\n\n"
+        "def get_config(variant=None):\n"
+        "    config = load_config('default:smoke')\n"
+        "    config.num_rounds = 2\n"
+        "    config.eval_every = 2\n"
+        "    config.sweep = ml_collections.ConfigDict({'seed': [0, 1]})\n"
+        "    config.sweep.client = ml_collections.ConfigDict({'learning_rate': [0.01, 0.02]})\n"
+        "    return config\n"
+    )
+    rc = cli_main(["sweep", "--config", str(config_file), "--workdir", str(tmp_path / "w")])
+    assert rc == 0, capsys.readouterr().err
+    index = json.loads((tmp_path / "w" / "sweep.json").read_text())
+    assert len(index["members"]) == 4
+    for m in index["members"]:
+        assert len(read_metrics(tmp_path / "w" / m["label"] / "metrics.jsonl")) == 1
+    rc = cli_main(["sweep", "--config", "default:smoke", "--workdir", str(tmp_path / "x")])
+    assert rc == 2 and "no `sweep` axes" in capsys.readouterr().err
