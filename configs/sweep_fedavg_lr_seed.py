@@ -8,7 +8,6 @@ All 9 members train in one compiled program; each writes /tmp/sweep/<label>/metr
 """
 
 import ml_collections
-
 from fedjax_sim.configs import default
 
 
