@@ -19,6 +19,15 @@ varies the initial model, the client sampling and the local shuffles, never the 
 A member whose training loss or parameters become NaN/inf in a round keeps its state from
 before that round (frozen) and is marked diverged in its summary with that round; its
 ``metrics.jsonl`` keeps the evaluations before it, as the solo run's would. The others go on.
+
+Sweeps resume like runs: with the base config's ``checkpoint_every`` > 0, each group (compiled
+program) saves its stacked member states and every member's bookkeeping to
+``WORKDIR/checkpoints/group<i>/checkpoints/<round>/`` at its start, every ``checkpoint_every``
+rounds and at its end (keeping ``checkpoint_keep``). Rerunning the same sweep (same base config
+and axes, recorded in ``WORKDIR/sweep_spec.json``) resumes each group from its newest checkpoint,
+rewriting each member's ``metrics.jsonl`` from it; a finished group runs no rounds. A workdir
+holding a plain run or a different sweep is refused before any compute, naming the fields that
+differ, unless ``overwrite``.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedjax_sim import aggregators, algorithms, data, optimizers
+from fedjax_sim import aggregators, algorithms, checkpoint, data, optimizers
 from fedjax_sim.metrics import make_evaluator, summarize_eval
 from fedjax_sim.simulation import (
     _kwargs,
@@ -55,6 +64,7 @@ _VECTOR_PREFIXES = ("client.kwargs.", "server.kwargs.")
 # Fields that may not be swept: they name the sweep or only the driver's bookkeeping.
 _FIXED = ("sweep", "num_devices", "cpu_devices", "checkpoint_every", "checkpoint_keep")
 _NEW_KEYS_OK = ("client.kwargs.", "server.kwargs.", "model.kwargs.", "dataset.kwargs.")
+SPEC_FILE = "sweep_spec.json"
 
 
 def is_vector_axis(path: str) -> bool:
@@ -191,14 +201,15 @@ def run_sweep(
 
     Args:
       base_config: the experiment config the axes modify (its ``sweep`` field, if any, is
-        ignored; ``checkpoint_*`` and ``num_devices`` are ignored: a sweep runs on one device
-        without checkpoints).
+        ignored; ``num_devices`` is ignored: a sweep runs on one device). Its
+        ``checkpoint_every``/``checkpoint_keep`` checkpoint each group; a rerun of the same
+        sweep resumes from them.
       axes: field path -> list of values, e.g. ``{"client.learning_rate": [0.01, 0.1],
         "seed": [0, 1]}``.
       workdir: output directory; member ``label`` writes ``workdir/label/``.
       federated_data: data to use instead of the config's dataset (for every group).
       progress: print one line per group and evaluation.
-      overwrite: replace earlier results in the members' directories.
+      overwrite: replace earlier results (and checkpoints) in ``workdir``.
       seed_strategy: how members with different seeds (different cohorts) run inside the
         one program: ``sequential`` (``lax.map``; members sharing a seed are vmapped),
         ``vmap``, or ``auto`` (sequential on CPU, where vmapping ragged local loops over
@@ -214,16 +225,38 @@ def run_sweep(
         raise ValueError(f"unknown seed_strategy {seed_strategy!r}; known: auto, sequential, vmap.")
     members = member_configs(base_config, axes)
     workdir = Path(workdir)
-    for label, _, _ in members:
-        path = workdir / label / "metrics.jsonl"
-        if path.exists() and not overwrite:
+    created = [p for p in (workdir, *workdir.parents) if not p.exists()]
+    checkpoint.check_writable(workdir)
+    every = int(base_config.get("checkpoint_every", 0) or 0)
+    keep = int(base_config.get("checkpoint_keep", 3) or 3)
+    spec = _sweep_spec(base_config, axes)
+    spec_path = workdir / SPEC_FILE
+    if overwrite:
+        checkpoint.remove_checkpoints(workdir)
+        spec_path.unlink(missing_ok=True)
+    else:
+        if (workdir / "metrics.jsonl").exists():
             raise FileExistsError(
-                f"{path} already holds the results of a run; choose another workdir or pass "
-                "overwrite=True (--overwrite) to replace them."
+                f"{workdir} holds the results of a plain run ({workdir / 'metrics.jsonl'}), not "
+                "a sweep; choose another workdir or pass overwrite=True (--overwrite)."
             )
+        if spec_path.exists():
+            _check_same_sweep(json.loads(spec_path.read_text()), spec, workdir)
     groups: dict[str, list[int]] = {}
     for i, (_, _, config) in enumerate(members):
         groups.setdefault(_group_key(config, axes), []).append(i)
+    group_dirs = {key: _group_dir(workdir, gi) for gi, key in enumerate(groups)}
+    resumable = {
+        key: not overwrite and checkpoint.has_checkpoint(d) for key, d in group_dirs.items()
+    }
+    for key, idx in groups.items():
+        for i in idx:
+            path = workdir / members[i][0] / "metrics.jsonl"
+            if path.exists() and not overwrite and not resumable[key]:
+                raise FileExistsError(
+                    f"{path} already holds the results of a run; choose another workdir or "
+                    "pass overwrite=True (--overwrite) to replace them."
+                )
     # Validate every group before any training (bad cohort sizes, unknown models...).
     base = copy.deepcopy(base_config)
     group_data = {}
@@ -234,8 +267,17 @@ def run_sweep(
             fd = data.get_federated_data(
                 config.dataset.name, seed=base.seed, **_kwargs(config.dataset.kwargs)
             )
-        build_experiment(_one_device(config), fd)
+        try:
+            build_experiment(_one_device(config), fd)
+        except Exception:
+            for p in created:  # leave no empty workdir behind a refused sweep
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+            raise
         group_data[key] = fd
+    checkpoint.write_lines_atomically(spec_path, [json.dumps(spec, indent=2)])
     results: list[dict[str, Any] | None] = [None] * len(members)
     for gi, (key, idx) in enumerate(groups.items()):
         if progress:
@@ -247,6 +289,10 @@ def run_sweep(
             data_seed=int(base.seed),
             progress=progress,
             seed_strategy=seed_strategy,
+            ckpt_dir=group_dirs[key] if every > 0 or resumable[key] else None,
+            every=every,
+            keep=keep,
+            spec=spec,
         )
         for i, res in zip(idx, out, strict=True):
             results[i] = res
@@ -260,6 +306,44 @@ def run_sweep(
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "sweep.json").write_text(json.dumps(index, indent=2) + "\n")
     return {"members": results, "groups": len(groups), "wall_s": round(wall, 3)}
+
+
+def _sweep_spec(base_config, axes) -> dict[str, Any]:
+    """What identifies a sweep: the base config (without ``sweep``) and the axes, as JSON."""
+    base = checkpoint.config_dict(base_config)
+    base.pop("sweep", None)
+    return json.loads(json.dumps({"base": base, "axes": {k: list(v) for k, v in axes.items()}}))
+
+
+def _check_same_sweep(stored: dict[str, Any], spec: dict[str, Any], workdir: Path) -> None:
+    """Refuses to resume the sweep ``stored`` with ``spec``, naming every field that differs.
+
+    As for runs, ``num_rounds`` may grow and the checkpointing fields may change.
+    """
+    old, new = dict(stored.get("base", {})), dict(spec["base"])
+    for key in ("checkpoint_every", "checkpoint_keep"):
+        old.pop(key, None)
+        new.pop(key, None)
+    old_rounds, new_rounds = old.pop("num_rounds", None), new.pop("num_rounds", None)
+    diffs = checkpoint.config_differences(old, new)
+    if not isinstance(new_rounds, int) or new_rounds < (old_rounds or 0):
+        diffs.append(f"num_rounds: {old_rounds} -> {new_rounds} (num_rounds may only grow)")
+    old_axes, new_axes = stored.get("axes", {}), spec["axes"]
+    diffs += [f"sweep.{d}" for d in checkpoint.config_differences(old_axes, new_axes)]
+    if list(old_axes) != list(new_axes) and set(old_axes) == set(new_axes):
+        diffs.append(f"sweep axes order: {list(old_axes)} -> {list(new_axes)}")
+    if diffs:
+        raise checkpoint.ConfigMismatchError(
+            f"{workdir} already holds a different sweep; these fields differ (stored -> now):\n  "
+            + "\n  ".join(diffs)
+            + "\nRun the stored sweep to resume it, pass --overwrite to start afresh, or "
+            "choose another --workdir."
+        )
+
+
+def _group_dir(workdir: Path, index: int) -> Path:
+    """Where group ``index`` keeps its checkpoints (``Checkpointer`` adds ``checkpoints/``)."""
+    return workdir / checkpoint.CHECKPOINT_DIR / f"group{index}"
 
 
 def _one_device(config):
@@ -290,7 +374,17 @@ def _run_group(members, workdir: Path, federated_data, **kwargs):
 
 
 def _run_seed_major(
-    members, workdir: Path, federated_data, *, data_seed: int, progress: bool, seed_strategy: str
+    members,
+    workdir: Path,
+    federated_data,
+    *,
+    data_seed: int,
+    progress: bool,
+    seed_strategy: str,
+    ckpt_dir: Path | None = None,
+    every: int = 0,
+    keep: int = 3,
+    spec: dict[str, Any] | None = None,
 ):
     """One program for members that differ only in ``VECTOR_AXES``, sorted by seed.
 
@@ -391,17 +485,73 @@ def _run_seed_major(
     eval_arrays = pack_eval_once(test, config.eval_batch_size)
     bucket_steps = step_bucketer(config, train, exp.num_steps)
 
+    labels = [label for label, _, _ in members]
+    ckpt, meta = None, None
+    if ckpt_dir is not None:
+        ckpt = checkpoint.Checkpointer(ckpt_dir, keep=keep)
+        latest = ckpt.latest_round()
+        if latest is not None:
+            meta = ckpt.restore_meta(latest)
+            if meta.get("labels") != labels:
+                raise checkpoint.ConfigMismatchError(
+                    f"{ckpt.directory} holds a checkpoint of members {meta.get('labels')}, "
+                    f"not {labels}; pass --overwrite to start afresh."
+                )
     dirs = []
     for (label, _, _), cfg in zip(members, configs, strict=True):
         d = workdir / label
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(cfg.to_json(indent=2) + "\n")
-        (d / "metrics.jsonl").write_text("")
         dirs.append(d)
     histories: list[list[dict]] = [[] for _ in members]
     diverged: list[int | None] = [None] * m_count
     pending: list[tuple[int, jax.Array, jax.Array]] = []
     real_slots = total_slots = 0
+    wall_before = 0.0
+    start = 0
+    if meta is not None:
+        start = int(meta["round"])
+        restored = ckpt.restore_state(start, {"states": states, "alive": alive})
+        states, alive = restored["states"], restored["alive"]
+        histories = meta["histories"]
+        diverged = meta["diverged"]
+        pending = [
+            (rr, jnp.asarray(lo, jnp.float32), jnp.asarray(al, bool))
+            for rr, lo, al in meta["pending"]
+        ]
+        real_slots, total_slots = meta["real_slots"], meta["total_slots"]
+        wall_before = meta["wall_s"]
+        # The killed sweep may have appended evaluations after its last checkpoint.
+        for d, history in zip(dirs, histories, strict=True):
+            checkpoint.write_lines_atomically(d / "metrics.jsonl", [json.dumps(h) for h in history])
+        if progress:
+            print(f"  resuming {m_count} member(s) after round {start}")
+    t_start -= wall_before
+
+    def save_checkpoint(r: int) -> None:
+        ckpt.save(
+            r,
+            {"states": states, "alive": alive},
+            {
+                "sweep": spec,
+                "labels": labels,
+                "round": r,
+                "histories": histories,
+                "diverged": diverged,
+                "pending": [
+                    [rr, np.asarray(lo).tolist(), np.asarray(al).tolist()] for rr, lo, al in pending
+                ],
+                "real_slots": real_slots,
+                "total_slots": total_slots,
+                "wall_s": time.perf_counter() - t_start,
+            },
+        )
+
+    if meta is None:
+        if ckpt is not None:
+            save_checkpoint(0)  # from here on a killed sweep resumes instead of being refused
+        for d in dirs:
+            (d / "metrics.jsonl").write_text("")
     slots = config.clients_per_round
     pack_kw = dict(
         batch_size=config.client.batch_size,
@@ -410,7 +560,7 @@ def _run_seed_major(
         num_clients=slots,
     )
     pack = data.packing.pack_cohort_indices if on_device else data.pack_cohort
-    for r in range(1, config.num_rounds + 1):
+    for r in range(start + 1, config.num_rounds + 1):
         ids = [sample_clients(s, r, train.num_clients, slots) for s in unique_seeds]
         steps = max(bucket_steps(i) for i in ids)
         cohorts = [
@@ -426,6 +576,8 @@ def _run_seed_major(
         )
         pending.append((r, losses, alive))
         if r % config.eval_every and r != config.num_rounds:
+            if ckpt is not None and every > 0 and r % every == 0:
+                save_checkpoint(r)
             continue
         # One host sync per evaluation, as in simulate.
         rounds = [rr for rr, _, _ in pending]
@@ -464,6 +616,10 @@ def _run_seed_major(
                 f"  round {r}: {m_count - sum(d is not None for d in diverged)}/{m_count} "
                 f"members alive, best test accuracy {best:.4f}"
             )
+        if ckpt is not None and ((every > 0 and r % every == 0) or r == config.num_rounds):
+            save_checkpoint(r)
+    if ckpt is not None:
+        ckpt.close()
 
     from fedjax_sim.report import write_tensorboard
 

@@ -238,3 +238,107 @@ def test_cli_sweep(tmp_path, capsys):
         assert len(read_metrics(tmp_path / "w" / m["label"] / "metrics.jsonl")) == 1
     rc = cli_main(["sweep", "--config", "default:smoke", "--workdir", str(tmp_path / "x")])
     assert rc == 2 and "no `sweep` axes" in capsys.readouterr().err
+
+
+SWEEP_RESUME_CONFIG = """
+import ml_collections
+from fedjax_sim.config import load_config
+
+def get_config(variant=None):
+    config = load_config('default:smoke')
+    config.num_rounds = 12
+    config.eval_every = 2
+    config.checkpoint_every = 4
+    config.client.local_epochs = 20
+    config.sweep = ml_collections.ConfigDict({'seed': [0, 1]})
+    config.sweep.client = ml_collections.ConfigDict({'learning_rate': %s})
+    return config
+"""
+
+
+def test_sweep_sigkill_and_resume_is_bitwise_identical(tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fedjax_sim import checkpoint
+
+    config_file = tmp_path / "sweep_config.py"
+    config_file.write_text(SWEEP_RESUME_CONFIG % "[0.01, 0.02]")
+
+    def cli(workdir, *extra):
+        return [sys.executable, "-m", "fedjax_sim.cli", "sweep", "--config", str(config_file)] + [
+            "--workdir",
+            str(workdir),
+            *extra,
+        ]
+
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    ref = subprocess.run(cli(ref_dir), capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    labels = [m["label"] for m in json.loads((ref_dir / "sweep.json").read_text())["members"]]
+    assert len(labels) == 4
+    watched = run_dir / labels[-1] / "metrics.jsonl"
+
+    def lines():
+        try:
+            return watched.read_text().count("\n")
+        except FileNotFoundError:
+            return 0
+
+    victim = subprocess.Popen(cli(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill after round 6's evaluation: the last checkpoint is at round 4, so the killed sweep
+    # has appended evaluations after it that the resume must drop.
+    deadline = time.monotonic() + 120
+    while lines() < 3 and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert victim.poll() is None, "the sweep ended before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert 3 <= lines() < 6
+    assert not (run_dir / "sweep.json").exists()
+
+    resumed = subprocess.run(cli(run_dir), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    for label in labels:
+        a = strip_wall(read_metrics(run_dir / label / "metrics.jsonl"))
+        b = strip_wall(read_metrics(ref_dir / label / "metrics.jsonl"))
+        assert a == b and [r["round"] for r in a] == list(range(2, 13, 2))
+    group = sweep._group_dir(run_dir, 0)
+    ckpt = checkpoint.Checkpointer(group)
+    assert ckpt.latest_round() == 12
+    ckpt.close()
+    final = checkpoint.load_state(group)
+    expected = checkpoint.load_state(sweep._group_dir(ref_dir, 0))
+    la, lb = jax.tree.leaves(final), jax.tree.leaves(expected)
+    assert len(la) == len(lb) > 0
+    for x, y in zip(la, lb, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+
+    # A different sweep (an axis or a base field) is refused before any compute, naming it.
+    before = (run_dir / labels[0] / "metrics.jsonl").read_text()
+    argv = ["sweep", "--config", str(config_file), "--workdir", str(run_dir)]
+    assert cli_main(argv + ["--config.client.batch_size=7"]) == 2
+    err = capsys.readouterr().err
+    assert "client.batch_size: 10 -> 7" in err and "learning_rate" not in err
+    config_file.write_text(SWEEP_RESUME_CONFIG % "[0.01, 0.03]")
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "sweep.client.learning_rate: [0.01, 0.02] -> [0.01, 0.03]" in err
+    assert (run_dir / labels[0] / "metrics.jsonl").read_text() == before
+    # A workdir holding a plain run is refused too; an unwritable one with the reason.
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "metrics.jsonl").write_text("")
+    assert (
+        cli_main(["sweep", "--config", str(config_file), "--workdir", str(tmp_path / "plain")]) == 2
+    )
+    assert "plain run" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert cli_main(["sweep", "--config", str(config_file), "--workdir", str(blocker / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to workdir" in err and "a_file" in err
