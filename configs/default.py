@@ -16,6 +16,9 @@ import ml_collections
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # Seeds the dataset (generation or partition); -1: use ``seed``. Sweeps over ``seed`` pin it
+    # to the base seed, so every member trains on the same data.
+    config.data_seed = -1
     config.num_rounds = 200
     config.clients_per_round = 10
     config.eval_every = 10

@@ -67,7 +67,7 @@ def build_experiment(
     algorithms.check_algorithm_name(config.algorithm)
     if federated_data is None:
         federated_data = data.get_federated_data(
-            config.dataset.name, seed=config.seed, **_kwargs(config.dataset.kwargs)
+            config.dataset.name, seed=data_seed_of(config), **_kwargs(config.dataset.kwargs)
         )
     train = federated_data.train
     if not 1 <= config.clients_per_round <= train.num_clients:
@@ -115,6 +115,12 @@ def build_experiment(
         algorithm = algorithms.fedopt(model, build_optimizer(config.client), server_opt, **common)
     slots = -(-config.clients_per_round // n_dev) * n_dev
     return Experiment(config, federated_data, model, algorithm, num_steps, strategy, mesh, slots)
+
+
+def data_seed_of(config: ml_collections.ConfigDict) -> int:
+    """The seed of the dataset: ``data_seed`` when set (>= 0), else ``seed``."""
+    data_seed = int(config.get("data_seed", -1))
+    return data_seed if data_seed >= 0 else int(config.seed)
 
 
 def sample_clients(seed: int, round_num: int, num_clients: int, cohort_size: int) -> np.ndarray:

@@ -51,6 +51,7 @@ from fedjax_sim.simulation import (
     _kwargs,
     build_experiment,
     data_on_device,
+    data_seed_of,
     eval_clients,
     pack_eval_once,
     sample_clients,
@@ -175,6 +176,10 @@ def member_configs(
     for combo in itertools.product(*(axes[n] for n in names)):
         values = dict(zip(names, combo, strict=True))
         config = copy.deepcopy(base)
+        # A seed axis varies the model init, sampling and shuffles, not the data: pin the data
+        # seed so each member's config.json reproduces it alone (fs.simulate(member_config)).
+        if "data_seed" in config and "data_seed" not in values:
+            config.data_seed = data_seed_of(base)
         for path, v in values.items():
             _set(config, path, v)
         out.append((member_label(values), values, config))
@@ -258,14 +263,13 @@ def run_sweep(
                     "pass overwrite=True (--overwrite) to replace them."
                 )
     # Validate every group before any training (bad cohort sizes, unknown models...).
-    base = copy.deepcopy(base_config)
     group_data = {}
     for key, idx in groups.items():
         config = members[idx[0]][2]
         fd = federated_data
         if fd is None:
             fd = data.get_federated_data(
-                config.dataset.name, seed=base.seed, **_kwargs(config.dataset.kwargs)
+                config.dataset.name, seed=data_seed_of(config), **_kwargs(config.dataset.kwargs)
             )
         try:
             build_experiment(_one_device(config), fd)
@@ -286,7 +290,7 @@ def run_sweep(
             [members[i] for i in idx],
             workdir,
             group_data[key],
-            data_seed=int(base.seed),
+            data_seed=data_seed_of(members[idx[0]][2]),
             progress=progress,
             seed_strategy=seed_strategy,
             ckpt_dir=group_dirs[key] if every > 0 or resumable[key] else None,

@@ -342,3 +342,34 @@ def test_sweep_sigkill_and_resume_is_bitwise_identical(tmp_path, capsys):
     assert cli_main(["sweep", "--config", str(config_file), "--workdir", str(blocker / "w")]) == 2
     err = capsys.readouterr().err
     assert "cannot write to workdir" in err and "a_file" in err
+
+
+def test_a_member_config_json_reproduces_the_member_alone(tmp_path):
+    # No federated_data anywhere: the member's config.json pins data_seed to the base seed,
+    # so a solo run of it builds the sweep's data and equals the member.
+    base = smoke()
+    out = sweep.run_sweep(base, {"seed": [0, 3]}, tmp_path / "sweep")
+    member = out["members"][1]
+    saved = json.loads((tmp_path / "sweep" / member["label"] / "config.json").read_text())
+    assert saved["seed"] == 3 and saved["data_seed"] == 0
+    config = fs.load_config("default:smoke")
+    config.update_from_flattened_dict(
+        {k: v for k, v in _flatten(saved).items() if not k.startswith("dataset.kwargs")}
+    )
+    solo = fs.simulate(config, tmp_path / "solo", progress=False)
+    for a, b in zip(jax.tree.leaves(solo["params"]), jax.tree.leaves(member["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert_records_close(
+        read_metrics(tmp_path / "solo" / "metrics.jsonl"),
+        read_metrics(tmp_path / "sweep" / member["label"] / "metrics.jsonl"),
+    )
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif not isinstance(v, dict):
+            out[f"{prefix}{k}"] = v
+    return out
