@@ -120,7 +120,7 @@ def test_drop_in_for_flax_conv():
 def test_unsupported_convolutions_raise(kwargs, match):
     x, w = jnp.zeros((1, 6, 6, 2)), jnp.zeros((3, 3, 2, 2))
     args = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC) | kwargs
-    with pytest.raises(NotImplementedError, match=match):
+    with pytest.raises(ValueError, match=match):
         conv_general_dilated(x, w, **args)
 
 

@@ -152,7 +152,7 @@ def conv_general_dilated(
 
     Use as ``flax.linen.Conv(..., conv_general_dilated=conv_general_dilated)``. Anything
     outside that case (strides, dilations, groups, other layouts, ``preferred_element_type``)
-    raises ``NotImplementedError`` rather than silently taking the slow path; use plain
+    raises ``ValueError`` rather than silently taking the slow path; use plain
     ``lax.conv_general_dilated`` for those layers.
 
     Returns:
@@ -184,7 +184,7 @@ def conv_general_dilated(
             if got != want:
                 unsupported.append(f"dimension_numbers={dimension_numbers} (only NHWC/HWIO/NHWC)")
     if unsupported:
-        raise NotImplementedError(
+        raise ValueError(
             "fedjax_sim.models.conv.conv_general_dilated supports only stride-1, undilated, "
             "ungrouped NHWC/HWIO 2-D convolutions; unsupported: "
             + "; ".join(unsupported)
