@@ -48,8 +48,34 @@ def _kwargs(node) -> dict[str, Any]:
     return dict(node.to_dict()) if node is not None else {}
 
 
-def build_optimizer(spec: ml_collections.ConfigDict):
-    return optimizers.get_optimizer(spec.optimizer, spec.learning_rate, **_kwargs(spec.kwargs))
+def build_optimizer(spec: ml_collections.ConfigDict, *, inject: bool = False):
+    return optimizers.get_optimizer(
+        spec.optimizer, spec.learning_rate, inject=inject, **_kwargs(spec.kwargs)
+    )
+
+
+def make_algorithm(
+    config: ml_collections.ConfigDict,
+    model: Model,
+    *,
+    strategy: str,
+    mesh: jax.sharding.Mesh | None,
+    inject: bool = False,
+) -> FederatedAlgorithm:
+    """The algorithm ``config`` names; ``inject`` makes its hyperparameters traced arrays."""
+    common = dict(
+        weighting=config.weighting,
+        aggregator=aggregators.get_aggregator(config.aggregator),
+        strategy=strategy,
+        chunk_size=config.chunk_size,
+        mesh=mesh,
+    )
+    server_opt = build_optimizer(config.server, inject=inject)
+    if config.algorithm == "fedsgd":
+        return algorithms.fedsgd(model, server_opt, **common)
+    return algorithms.fedopt(
+        model, build_optimizer(config.client, inject=inject), server_opt, **common
+    )
 
 
 def build_experiment(
@@ -84,13 +110,6 @@ def build_experiment(
         input_shape=tuple(input_shape),
         **_kwargs(config.model.kwargs),
     )
-    server_opt = build_optimizer(config.server)
-    common = dict(
-        weighting=config.weighting,
-        aggregator=aggregators.get_aggregator(config.aggregator),
-        strategy=config.strategy,
-        chunk_size=config.chunk_size,
-    )
     num_steps = data.max_local_steps_of(
         train,
         batch_size=config.client.batch_size,
@@ -103,16 +122,11 @@ def build_experiment(
         params=jax.eval_shape(model.init, jax.random.key(0)),
         num_clients=config.clients_per_round,
     )
-    common["strategy"] = strategy
     # Never more devices than clients in a cohort (each device would idle on padding).
     wanted = config.num_devices or len(jax.local_devices())
     mesh = client_mesh(min(wanted, config.clients_per_round))
     n_dev = 1 if mesh is None else mesh.size
-    common["mesh"] = mesh
-    if config.algorithm == "fedsgd":
-        algorithm = algorithms.fedsgd(model, server_opt, **common)
-    else:
-        algorithm = algorithms.fedopt(model, build_optimizer(config.client), server_opt, **common)
+    algorithm = make_algorithm(config, model, strategy=strategy, mesh=mesh)
     slots = -(-config.clients_per_round // n_dev) * n_dev
     return Experiment(config, federated_data, model, algorithm, num_steps, strategy, mesh, slots)
 
@@ -254,7 +268,9 @@ def simulate(
     bucket_steps = step_bucketer(config, train, exp.num_steps)
     evaluator = make_evaluator(exp.model, test.num_clients)
     eval_device = jax.local_devices()[0]
-    eval_arrays = jax.device_put(pack_eval_once(test, config.eval_batch_size), eval_device)
+    eval_arrays = jax.device_put(
+        data.pack_eval(test, batch_size=config.eval_batch_size), eval_device
+    )
 
     bar = _progress(config.num_rounds, progress)
     if bar is not None:
@@ -395,10 +411,6 @@ def step_bucketer(config, train: data.FederatedDataset, max_steps: int):
         return int(bounds[np.searchsorted(bounds, need)])
 
     return for_cohort
-
-
-def pack_eval_once(dataset: data.FederatedDataset, batch_size: int):
-    return data.pack_eval(dataset, batch_size=batch_size)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

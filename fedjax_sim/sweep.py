@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedjax_sim import aggregators, algorithms, checkpoint, data, optimizers
+from fedjax_sim import checkpoint, data, optimizers
 from fedjax_sim.metrics import make_evaluator, summarize_eval
 from fedjax_sim.simulation import (
     _kwargs,
@@ -53,7 +53,7 @@ from fedjax_sim.simulation import (
     data_on_device,
     data_seed_of,
     eval_clients,
-    pack_eval_once,
+    make_algorithm,
     sample_clients,
     step_bucketer,
 )
@@ -406,24 +406,7 @@ def _run_seed_major(
     m_count = len(members)
     fedsgd = config.algorithm == "fedsgd"
 
-    def injected(spec):
-        return optimizers.get_optimizer(
-            spec.optimizer, spec.learning_rate, inject=True, **_kwargs(spec.kwargs)
-        )
-
-    common = dict(
-        weighting=config.weighting,
-        aggregator=aggregators.get_aggregator(config.aggregator),
-        strategy=exp.strategy,
-        chunk_size=config.chunk_size,
-        mesh=None,
-    )
-    if fedsgd:
-        algorithm = algorithms.fedsgd(model, injected(config.server), **common)
-    else:
-        algorithm = algorithms.fedopt(
-            model, injected(config.client), injected(config.server), **common
-        )
+    algorithm = make_algorithm(config, model, strategy=exp.strategy, mesh=None, inject=True)
 
     server_hp = {
         k: jnp.asarray([_numbers(c, "server")[k] for c in configs], jnp.float32)
@@ -486,7 +469,7 @@ def _run_seed_major(
 
     round_fn = jax.jit(sweep_round, donate_argnums=0)
     evaluator = jax.jit(jax.vmap(make_evaluator(model, test.num_clients), (0, None, None, None)))
-    eval_arrays = pack_eval_once(test, config.eval_batch_size)
+    eval_arrays = data.pack_eval(test, batch_size=config.eval_batch_size)
     bucket_steps = step_bucketer(config, train, exp.num_steps)
 
     labels = [label for label, _, _ in members]

@@ -6,7 +6,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 Array = jax.Array
 PyTree = Any
@@ -45,13 +44,6 @@ class Cohort(NamedTuple):
     @property
     def batch_size(self) -> int:
         return self.mask.shape[2]
-
-    def steps_per_client(self) -> Array:
-        """``[clients]`` int32: steps that hold at least one real example.
-
-        Packing puts all real steps first, so a client runs steps ``0 .. n-1``.
-        """
-        return jnp.sum(jnp.any(self.mask, axis=-1), axis=-1).astype(jnp.int32)
 
 
 class Model(NamedTuple):
