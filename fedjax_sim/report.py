@@ -3,9 +3,10 @@
 A run is a folder holding ``config.json`` and ``metrics.jsonl`` (as ``simulate`` writes them).
 Runs whose configs agree on everything but the seed form one *point* (of a sweep); a point's
 seeds give mean ± standard deviation of the final and best test accuracy and the band drawn
-around each curve.
+around each curve. ``--over seed data_seed`` averages over data partitions as well (any config
+fields can be named).
 
-    fedjax-sim report RUN_OR_SWEEP_DIR [...] --out OUT [--target 0.8]
+    fedjax-sim report RUN_OR_SWEEP_DIR [...] --out OUT [--target 0.8] [--over seed ...]
 
 writes ``OUT/report.md``, ``OUT/report.csv``, ``OUT/accuracy_vs_round.png``,
 ``OUT/loss_vs_round.png`` and ``OUT/accuracy_vs_time.png``.
@@ -34,9 +35,10 @@ import numpy as np
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 REQUIRED_KEYS = ("round", "test_accuracy")
-# Config fields that do not define an experiment: the seed (averaged over) and settings
-# about where and how a run is stored or resumed.
-IGNORED_FIELDS = ("seed", "workdir", "overwrite", "resume", "progress")
+# Config fields that do not define an experiment: settings about where and how a run is
+# stored or resumed. The fields averaged over (``over``, default the seed) are left out too.
+IGNORED_FIELDS = ("workdir", "overwrite", "resume", "progress")
+DEFAULT_OVER = ("seed",)
 IGNORED_PREFIXES = ("checkpoint",)
 PLOTS = {
     "accuracy_vs_round": "Test accuracy against rounds",
@@ -59,10 +61,17 @@ class Run:
     def seed(self):
         return self.config.get("seed")
 
+    def tag(self, over: tuple[str, ...]) -> str:
+        """The values of the fields averaged over: ``0``, or ``seed=0,data_seed=3``."""
+        flat = flatten(self.config)
+        if tuple(over) == DEFAULT_OVER:
+            return str(self.seed)
+        return ",".join(f"{k}={_fmt_value(flat.get(k))}" for k in over)
+
 
 @dataclass
 class Point:
-    """Runs that differ only in their seed."""
+    """Runs that differ only in the fields averaged over (the seed by default)."""
 
     key: tuple
     fields: dict[str, Any]  # flattened config without the ignored fields
@@ -152,8 +161,8 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _ignored(name: str) -> bool:
-    return name in IGNORED_FIELDS or name.startswith(IGNORED_PREFIXES)
+def _ignored(name: str, over=DEFAULT_OVER) -> bool:
+    return name in IGNORED_FIELDS or name in over or name.startswith(IGNORED_PREFIXES)
 
 
 def _fmt_value(v) -> str:
@@ -164,11 +173,12 @@ def _fmt_value(v) -> str:
     return json.dumps(v)
 
 
-def group_points(runs: list[Run]) -> tuple[list[Point], list[str]]:
-    """Groups runs by config without the seed; returns the points and the differing fields."""
+def group_points(runs: list[Run], over=DEFAULT_OVER) -> tuple[list[Point], list[str]]:
+    """Groups runs by config without the fields ``over`` (the seed); returns the points and
+    the fields that differ between them."""
     points: dict[tuple, Point] = {}
     for run in runs:
-        flat = {k: v for k, v in flatten(run.config).items() if not _ignored(k)}
+        flat = {k: v for k, v in flatten(run.config).items() if not _ignored(k, over)}
         key = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in flat.items()))
         points.setdefault(key, Point(key, flat)).runs.append(run)
     pts = list(points.values())
@@ -183,7 +193,7 @@ def group_points(runs: list[Run]) -> tuple[list[Point], list[str]]:
         if len({json.dumps(p.fields.get(k, missing), default=str) for p in pts}) > 1
     ]
     for p in pts:
-        p.runs.sort(key=lambda r: (str(r.seed), str(r.workdir)))
+        p.runs.sort(key=lambda r: (r.tag(over), str(r.workdir)))
         if differing:
             # A field this point lacks (say server.kwargs.tau of an SGD server) is left out.
             p.label = ", ".join(
@@ -221,7 +231,7 @@ def rounds_to_target(records: list[dict[str, Any]], target: float) -> int | None
     return None
 
 
-def point_stats(point: Point, target: float) -> dict[str, Any]:
+def point_stats(point: Point, target: float, over=DEFAULT_OVER) -> dict[str, Any]:
     runs = point.runs
     final = [r.records[-1]["test_accuracy"] for r in runs]
     best = [max(x["test_accuracy"] for x in r.records) for r in runs]
@@ -229,7 +239,7 @@ def point_stats(point: Point, target: float) -> dict[str, Any]:
     walls = [r.records[-1].get("wall_s", math.nan) for r in runs]
     losses = [r.records[-1].get("test_loss", math.nan) for r in runs]
     stats = {"label": point.label, "num_seeds": len(runs)}
-    stats["seeds"] = " ".join(str(r.seed) for r in runs)
+    stats["seeds"] = " ".join(r.tag(over) for r in runs)
     stats["rounds"] = max(int(r.records[-1]["round"]) for r in runs)
     stats["final_acc_mean"], stats["final_acc_std"] = mean_std(final)
     stats["best_acc_mean"], stats["best_acc_std"] = mean_std(best)
@@ -302,10 +312,17 @@ def format_rounds_to_target(s: dict[str, Any]) -> str:
     return f"{s['rounds_to_target_mean']:.1f} ({s['reached_target']}/{s['num_seeds']})"
 
 
-def write_markdown(path: Path, points, differing, stats, target: float, shared: dict) -> None:
+def _over_words(over) -> str:
+    return "seeds" if tuple(over) == DEFAULT_OVER else "runs (" + ", ".join(over) + ")"
+
+
+def write_markdown(
+    path: Path, points, differing, stats, target: float, shared: dict, over=DEFAULT_OVER
+) -> None:
+    words = _over_words(over)
     head = [
         "Config",
-        "Seeds",
+        "Seeds" if tuple(over) == DEFAULT_OVER else "Runs",
         "Rounds",
         "Final test acc.",
         "Best test acc.",
@@ -316,7 +333,7 @@ def write_markdown(path: Path, points, differing, stats, target: float, shared: 
         "# fedjax-sim report",
         "",
         f"{sum(len(p.runs) for p in points)} runs in {len(points)} configurations; mean ± "
-        "sample standard deviation over seeds. Rounds to target: mean over the seeds that "
+        f"sample standard deviation over {words}. Rounds to target: mean over the {words} that "
         "reached it (how many of them did).",
         "",
         "| " + " | ".join(head) + " |",
@@ -383,8 +400,9 @@ def _plot(path: Path, points, y_key: str, x_key: str, title: str, xlabel: str, y
     fig.savefig(path, dpi=120)
 
 
-def write_plots(out: Path, points, target: float) -> list[Path]:
-    band = "mean ± std over seeds"
+def write_plots(out: Path, points, target: float, over=DEFAULT_OVER) -> list[Path]:
+    words = _over_words(over)
+    band = f"mean ± std over {words}"
     paths = [out / f"{name}.png" for name in PLOTS]
     _plot(paths[0], points, "test_accuracy", "round", f"Test accuracy ({band})", "round",
           "test accuracy", target=target)  # fmt: skip
@@ -392,15 +410,24 @@ def write_plots(out: Path, points, target: float) -> list[Path]:
           f"Test loss ({band}); dashed: train loss", "round", "loss",
           dashed_key="train_loss")  # fmt: skip
     _plot(paths[2], points, "test_accuracy", "wall_s", f"Test accuracy ({band})",
-          "wall-clock time (s, mean over seeds)", "test accuracy", target=target)  # fmt: skip
+          f"wall-clock time (s, mean over {words})", "test accuracy", target=target)  # fmt: skip
     return paths
 
 
-def report(dirs: list[str | Path], out: str | Path, *, target: float = 0.8) -> dict[str, Path]:
-    """Writes report.md, report.csv and the plots for the runs in ``dirs`` into ``out``."""
+def report(
+    dirs: list[str | Path], out: str | Path, *, target: float = 0.8, over=DEFAULT_OVER
+) -> dict[str, Path]:
+    """Writes report.md, report.csv and the plots for the runs in ``dirs`` into ``out``.
+
+    ``over``: config fields a point averages over (default the seed; e.g. ``("seed",
+    "data_seed")`` to average over data partitions too).
+    """
+    over = tuple(over)
+    if not over:
+        raise ReportError("over needs at least one config field to average over (e.g. seed).")
     runs = find_runs(dirs)
-    points, differing = group_points(runs)
-    stats = [point_stats(p, target) for p in points]
+    points, differing = group_points(runs, over)
+    stats = [point_stats(p, target, over) for p in points]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shared = {
@@ -410,8 +437,8 @@ def report(dirs: list[str | Path], out: str | Path, *, target: float = 0.8) -> d
     }
     written = {"csv": out / "report.csv", "markdown": out / "report.md"}
     write_csv(written["csv"], points, differing, stats, target)
-    write_markdown(written["markdown"], points, differing, stats, target, shared)
-    for path in write_plots(out, points, target):
+    write_markdown(written["markdown"], points, differing, stats, target, shared, over)
+    for path in write_plots(out, points, target, over):
         written[path.stem] = path
     return written
 
@@ -557,11 +584,18 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--target", type=float, default=0.8, help="accuracy for 'rounds to target' (0.8)"
     )
+    p.add_argument(
+        "--over",
+        nargs="+",
+        default=list(DEFAULT_OVER),
+        metavar="FIELD",
+        help="config fields a point averages over (default: seed; e.g. --over seed data_seed)",
+    )
 
 
 def run_cli(args) -> int:
     try:
-        written = report(args.dirs, args.out, target=args.target)
+        written = report(args.dirs, args.out, target=args.target, over=args.over)
     except ReportError as e:
         print(f"fedjax-sim: error: {e}", file=sys.stderr)
         return 2

@@ -158,6 +158,32 @@ def test_grouping_single_seed_and_label_order(tmp_path):
     assert sd[0] == pytest.approx(statistics.stdev([_accuracy(0.1, 0, 2), _accuracy(0.1, 1, 2)]))
 
 
+def test_over_data_seed_averages_partitions_too(tmp_path):
+    # Four runs: seeds 0, 1 x data seeds 3, 4, one learning rate.
+    for seed in (0, 1):
+        for data_seed in (3, 4):
+            path = tmp_path / f"s{seed}_d{data_seed}"
+            _write_run(path, 0.1, seed + 2 * (data_seed - 3))  # four different curves
+            cfg = json.loads((path / "config.json").read_text())
+            cfg["seed"], cfg["data_seed"] = seed, data_seed
+            (path / "config.json").write_text(json.dumps(cfg))
+    by_seed, differing = report.group_points(report.find_runs([tmp_path]))
+    assert differing == ["data_seed"] and [len(p.runs) for p in by_seed] == [2, 2]
+    out = tmp_path / "out"
+    assert (
+        cli.main(["report", str(tmp_path), "--out", str(out), "--over", "seed", "data_seed"]) == 0
+    )
+    rows = _csv(out / "report.csv")
+    assert len(rows) == 1 and rows[0]["num_seeds"] == "4"
+    assert rows[0]["seeds"].split() == [
+        "seed=0,data_seed=3", "seed=0,data_seed=4", "seed=1,data_seed=3", "seed=1,data_seed=4"
+    ]  # fmt: skip
+    finals = [_accuracy(0.1, k, 10) for k in range(4)]
+    assert float(rows[0]["final_acc_mean"]) == pytest.approx(statistics.mean(finals))
+    assert float(rows[0]["final_acc_std"]) == pytest.approx(statistics.stdev(finals))
+    assert "over runs (seed, data_seed)" in (out / "report.md").read_text()
+
+
 def test_errors(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
