@@ -1,20 +1,23 @@
 """Hyperparameter sweeps: many members of a grid trained by one compiled program.
 
 ``run_sweep(base_config, {"client.learning_rate": [0.01, 0.1], "seed": [0, 1]}, workdir)``
-trains the grid product of the axes. Axes that change no shape (``VECTOR_AXES``: the seed,
-the client and server learning rates and numeric optimizer arguments) are vectorized: one
-``jax.jit(jax.vmap(round))`` trains every member at once, with the hyperparameters as traced
-arrays (optimizers built with ``optax.inject_hyperparams``; the client's in
-``ServerState.client_hparams``, the server's in its optimizer state). Any other axis (model,
-cohort size, batch size, ...) splits the grid into groups run one after another, each group
-vectorized over its own members.
+trains the grid product of the axes. Axes that change no shape (``VECTOR_AXES``: the seed, the
+data seed, the client and server learning rates and numeric optimizer arguments) are
+vectorized: one ``jax.jit(jax.vmap(round))`` trains every member at once, with the
+hyperparameters as traced arrays (optimizers built with ``optax.inject_hyperparams``; the
+client's in ``ServerState.client_hparams``, the server's in its optimizer state). Any other
+axis (model, cohort size, batch size, ...) splits the grid into groups run one after another,
+each group vectorized over its own members.
 
 Each member writes ``WORKDIR/<label>/`` with ``config.json``, ``metrics.jsonl`` and
 ``summary.json`` as ``fs.simulate`` would for the member's config, and its results equal a solo
-``fs.simulate(member_config, federated_data=...)`` on the same data within float reordering
-(1e-5). The data is built once per group from the *base* config's seed: a ``seed`` axis
-varies the initial model, the client sampling and the local shuffles, never the dataset
-(so the solo run to compare with gets the sweep's data through ``federated_data``).
+``fs.simulate(member_config)`` within float reordering (1e-5). A ``seed`` axis varies the
+initial model, the client sampling and the local shuffles, never the dataset: members get the
+base config's data seed (pinned in their ``config.json``). A ``data_seed`` axis varies the
+dataset (its generation or partition): each data seed's dataset is built once, and with data on
+the device all of them share one example array holding each distinct example once (partitions
+of one dataset cost one copy), each member's cohorts gathered from it in the compiled round.
+With ``federated_data`` given, every member trains on it (no ``data_seed`` axis then).
 
 A member whose training loss or parameters become NaN/inf in a round keeps its state from
 before that round (frozen) and is marked diverged in its summary with that round; its
@@ -48,6 +51,7 @@ import numpy as np
 from fedjax_sim import checkpoint, data, optimizers
 from fedjax_sim.metrics import make_evaluator, summarize_eval
 from fedjax_sim.simulation import (
+    DEVICE_DATA_BUDGET,
     _kwargs,
     build_experiment,
     data_on_device,
@@ -60,7 +64,7 @@ from fedjax_sim.simulation import (
 
 # Fields a vectorized sweep traces; ``client.kwargs.*`` and ``server.kwargs.*`` (numeric
 # optimizer arguments such as ``momentum`` or ``b1``) are vectorized too.
-VECTOR_AXES = ("seed", "client.learning_rate", "server.learning_rate")
+VECTOR_AXES = ("seed", "data_seed", "client.learning_rate", "server.learning_rate")
 _VECTOR_PREFIXES = ("client.kwargs.", "server.kwargs.")
 # Fields that may not be swept: they name the sweep or only the driver's bookkeeping.
 _FIXED = ("sweep", "num_devices", "cpu_devices", "checkpoint_every", "checkpoint_keep")
@@ -133,6 +137,8 @@ def check_axes(base_config: ml_collections.ConfigDict, axes: dict[str, list]) ->
                     )
             if path == "seed" and not all(isinstance(v, int) for v in values):
                 raise ValueError(f"seeds must be integers, got {list(values)}.")
+            if path == "data_seed" and not all(isinstance(v, int) and v >= 0 for v in values):
+                raise ValueError(f"data seeds must be integers >= 0, got {list(values)}.")
     algos = axes.get("algorithm", [base_config.algorithm])
     if "fedsgd" in algos and any(p.startswith("client.") and is_vector_axis(p) for p in axes):
         raise ValueError("fedsgd has no client optimizer; sweep server.* or seed instead.")
@@ -178,8 +184,8 @@ def member_configs(
         config = copy.deepcopy(base)
         # A seed axis varies the model init, sampling and shuffles, not the data: pin the data
         # seed so each member's config.json reproduces it alone (fs.simulate(member_config)).
-        if "data_seed" in config and "data_seed" not in values:
-            config.data_seed = data_seed_of(base)
+        if "data_seed" not in values:
+            _set(config, "data_seed", data_seed_of(base))
         for path, v in values.items():
             _set(config, path, v)
         out.append((member_label(values), values, config))
@@ -229,6 +235,11 @@ def run_sweep(
     if seed_strategy not in ("auto", "sequential", "vmap"):
         raise ValueError(f"unknown seed_strategy {seed_strategy!r}; known: auto, sequential, vmap.")
     members = member_configs(base_config, axes)
+    if federated_data is not None and "data_seed" in axes:
+        raise ValueError(
+            "a data_seed axis varies the dataset the config names, but federated_data fixes "
+            "the data; drop one of them."
+        )
     workdir = Path(workdir)
     created = [p for p in (workdir, *workdir.parents) if not p.exists()]
     checkpoint.check_writable(workdir)
@@ -262,25 +273,29 @@ def run_sweep(
                     f"{path} already holds the results of a run; choose another workdir or "
                     "pass overwrite=True (--overwrite) to replace them."
                 )
-    # Validate every group before any training (bad cohort sizes, unknown models...).
+    # Build every group's data (one dataset per data seed) and validate it before any
+    # training (bad cohort sizes, unknown models...).
     group_data = {}
-    for key, idx in groups.items():
-        config = members[idx[0]][2]
-        fd = federated_data
-        if fd is None:
-            fd = data.get_federated_data(
-                config.dataset.name, seed=data_seed_of(config), **_kwargs(config.dataset.kwargs)
-            )
-        try:
-            build_experiment(_one_device(config), fd)
-        except Exception:
-            for p in created:  # leave no empty workdir behind a refused sweep
-                try:
-                    p.rmdir()
-                except OSError:
-                    break
-            raise
-        group_data[key] = fd
+    try:
+        for key, idx in groups.items():
+            config = members[idx[0]][2]
+            per_seed = {}
+            for d in sorted({data_seed_of(members[i][2]) for i in idx}):
+                fd = federated_data
+                if fd is None:
+                    fd = data.get_federated_data(
+                        config.dataset.name, seed=d, **_kwargs(config.dataset.kwargs)
+                    )
+                build_experiment(_one_device(config), fd)
+                per_seed[d] = fd
+            group_data[key] = per_seed
+    except Exception:
+        for p in created:  # leave no empty workdir behind a refused sweep
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
     checkpoint.write_lines_atomically(spec_path, [json.dumps(spec, indent=2)])
     results: list[dict[str, Any] | None] = [None] * len(members)
     for gi, (key, idx) in enumerate(groups.items()):
@@ -290,7 +305,6 @@ def run_sweep(
             [members[i] for i in idx],
             workdir,
             group_data[key],
-            data_seed=data_seed_of(members[idx[0]][2]),
             progress=progress,
             seed_strategy=seed_strategy,
             ckpt_dir=group_dirs[key] if every > 0 or resumable[key] else None,
@@ -366,23 +380,28 @@ def _numbers(config, prefix: str) -> dict[str, float]:
     return out
 
 
-def _run_group(members, workdir: Path, federated_data, **kwargs):
-    # Seed-major order: the members sharing a seed (and so every cohort) are contiguous.
-    seeds = [int(c.seed) for _, _, c in members]
-    order = sorted(range(len(members)), key=lambda i: seeds.index(seeds[i]))
-    results = _run_seed_major([members[i] for i in order], workdir, federated_data, **kwargs)
+def _run_group(members, workdir: Path, datasets, **kwargs):
+    # Stream-major order: members sharing a (seed, data seed) stream, and so every cohort,
+    # are contiguous.
+    streams = [_stream(c) for _, _, c in members]
+    order = sorted(range(len(members)), key=lambda i: streams.index(streams[i]))
+    results = _run_streams([members[i] for i in order], workdir, datasets, **kwargs)
     out: list[Any] = [None] * len(members)
     for j, i in enumerate(order):
         out[i] = results[j]
     return out
 
 
-def _run_seed_major(
+def _stream(config) -> tuple[int, int]:
+    """What fixes a member's cohorts and keys: its seed and its data seed."""
+    return int(config.seed), data_seed_of(config)
+
+
+def _run_streams(
     members,
     workdir: Path,
-    federated_data,
+    datasets: dict[int, data.FederatedData],
     *,
-    data_seed: int,
     progress: bool,
     seed_strategy: str,
     ckpt_dir: Path | None = None,
@@ -390,19 +409,26 @@ def _run_seed_major(
     keep: int = 3,
     spec: dict[str, Any] | None = None,
 ):
-    """One program for members that differ only in ``VECTOR_AXES``, sorted by seed.
+    """One program for members that differ only in vectorized axes, sorted by stream.
 
-    Members sharing a seed share every cohort and key: they are vmapped with the cohort
-    unbatched, so each client's local loop keeps one step count for all of them (a batched
-    loop bound would run every member to the longest and select the whole state each step).
-    The seeds' groups run one after another (``lax.map``) or vmapped (``seed_strategy``).
+    A stream is a (seed, data seed) pair. Members sharing one share every cohort and key:
+    they are vmapped with the cohort unbatched, so each client's local loop keeps one step
+    count for all of them (a batched loop bound would run every member to the longest and
+    select the whole state each step). The streams run one after another (``lax.map``) or
+    vmapped (``seed_strategy``), each on the data of its data seed (``datasets``): with data
+    on the device, every data seed's examples sit in one shared array (identical examples
+    once), and each stream's cohort indices point into it.
     """
     t_start = time.perf_counter()
     configs = [c for _, _, c in members]
     config = _one_device(configs[0])
-    exp = build_experiment(config, federated_data)
-    model, train = exp.model, exp.data.train
-    test = eval_clients(exp.data.test, config)
+    data_seeds = sorted({data_seed_of(c) for c in configs})
+    exps = {d: build_experiment(config, datasets[d]) for d in data_seeds}
+    exp = exps[data_seeds[0]]
+    _check_same_shapes(exps)
+    model = exp.model
+    trains = {d: e.data.train for d, e in exps.items()}
+    tests = {d: eval_clients(e.data.test, config) for d, e in exps.items()}
     m_count = len(members)
     fedsgd = config.algorithm == "fedsgd"
 
@@ -420,13 +446,14 @@ def _run_seed_major(
             for k in _numbers(config, "client")
         }
     )
-    seeds = [int(c.seed) for c in configs]
-    unique_seeds = sorted(set(seeds))
-    per_seed = len(seeds) // len(unique_seeds)
-    if [unique_seeds[i // per_seed] for i in range(len(seeds))] != seeds:
-        raise AssertionError(f"members are not a seed-major grid: {seeds}")
-    roots = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-    seed_roots = jax.vmap(jax.random.key)(jnp.asarray(unique_seeds, jnp.uint32))
+    member_streams = [_stream(c) for c in configs]
+    streams = list(dict.fromkeys(member_streams))
+    per_stream = m_count // len(streams)
+    if [streams[i // per_stream] for i in range(m_count)] != member_streams:
+        raise AssertionError(f"members are not a stream-major grid: {member_streams}")
+    member_data = [d for _, d in member_streams]
+    roots = jax.vmap(jax.random.key)(jnp.asarray([s for s, _ in member_streams], jnp.uint32))
+    stream_roots = jax.vmap(jax.random.key)(jnp.asarray([s for s, _ in streams], jnp.uint32))
     if seed_strategy == "auto":
         seed_strategy = "sequential" if jax.default_backend() == "cpu" else "vmap"
 
@@ -439,23 +466,35 @@ def _run_seed_major(
     states = jax.jit(jax.vmap(init_member))(roots, client_hp, server_hp)
     alive = jnp.ones((m_count,), bool)
 
-    on_device = data_on_device(config.data_on_device, train)
-    examples = (jax.device_put(train.all_examples()),) if on_device else ()
+    on_device = data_on_device(config.data_on_device, trains[data_seeds[0]])
+    row_maps: dict[int, np.ndarray] = {}
+    device_examples = 0
+    if on_device:
+        if len(data_seeds) == 1:
+            pool = trains[data_seeds[0]].all_examples()
+        else:  # every data seed's examples in one array, each distinct example once
+            pool, maps = data.packing.shared_examples([trains[d] for d in data_seeds])
+            row_maps = dict(zip(data_seeds, maps, strict=True))
+            if config.data_on_device == "auto" and _nbytes(pool) > DEVICE_DATA_BUDGET:
+                on_device, pool, row_maps = False, None, {}
+    examples = (jax.device_put(pool),) if on_device else ()
+    if on_device:
+        device_examples = len(next(iter(pool.values())))
 
-    def sweep_round(states, alive, cohorts, seed_roots, r, *examples):
-        def one_seed(args):
+    def sweep_round(states, alive, cohorts, stream_roots, r, *examples):
+        def one_stream(args):
             st, cohort, root = args
             if examples:
                 cohort = data.packing.gather_cohort(examples[0], cohort, xp=jnp)
             key = jax.random.fold_in(root, r)
             return jax.vmap(algorithm.apply, in_axes=(0, None, None))(st, cohort, key)
 
-        by_seed = jax.tree.map(lambda a: a.reshape((-1, per_seed) + a.shape[1:]), states)
-        args = (by_seed, cohorts, seed_roots)
+        by_stream = jax.tree.map(lambda a: a.reshape((-1, per_stream) + a.shape[1:]), states)
+        args = (by_stream, cohorts, stream_roots)
         if seed_strategy == "vmap":
-            new, metrics = jax.vmap(one_seed)(args)
+            new, metrics = jax.vmap(one_stream)(args)
         else:
-            new, metrics = jax.lax.map(one_seed, args)
+            new, metrics = jax.lax.map(one_stream, args)
         new, metrics = jax.tree.map(lambda a: a.reshape((m_count,) + a.shape[2:]), (new, metrics))
         finite = jnp.isfinite(metrics["train_loss"])
         for leaf in jax.tree.leaves(new.params):
@@ -468,9 +507,19 @@ def _run_seed_major(
         return jax.tree.map(keep, new, states), ok, metrics["train_loss"]
 
     round_fn = jax.jit(sweep_round, donate_argnums=0)
-    evaluator = jax.jit(jax.vmap(make_evaluator(model, test.num_clients), (0, None, None, None)))
-    eval_arrays = data.pack_eval(test, batch_size=config.eval_batch_size)
-    bucket_steps = step_bucketer(config, train, exp.num_steps)
+    # One evaluator per data seed (its test clients), vmapped over that data seed's members.
+    evaluators = {
+        d: jax.jit(jax.vmap(make_evaluator(model, t.num_clients), (0, None, None, None)))
+        for d, t in tests.items()
+    }
+    eval_arrays = {
+        d: data.pack_eval(t, batch_size=config.eval_batch_size) for d, t in tests.items()
+    }
+    eval_members = {
+        d: np.asarray([m for m in range(m_count) if member_data[m] == d]) for d in data_seeds
+    }
+    max_steps = max(e.num_steps for e in exps.values())
+    bucket_steps = {d: step_bucketer(config, trains[d], max_steps) for d in data_seeds}
 
     labels = [label for label, _, _ in members]
     ckpt, meta = None, None
@@ -548,18 +597,17 @@ def _run_seed_major(
     )
     pack = data.packing.pack_cohort_indices if on_device else data.pack_cohort
     for r in range(start + 1, config.num_rounds + 1):
-        ids = [sample_clients(s, r, train.num_clients, slots) for s in unique_seeds]
-        steps = max(bucket_steps(i) for i in ids)
-        cohorts = [
-            pack(train, i, num_steps=steps, seed=s, round_num=r, **pack_kw)
-            for s, i in zip(unique_seeds, ids, strict=True)
-        ]
-        for c in cohorts:
+        ids = [sample_clients(s, r, trains[d].num_clients, slots) for s, d in streams]
+        steps = max(bucket_steps[d](i) for (_, d), i in zip(streams, ids, strict=True))
+        cohorts = []
+        for (s, d), i in zip(streams, ids, strict=True):
+            c = pack(trains[d], i, num_steps=steps, seed=s, round_num=r, **pack_kw)
+            cohorts.append(data.packing.remap_cohort(c, row_maps[d]) if row_maps else c)
             real_slots += int(c.mask.sum())
             total_slots += c.mask.size
         stacked = jax.tree.map(lambda *a: np.stack(a), *cohorts)
         states, alive, losses = round_fn(
-            states, alive, stacked, seed_roots, jnp.asarray(r, jnp.int32), *examples
+            states, alive, stacked, stream_roots, jnp.asarray(r, jnp.int32), *examples
         )
         pending.append((r, losses, alive))
         if r % config.eval_every and r != config.num_rounds:
@@ -573,13 +621,13 @@ def _run_seed_major(
         for m in range(m_count):
             if diverged[m] is None and not alive_rows[:, m].all():
                 diverged[m] = rounds[int(np.argmin(alive_rows[:, m]))]
-        evals = jax.device_get(evaluator(states.params, *eval_arrays))
+        evals = _evaluate(states.params, evaluators, eval_arrays, eval_members, m_count)
         elapsed = time.perf_counter() - t_start
         newly_dead = []
         for m in range(m_count):
             if diverged[m] is not None:
                 continue
-            ev = summarize_eval(*(a[m] for a in evals))
+            ev = summarize_eval(*evals[m])
             if not math.isfinite(ev["test_loss"]):
                 diverged[m] = r
                 newly_dead.append(m)
@@ -634,7 +682,8 @@ def _run_seed_major(
             "padding_waste": round(1 - real_slots / max(total_slots, 1), 4),
             "sweep_members": m_count,
             "sweep_values": values,
-            "data_seed": data_seed,
+            "data_seed": member_data[m],
+            "device_examples": device_examples,
             "diverged": diverged[m] is not None,
             "diverged_round": diverged[m],
         }
@@ -651,3 +700,34 @@ def _run_seed_major(
             }
         )
     return results
+
+
+def _evaluate(params, evaluators, eval_arrays, eval_members, m_count):
+    """Every member's evaluation sums, from the test clients of its data seed."""
+    out: list[Any] = [None] * m_count
+    for d, idx in eval_members.items():
+        sub = params if len(idx) == m_count else jax.tree.map(lambda a, i=idx: a[i], params)
+        sums = jax.device_get(evaluators[d](sub, *eval_arrays[d]))
+        for j, m in enumerate(idx):
+            out[m] = tuple(a[j] for a in sums)
+    return out
+
+
+def _check_same_shapes(exps) -> None:
+    """Data seeds vectorized together must give models and cohorts of the same shapes."""
+    (d0, e0), *rest = exps.items()
+    for d, e in rest:
+        if (
+            e.data.train.element_spec != e0.data.train.element_spec
+            or e.data.num_classes != e0.data.num_classes
+        ):
+            raise ValueError(
+                f"data_seed {d} gives features {e.data.train.element_spec} and "
+                f"{e.data.num_classes} classes but data_seed {d0} gives "
+                f"{e0.data.train.element_spec} and {e0.data.num_classes}; a data_seed axis "
+                "needs datasets of the same shapes."
+            )
+
+
+def _nbytes(arrays) -> int:
+    return sum(int(a.nbytes) for a in arrays.values())

@@ -4,6 +4,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -150,6 +151,8 @@ def test_members_match_multi_device_solo_runs_and_fedsgd(tmp_path, synthetic):
         ({"client.learning_rate": ["fast"]}, "takes numbers"),
         ({"seed": [0, 0.5]}, "seeds must be integers"),
         ({"seed": [1, 1]}, "repeats a value"),
+        ({"data_seed": [0, -1]}, "data seeds must be integers >= 0"),
+        ({"data_seed": [0, 1]}, "federated_data fixes the data"),
         ({"num_devices": [1, 2]}, "cannot be swept"),
         ({"clients_per_round": [5, 500]}, "clients_per_round=500"),
         ({"model.name": ["logreg", "nope"]}, "nope"),
@@ -373,3 +376,113 @@ def _flatten(d, prefix=""):
         elif not isinstance(v, dict):
             out[f"{prefix}{k}"] = v
     return out
+
+
+@pytest.mark.parametrize("data_on_device", ["device", "host"])
+def test_data_seed_axis_is_vectorized_and_members_equal_solo_runs(tmp_path, data_on_device):
+    # Synthetic data drawn with different seeds: different examples and client sizes, so the
+    # streams pad to a common step count and (on the device) share one array of all of them.
+    base = smoke(data_on_device=data_on_device)
+    axes = {"data_seed": [3, 4], "seed": [0, 1]}
+    out = sweep.run_sweep(base, axes, tmp_path / "sweep")
+    assert out["groups"] == 1
+    sizes = {
+        d: fs.data.get_federated_data("synthetic", seed=d, **base.dataset.kwargs).train
+        for d in (3, 4)
+    }
+    for m in out["members"]:
+        summary = m["summary"]
+        assert summary["compiles"] == 1 and summary["sweep_members"] == 4
+        assert summary["data_seed"] == m["values"]["data_seed"]
+        if data_on_device == "device":  # distinct draws share no example
+            assert summary["device_examples"] == sum(t.num_examples for t in sizes.values())
+        config = member_config(base, m["values"])
+        solo = fs.simulate(config, tmp_path / ("solo_" + m["label"]), progress=False)
+        for a, b in zip(jax.tree.leaves(solo["params"]), jax.tree.leaves(m["params"])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert_records_close(
+            read_metrics(tmp_path / ("solo_" + m["label"]) / "metrics.jsonl"),
+            read_metrics(tmp_path / "sweep" / m["label"] / "metrics.jsonl"),
+        )
+    # Each data seed trained on its own data: the same seed on another dataset differs.
+    p3, p4 = (out["members"][i]["params"] for i in (0, 2))
+    assert out["members"][0]["values"]["seed"] == out["members"][2]["values"]["seed"]
+    assert not np.allclose(jax.tree.leaves(p3)[0], jax.tree.leaves(p4)[0])
+
+
+def _write_image_tree(root, n_train=24, n_test=8):
+    """A tiny CIFAR-10 JPEG tree (``cifar10_jpeg/{train,test}/<class>/<i>.jpg``)."""
+    Image = pytest.importorskip("PIL.Image", reason="JPEG decoding needs Pillow")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            cls = ["airplane", "cat", "ship"][i % 3]
+            path = root / "cifar10_jpeg" / split / cls / f"{i:04d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(path)
+
+
+def test_partition_seed_axis_keeps_one_copy_of_the_examples(tmp_path):
+    # Partitions of one dataset under different seeds: one program, the examples on the
+    # device once, and every member equal to its solo run on its own partition.
+    _write_image_tree(tmp_path / "data")
+    base = smoke(data_on_device="device", clients_per_round=3)
+    base.dataset.name = "cifar10_jpeg"
+    base.dataset.kwargs = ml_collections.ConfigDict(
+        {"data_dir": str(tmp_path / "data"), "num_clients": 6, "partition": "dirichlet",
+         "partition_kwargs": {"alpha": 0.5}, "use_cache": False}
+    )  # fmt: skip
+    base.client.batch_size = 4
+    out = sweep.run_sweep(base, {"data_seed": [0, 1, 2]}, tmp_path / "sweep")
+    assert out["groups"] == 1
+    partitions = set()
+    for m in out["members"]:
+        assert m["summary"]["device_examples"] == 24 and m["summary"]["compiles"] == 1
+        config = member_config(base, m["values"])
+        solo = fs.simulate(config, tmp_path / ("solo_" + m["label"]), progress=False)
+        train = fs.data.get_federated_data(
+            "cifar10_jpeg", seed=m["values"]["data_seed"], **base.dataset.kwargs
+        ).train
+        partitions.add(train.all_examples()["x"].tobytes())
+        for a, b in zip(jax.tree.leaves(solo["params"]), jax.tree.leaves(m["params"])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert len(partitions) == 3  # three different partitions of the same 24 images
+
+
+def test_shared_examples_stores_each_example_once():
+    from fedjax_sim.data.packing import (
+        gather_cohort,
+        pack_cohort_indices,
+        remap_cohort,
+        shared_examples,
+    )
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 3)).astype(np.float32)
+    y = rng.integers(0, 4, 20).astype(np.int32)
+
+    def split(order, cuts):
+        parts = np.split(order, cuts)
+        return fs.data.FederatedDataset(
+            {f"c{i}": {"x": x[p], "y": y[p]} for i, p in enumerate(parts)}
+        )
+
+    a = split(np.arange(20), [5, 12])
+    b = split(rng.permutation(20), [2, 9, 15])
+    c = split(np.arange(10), [4])  # a subset: adds nothing new
+    other = fs.data.FederatedDataset({"o": {"x": x[:3] + 1, "y": y[:3]}})
+    pool, maps = shared_examples([a, b, c, other])
+    assert len(pool["x"]) == 23
+    np.testing.assert_array_equal(maps[0], np.arange(20))  # first dataset keeps its order
+    for ds, row_map in zip([a, b, c, other], maps, strict=True):
+        flat = ds.all_examples()
+        for k in ("x", "y"):
+            np.testing.assert_array_equal(pool[k][row_map], flat[k])
+        indexed = pack_cohort_indices(ds, [0], batch_size=2, seed=1, round_num=1)
+        want = gather_cohort(flat, indexed)
+        got = gather_cohort(pool, remap_cohort(indexed, row_map))
+        np.testing.assert_array_equal(got.batches["x"], want.batches["x"])
+        np.testing.assert_array_equal(got.mask, want.mask)
+    bad = fs.data.FederatedDataset({"o": {"x": x[:3, :2], "y": y[:3]}})
+    with pytest.raises(ValueError, match="same features"):
+        shared_examples([a, bad])

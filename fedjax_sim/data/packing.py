@@ -260,3 +260,54 @@ def pack_eval(dataset: FederatedDataset, *, batch_size: int = 1024):
     owner = np.zeros(nb * batch_size, np.int32)
     owner[:total] = np.repeat(np.arange(dataset.num_clients, dtype=np.int32), dataset.sizes)
     return arrays, mask.reshape(nb, batch_size), owner.reshape(nb, batch_size)
+
+
+def shared_examples(datasets: Sequence[FederatedDataset]):
+    """One example array for several datasets, each distinct example stored once.
+
+    Partitions of one dataset under different seeds hold the same examples in different
+    orders; a sweep over the partition seed keeps one copy on the device and gathers every
+    member's cohorts from it (``remap_cohort``).
+
+    Args:
+      datasets: datasets with the same ``element_spec``.
+
+    Returns:
+      ``(pool, row_maps)``: ``pool`` maps feature names to arrays holding every distinct
+      example (all features equal bytewise) once, in order of first appearance;
+      ``row_maps[d][i]`` is the pool row of ``datasets[d].all_examples()`` row ``i``.
+    """
+    if not datasets:
+        raise ValueError("shared_examples needs at least one dataset.")
+    spec = datasets[0].element_spec
+    for ds in datasets[1:]:
+        if ds.element_spec != spec:
+            raise ValueError(
+                f"{ds.name} has features {ds.element_spec} but {datasets[0].name} has {spec}; "
+                "only datasets with the same features can share their examples."
+            )
+    flats = [ds.all_examples() for ds in datasets]
+    keys = sorted(spec)
+    merged = {k: np.concatenate([f[k] for f in flats]) for k in keys}
+    total = len(merged[keys[0]])
+    row_bytes = np.concatenate(
+        [np.ascontiguousarray(merged[k]).reshape(total, -1).view(np.uint8) for k in keys], axis=1
+    )
+    rows = np.ascontiguousarray(row_bytes).view(np.dtype((np.void, row_bytes.shape[1]))).ravel()
+    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # pool rows in order of first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    pool = {k: merged[k][first[order]] for k in keys}
+    row_map = rank[inverse.ravel()]
+    bounds = np.cumsum([0] + [ds.num_examples for ds in datasets])
+    return pool, [row_map[bounds[d] : bounds[d + 1]] for d in range(len(datasets))]
+
+
+def remap_cohort(indexed: Cohort, row_map: np.ndarray) -> Cohort:
+    """An index cohort of one dataset, re-pointed at the ``shared_examples`` pool."""
+    index = indexed.batches["index"]
+    pool_rows = int(row_map.max(initial=0)) + 1
+    dtype = np.int32 if pool_rows < 2**31 else np.int64
+    moved = np.where(indexed.mask, row_map[np.where(indexed.mask, index, 0)], -1)
+    return indexed._replace(batches={"index": moved.astype(dtype)})
