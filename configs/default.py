@@ -55,6 +55,15 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # Pad each cohort to one of this many step counts (0 or 1: the largest client's), so
     # ragged datasets waste fewer padded steps; one compilation per bucket used.
     config.client.step_buckets = 0
+    # FedProx (Li et al. 2020): each client adds mu/2 * ||w - w_server||^2 to its loss (0: off).
+    config.client.proximal_mu = 0.0
+
+    # The DP-FedAvg mechanism (McMahan et al. 2018): clip each client's update to L2 norm
+    # clip_norm (0: off) and add Gaussian noise of std noise_multiplier * clip_norm / cohort
+    # size to their mean (needs weighting = "uniform"). No privacy accounting yet.
+    config.dp = ml_collections.ConfigDict()
+    config.dp.clip_norm = 0.0
+    config.dp.noise_multiplier = 0.0
 
     config.server = ml_collections.ConfigDict()
     config.server.optimizer = "sgd"

@@ -71,11 +71,38 @@ def make_algorithm(
         mesh=mesh,
     )
     server_opt = build_optimizer(config.server, inject=inject)
+    extras = algorithm_numbers(config)
     if config.algorithm == "fedsgd":
+        used = sorted(k for k, v in extras.items() if v)
+        if used:
+            raise ValueError(
+                f"fedsgd takes no {', '.join(used)} (FedProx and DP-FedAvg are fedavg/fedopt "
+                "options); set them to 0 or use algorithm='fedavg'."
+            )
         return algorithms.fedsgd(model, server_opt, **common)
     return algorithms.fedopt(
-        model, build_optimizer(config.client, inject=inject), server_opt, **common
+        model, build_optimizer(config.client, inject=inject), server_opt, **common, **extras
     )
+
+
+# Where the algorithm's own numbers live in a config (``fedopt``'s keyword -> field path).
+ALGORITHM_FIELDS = {
+    "proximal_mu": "client.proximal_mu",
+    "clip_norm": "dp.clip_norm",
+    "noise_multiplier": "dp.noise_multiplier",
+}
+
+
+def algorithm_numbers(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """FedProx's ``proximal_mu`` and DP-FedAvg's ``clip_norm`` and ``noise_multiplier`` of
+    ``config`` (0 where the config has no such field)."""
+    out = {}
+    for name, path in ALGORITHM_FIELDS.items():
+        node = config
+        for part in path.split("."):
+            node = node.get(part, 0.0) if isinstance(node, ml_collections.ConfigDict) else 0.0
+        out[name] = float(node)
+    return out
 
 
 def build_experiment(

@@ -51,8 +51,10 @@ import numpy as np
 from fedjax_sim import checkpoint, data, optimizers
 from fedjax_sim.metrics import make_evaluator, summarize_eval
 from fedjax_sim.simulation import (
+    ALGORITHM_FIELDS,
     DEVICE_DATA_BUDGET,
     _kwargs,
+    algorithm_numbers,
     build_experiment,
     data_on_device,
     data_seed_of,
@@ -64,7 +66,13 @@ from fedjax_sim.simulation import (
 
 # Fields a vectorized sweep traces; ``client.kwargs.*`` and ``server.kwargs.*`` (numeric
 # optimizer arguments such as ``momentum`` or ``b1``) are vectorized too.
-VECTOR_AXES = ("seed", "data_seed", "client.learning_rate", "server.learning_rate")
+VECTOR_AXES = (
+    "seed",
+    "data_seed",
+    "client.learning_rate",
+    "server.learning_rate",
+    *ALGORITHM_FIELDS.values(),  # proximal_mu, clip_norm, noise_multiplier
+)
 _VECTOR_PREFIXES = ("client.kwargs.", "server.kwargs.")
 # Fields that may not be swept: they name the sweep or only the driver's bookkeeping.
 _FIXED = ("sweep", "num_devices", "cpu_devices", "checkpoint_every", "checkpoint_keep")
@@ -286,9 +294,11 @@ def run_sweep(
                     fd = data.get_federated_data(
                         config.dataset.name, seed=d, **_kwargs(config.dataset.kwargs)
                     )
-                build_experiment(_one_device(config), fd)
+                exp = build_experiment(_one_device(config), fd)
                 per_seed[d] = fd
             group_data[key] = per_seed
+            for i in idx:  # each member's own algorithm settings (e.g. noise without clipping)
+                make_algorithm(members[i][2], exp.model, strategy=exp.strategy, mesh=None)
     except Exception:
         for p in created:  # leave no empty workdir behind a refused sweep
             try:
@@ -446,6 +456,11 @@ def _run_streams(
             for k in _numbers(config, "client")
         }
     )
+    # FedProx's and DP-FedAvg's numbers, traced where some member uses them.
+    extras = [algorithm_numbers(c) for c in configs]
+    for k in ALGORITHM_FIELDS:
+        if any(e[k] for e in extras):
+            client_hp[k] = jnp.asarray([e[k] for e in extras], jnp.float32)
     member_streams = [_stream(c) for c in configs]
     streams = list(dict.fromkeys(member_streams))
     per_stream = m_count // len(streams)

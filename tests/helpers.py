@@ -49,3 +49,19 @@ def tree_allclose(a, b, rtol=1e-6, atol=1e-6):
 
 def mean_loss(model, params, x, y):
     return jnp.mean(model.loss(model.apply(params, x, train=False), y))
+
+
+def train_clients_by_hand(params, cohort, grad_fn, lr):
+    """Every client row of ``cohort`` trained alone in Python: plain SGD over its real steps,
+    with ``grad_fn(p, x, y)`` the gradient of its objective on a batch. Returns the models."""
+    finals = []
+    for row in range(cohort.mask.shape[0]):
+        p = params
+        for s in range(cohort.mask.shape[1]):
+            m = cohort.mask[row, s]
+            if not m.any():
+                continue
+            g = grad_fn(p, cohort.batches["x"][row, s][m], cohort.batches["y"][row, s][m])
+            p = jax.tree.map(lambda a, b: a - lr * b, p, g)
+        finals.append(p)
+    return finals

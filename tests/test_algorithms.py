@@ -8,7 +8,13 @@ import pytest
 
 import fedjax_sim as fs
 from fedjax_sim.data import pack_cohort
-from tests.helpers import linear_model, mean_loss, ragged_dataset, tree_allclose
+from tests.helpers import (
+    linear_model,
+    mean_loss,
+    ragged_dataset,
+    train_clients_by_hand,
+    tree_allclose,
+)
 
 MODEL = linear_model()
 PARAMS = MODEL.init(jax.random.key(0))
@@ -54,18 +60,10 @@ def reference_fedavg_round(params, ds, ids, *, lr, batch_size, epochs, seed, rou
     cohort = cohort_of(
         ds, ids, batch_size=batch_size, local_epochs=epochs, seed=seed, round_num=round_num
     )
-    finals, weights = [], []
-    for row, ci in enumerate(ids):
-        p = params
-        for s in range(cohort.mask.shape[1]):
-            m = cohort.mask[row, s]
-            if not m.any():
-                continue
-            x, y = cohort.batches["x"][row, s][m], cohort.batches["y"][row, s][m]
-            g = jax.grad(lambda q: mean_loss(MODEL, q, x, y))(p)
-            p = jax.tree.map(lambda a, b: a - lr * b, p, g)
-        finals.append(p)
-        weights.append(ds.sizes[ci])
+    finals = train_clients_by_hand(
+        params, cohort, jax.grad(lambda q, x, y: mean_loss(MODEL, q, x, y)), lr
+    )
+    weights = [ds.sizes[ci] for ci in ids]
     w = np.array(weights, np.float32) / np.sum(weights)
     return jax.tree.map(lambda *ps: sum(wi * pi for wi, pi in zip(w, ps)), *finals)
 

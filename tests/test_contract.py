@@ -22,6 +22,10 @@ ALGORITHMS = {
     "optax_adam_server": lambda: fs.fedopt(MODEL, optax.sgd(0.1), fs.get_optimizer("adam", 0.05)),
     "fedsgd": lambda: fs.fedsgd(MODEL, optax.sgd(1.0)),
     "median": lambda: fs.fedavg(MODEL, optax.sgd(0.1), aggregator=fs.coordinate_median()),
+    "fedprox": lambda: fs.fedavg(MODEL, optax.sgd(0.1), proximal_mu=0.1),
+    "dp_fedavg": lambda: fs.fedavg(
+        MODEL, optax.sgd(0.1), weighting="uniform", clip_norm=1.0, noise_multiplier=0.01
+    ),
 }
 
 

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,3 +166,26 @@ def test_eval_on_a_seeded_sample_of_test_clients(tmp_path):
     acc = read_metrics(tmp_path)[-1]["test_accuracy"]
     n = sample.num_examples
     assert abs(acc * n - round(acc * n)) < 1e-6
+
+
+CONFIGS = sorted(
+    f.stem for f in (Path(__file__).parent.parent / "configs").glob("*.py") if f.stem != "__init__"
+)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_loads_with_its_smoke_variant(name, tmp_path):
+    # Each config and its smoke variant load, use only fields the default config has, and
+    # (for the built-in data) run two rounds.
+    default = load_config("default").to_dict()
+    for spec in (name, f"{name}:smoke"):
+        config = load_config(spec)
+        unknown = [k for k in config.to_dict() if k not in default and k != "sweep"]
+        assert not unknown, f"{spec}: fields {unknown} are not in configs/default.py"
+    config = load_config(f"{name}:smoke")
+    if config.dataset.name.startswith("synthetic") and "sweep" not in config:
+        config.num_rounds = 2
+        config.eval_every = 1
+        config.checkpoint_every = 0
+        summary = fs.simulate(config, tmp_path / "run", progress=False)
+        assert 0.0 <= summary["final_test_accuracy"] <= 1.0

@@ -486,3 +486,34 @@ def test_shared_examples_stores_each_example_once():
     bad = fs.data.FederatedDataset({"o": {"x": x[:3, :2], "y": y[:3]}})
     with pytest.raises(ValueError, match="same features"):
         shared_examples([a, bad])
+
+
+def test_fedprox_and_dp_axes_are_vectorized_and_equal_solo_runs(tmp_path, synthetic):
+    # Proximal term, clipping norm and noise level are traced: one program for all members,
+    # a member at 0 computing exactly what a run without that piece computes.
+    base = smoke(weighting="uniform")
+    base.dp.clip_norm = 0.05
+    axes = {
+        "client.proximal_mu": [0.0, 0.5],
+        "dp.clip_norm": [0.0, 0.05],
+        "dp.noise_multiplier": [0.0, 1.0],
+    }
+    # noise without clipping is refused before any compute
+    with pytest.raises(ValueError, match="needs clip_norm > 0"):
+        sweep.run_sweep(base, axes, tmp_path / "bad", federated_data=synthetic)
+    assert not (tmp_path / "bad").exists()
+    axes["dp.clip_norm"] = [0.02, 0.05]
+    out = sweep.run_sweep(base, axes, tmp_path / "sweep", federated_data=synthetic)
+    assert out["groups"] == 1
+    finals = set()
+    for m in out["members"]:
+        assert m["summary"]["compiles"] == 1
+        config = member_config(base, m["values"])
+        solo = fs.simulate(
+            config, tmp_path / ("solo_" + m["label"]), federated_data=synthetic, progress=False
+        )
+        for a, b in zip(jax.tree.leaves(solo["params"]), jax.tree.leaves(m["params"])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        leaves = [np.ravel(a) for a in jax.tree.leaves(m["params"])]
+        finals.add(tuple(np.round(np.concatenate(leaves), 5)))
+    assert len(finals) == 8  # every setting changed the result

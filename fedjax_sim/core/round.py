@@ -20,6 +20,7 @@ CLIENT_AXIS = "clients"
 # Salts for keys that must not collide with per-client keys fold_in(round_key, client_id).
 AGGREGATE_SALT = 2**31 - 1
 UPDATE_SALT = 2**31 - 2
+NOISE_SALT = 2**31 - 3
 
 ClientFn = Callable[[dict, PyTree, PRNGKey], ClientOutput]
 
