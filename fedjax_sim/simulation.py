@@ -31,6 +31,64 @@ class TrainingDiverged(RuntimeError):
     """The training loss or the evaluated model became NaN or infinite."""
 
 
+class RunLog:
+    """One run's evaluation records: its ``metrics.jsonl``, TensorBoard events and summary.
+
+    The driver and every sweep member keep one, so their files have one format.
+    """
+
+    def __init__(self, workdir: Path, history: list[dict[str, Any]] | None = None):
+        self.workdir = Path(workdir)
+        self.metrics_path = self.workdir / "metrics.jsonl"
+        self.history: list[dict[str, Any]] = list(history or [])
+
+    def start(self) -> None:
+        """Writes ``metrics.jsonl`` holding ``history``: empty for a fresh run; for a resumed
+        one, the records up to its checkpoint (a killed run may have appended more)."""
+        checkpoint.write_lines_atomically(self.metrics_path, [json.dumps(h) for h in self.history])
+
+    def record(self, r: int, train_loss: float, ev: dict[str, float], wall_s: float) -> dict:
+        """Appends round ``r``'s evaluation to the history and ``metrics.jsonl``."""
+        rec = {"round": r, "train_loss": float(train_loss), **ev, "wall_s": round(wall_s, 3)}
+        self.history.append(rec)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return rec
+
+    def write_tensorboard(self) -> None:
+        if self.history:
+            write_tensorboard(self.workdir)
+
+    def summary(self, config, wall_s: float, **extra) -> dict[str, Any]:
+        """The final summary (also written to ``summary.json``): last and best records, speed
+        and ``extra`` (strategy, devices, ...)."""
+        best = max(self.history, key=lambda h: h["test_accuracy"]) if self.history else {}
+        last = self.history[-1] if self.history else {}
+        out = {
+            "rounds": config.num_rounds,
+            "final_test_accuracy": last.get("test_accuracy"),
+            "final_test_loss": last.get("test_loss"),
+            "final_train_loss": last.get("train_loss"),
+            "best_test_accuracy": best.get("test_accuracy"),
+            "best_round": best.get("round"),
+            "client_accuracy_p10": last.get("client_accuracy_p10"),
+            "wall_s": round(wall_s, 3),
+            "rounds_per_s": round(config.num_rounds / wall_s, 2),
+            **extra,
+        }
+        (self.workdir / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+        return out
+
+
+def packing_of(config) -> dict[str, Any]:
+    """The local-work arguments of ``pack_cohort`` a config sets."""
+    return dict(
+        batch_size=config.client.batch_size,
+        local_epochs=config.client.local_epochs,
+        max_local_steps=config.client.max_local_steps or None,
+    )
+
+
 class Experiment(NamedTuple):
     """Everything a run is built from."""
 
@@ -240,19 +298,17 @@ def simulate(
     state = replicate(exp.algorithm.init(params), exp.mesh)
     if ckpt is None and every > 0:
         ckpt = checkpoint.Checkpointer(workdir, keep=keep)
-    history: list[dict[str, Any]] = []
+    log = RunLog(workdir)
     pending_losses: list[tuple[int, jax.Array]] = []
     real_slots = total_slots = 0
     wall_before = 0.0  # seconds spent before the checkpoint resumed from
     if meta is not None:
         start = meta["round"]
         state = replicate(ckpt.restore_state(start, state), exp.mesh)
-        history = meta["history"]
+        log = RunLog(workdir, meta["history"])
         pending_losses = [(rr, jnp.asarray(loss, jnp.float32)) for rr, loss in meta["pending"]]
         real_slots, total_slots = meta["real_slots"], meta["total_slots"]
         wall_before = meta["wall_s"]
-        # The killed run may have appended evaluations after its last checkpoint.
-        checkpoint.write_lines_atomically(metrics_path, [json.dumps(h) for h in history])
         print(f"fedjax-sim: resuming {workdir} after round {start}", file=sys.stderr)
     else:
         start = 0
@@ -268,7 +324,7 @@ def simulate(
             {
                 "config": config_data,
                 "round": r,
-                "history": history,
+                "history": log.history,
                 "pending": losses,
                 "real_slots": real_slots,
                 "total_slots": total_slots,
@@ -279,8 +335,7 @@ def simulate(
     if meta is None and ckpt is not None:
         save_checkpoint(0)  # from here on a killed run resumes instead of being refused
     (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
-    if meta is None:
-        metrics_path.write_text("")
+    log.start()
     on_device = data_on_device(config.data_on_device, train)
     if on_device:
         device_examples = replicate(jax.device_put(train.all_examples()), exp.mesh)
@@ -306,9 +361,7 @@ def simulate(
         for r in range(start + 1, config.num_rounds + 1):
             ids = sample_clients(config.seed, r, train.num_clients, config.clients_per_round)
             pack = dict(
-                batch_size=config.client.batch_size,
-                local_epochs=config.client.local_epochs,
-                max_local_steps=config.client.max_local_steps or None,
+                **packing_of(config),
                 num_steps=bucket_steps(ids),
                 num_clients=exp.cohort_slots,
                 seed=config.seed,
@@ -344,18 +397,9 @@ def simulate(
                         f"the evaluated test loss is {ev['test_loss']} after round {r}; "
                         f"{metrics_path} keeps the evaluations before it. Lower the learning rates."
                     )
-                record = {
-                    "round": r,
-                    "train_loss": float(losses.mean()),
-                    **ev,
-                    "wall_s": round(elapsed(), 3),
-                }
+                record = log.record(r, losses.mean(), ev, elapsed())
                 pending_losses.clear()
-                history.append(record)
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                # TensorBoard events beside metrics.jsonl (no TensorFlow needed).
-                write_tensorboard(workdir)
+                log.write_tensorboard()  # beside metrics.jsonl (no TensorFlow needed)
                 if bar is not None:
                     bar.set_postfix(
                         loss=f"{record['train_loss']:.4f}", acc=f"{record['test_accuracy']:.4f}"
@@ -368,26 +412,16 @@ def simulate(
         if ckpt is not None:
             ckpt.close()
 
-    wall = elapsed()
-    best = max(history, key=lambda h: h["test_accuracy"])
-    summary = {
-        "rounds": config.num_rounds,
-        "final_test_accuracy": history[-1]["test_accuracy"],
-        "final_test_loss": history[-1]["test_loss"],
-        "final_train_loss": history[-1]["train_loss"],
-        "best_test_accuracy": best["test_accuracy"],
-        "best_round": best["round"],
-        "client_accuracy_p10": history[-1]["client_accuracy_p10"],
-        "wall_s": round(wall, 3),
-        "rounds_per_s": round(config.num_rounds / wall, 2),
-        "strategy": exp.strategy,
-        "devices": 1 if exp.mesh is None else exp.mesh.size,
-        "compiles": round_fn._cache_size(),
-        "data_on_device": on_device,
-        "padding_waste": round(1 - real_slots / max(total_slots, 1), 4),
-    }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return {**summary, "params": state.params, "history": history}
+    summary = log.summary(
+        config,
+        elapsed(),
+        strategy=exp.strategy,
+        devices=1 if exp.mesh is None else exp.mesh.size,
+        compiles=round_fn._cache_size(),
+        data_on_device=on_device,
+        padding_waste=round(1 - real_slots / max(total_slots, 1), 4),
+    )
+    return {**summary, "params": state.params, "history": log.history}
 
 
 def eval_clients(test: data.FederatedDataset, config) -> data.FederatedDataset:
@@ -421,11 +455,7 @@ def step_bucketer(config, train: data.FederatedDataset, max_steps: int):
     With buckets, a cohort is padded to the smallest bucket that holds its longest client:
     less padding for ragged datasets, one compiled round per bucket used.
     """
-    kw = dict(
-        batch_size=config.client.batch_size,
-        local_epochs=config.client.local_epochs,
-        max_local_steps=config.client.max_local_steps or None,
-    )
+    kw = packing_of(config)
     if config.client.step_buckets <= 1:
         return lambda ids: max_steps
     from fedjax_sim.data.bucketing import bucket_by_size

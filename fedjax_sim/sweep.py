@@ -53,6 +53,7 @@ from fedjax_sim.metrics import make_evaluator, summarize_eval
 from fedjax_sim.simulation import (
     ALGORITHM_FIELDS,
     DEVICE_DATA_BUDGET,
+    RunLog,
     _kwargs,
     algorithm_numbers,
     build_experiment,
@@ -60,6 +61,7 @@ from fedjax_sim.simulation import (
     data_seed_of,
     eval_clients,
     make_algorithm,
+    packing_of,
     sample_clients,
     step_bucketer,
 )
@@ -548,13 +550,12 @@ def _run_streams(
                     f"{ckpt.directory} holds a checkpoint of members {meta.get('labels')}, "
                     f"not {labels}; pass --overwrite to start afresh."
                 )
-    dirs = []
+    logs = []
     for (label, _, _), cfg in zip(members, configs, strict=True):
         d = workdir / label
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(cfg.to_json(indent=2) + "\n")
-        dirs.append(d)
-    histories: list[list[dict]] = [[] for _ in members]
+        logs.append(RunLog(d))
     diverged: list[int | None] = [None] * m_count
     pending: list[tuple[int, jax.Array, jax.Array]] = []
     real_slots = total_slots = 0
@@ -564,7 +565,7 @@ def _run_streams(
         start = int(meta["round"])
         restored = ckpt.restore_state(start, {"states": states, "alive": alive})
         states, alive = restored["states"], restored["alive"]
-        histories = meta["histories"]
+        logs = [RunLog(log.workdir, h) for log, h in zip(logs, meta["histories"], strict=True)]
         diverged = meta["diverged"]
         pending = [
             (rr, jnp.asarray(lo, jnp.float32), jnp.asarray(al, bool))
@@ -572,9 +573,6 @@ def _run_streams(
         ]
         real_slots, total_slots = meta["real_slots"], meta["total_slots"]
         wall_before = meta["wall_s"]
-        # The killed sweep may have appended evaluations after its last checkpoint.
-        for d, history in zip(dirs, histories, strict=True):
-            checkpoint.write_lines_atomically(d / "metrics.jsonl", [json.dumps(h) for h in history])
         if progress:
             print(f"  resuming {m_count} member(s) after round {start}")
     t_start -= wall_before
@@ -587,7 +585,7 @@ def _run_streams(
                 "sweep": spec,
                 "labels": labels,
                 "round": r,
-                "histories": histories,
+                "histories": [log.history for log in logs],
                 "diverged": diverged,
                 "pending": [
                     [rr, np.asarray(lo).tolist(), np.asarray(al).tolist()] for rr, lo, al in pending
@@ -598,18 +596,12 @@ def _run_streams(
             },
         )
 
-    if meta is None:
-        if ckpt is not None:
-            save_checkpoint(0)  # from here on a killed sweep resumes instead of being refused
-        for d in dirs:
-            (d / "metrics.jsonl").write_text("")
+    if meta is None and ckpt is not None:
+        save_checkpoint(0)  # from here on a killed sweep resumes instead of being refused
+    for log in logs:  # a resumed member drops evaluations appended after the checkpoint
+        log.start()
     slots = config.clients_per_round
-    pack_kw = dict(
-        batch_size=config.client.batch_size,
-        local_epochs=config.client.local_epochs,
-        max_local_steps=config.client.max_local_steps or None,
-        num_clients=slots,
-    )
+    pack_kw = dict(**packing_of(config), num_clients=slots)
     pack = data.packing.pack_cohort_indices if on_device else data.pack_cohort
     for r in range(start + 1, config.num_rounds + 1):
         ids = [sample_clients(s, r, trains[d].num_clients, slots) for s, d in streams]
@@ -647,20 +639,16 @@ def _run_streams(
                 diverged[m] = r
                 newly_dead.append(m)
                 continue
-            record = {
-                "round": r,
-                "train_loss": float(loss_rows[:, m].mean()),
-                **ev,
-                "wall_s": round(elapsed, 3),
-            }
-            histories[m].append(record)
-            with (dirs[m] / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            logs[m].record(r, loss_rows[:, m].mean(), ev, elapsed)
         if newly_dead:
             alive = alive.at[jnp.asarray(newly_dead)].set(False)
         pending.clear()
         if progress:
-            live = [h[-1]["test_accuracy"] for h in histories if h and h[-1]["round"] == r]
+            live = [
+                log.history[-1]["test_accuracy"]
+                for log in logs
+                if log.history and log.history[-1]["round"] == r
+            ]
             best = max(live) if live else float("nan")
             print(
                 f"  round {r}: {m_count - sum(d is not None for d in diverged)}/{m_count} "
@@ -671,46 +659,32 @@ def _run_streams(
     if ckpt is not None:
         ckpt.close()
 
-    from fedjax_sim.report import write_tensorboard
-
     wall = time.perf_counter() - t_start
     results = []
     params = jax.device_get(states.params)
     for m, (label, values, _) in enumerate(members):
-        history = histories[m]
-        best = max(history, key=lambda h: h["test_accuracy"]) if history else None
-        last = history[-1] if history else {}
-        summary = {
-            "rounds": config.num_rounds,
-            "final_test_accuracy": last.get("test_accuracy"),
-            "final_test_loss": last.get("test_loss"),
-            "final_train_loss": last.get("train_loss"),
-            "best_test_accuracy": best and best["test_accuracy"],
-            "best_round": best and best["round"],
-            "client_accuracy_p10": last.get("client_accuracy_p10"),
-            "wall_s": round(wall, 3),
-            "rounds_per_s": round(config.num_rounds / wall, 2),
-            "strategy": exp.strategy,
-            "devices": 1,
-            "compiles": round_fn._cache_size(),
-            "data_on_device": on_device,
-            "padding_waste": round(1 - real_slots / max(total_slots, 1), 4),
-            "sweep_members": m_count,
-            "sweep_values": values,
-            "data_seed": member_data[m],
-            "device_examples": device_examples,
-            "diverged": diverged[m] is not None,
-            "diverged_round": diverged[m],
-        }
-        (dirs[m] / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if history:
-            write_tensorboard(dirs[m])
+        summary = logs[m].summary(
+            config,
+            wall,
+            strategy=exp.strategy,
+            devices=1,
+            compiles=round_fn._cache_size(),
+            data_on_device=on_device,
+            padding_waste=round(1 - real_slots / max(total_slots, 1), 4),
+            sweep_members=m_count,
+            sweep_values=values,
+            data_seed=member_data[m],
+            device_examples=device_examples,
+            diverged=diverged[m] is not None,
+            diverged_round=diverged[m],
+        )
+        logs[m].write_tensorboard()
         results.append(
             {
                 "label": label,
                 "values": values,
                 "summary": summary,
-                "history": history,
+                "history": logs[m].history,
                 "params": jax.tree.map(lambda a, m=m: a[m], params),
             }
         )

@@ -9,11 +9,16 @@ include compilation, packing, evaluation and writing the metrics, i.e. what a us
 It reports both times and their ratio and checks that every member's final params equal its
 solo run's within ``--tolerance``.
 
+``--axis data_seed`` sweeps 4 data seeds instead of 4 seeds (each a different Synthetic(1,1)
+draw, so the sweep builds 4 datasets and pads the streams' cohorts to a common step count);
+the solo runs get their data prebuilt, so dataset building counts against the sweep only.
+
 The learning rates stop at 0.03: at 0.1 this config's 20 local epochs are chaotic enough that
 any float reordering shows (``fs.simulate`` alone on 1 and 2 devices differs by 5e-3 after 3
 rounds), so no vectorized run can match a solo one to 1e-5 there.
 
     python scripts/bench_sweep.py                 # 20 rounds; aim: ratio >= 3
+    python scripts/bench_sweep.py --axis data_seed
     python scripts/bench_sweep.py --rounds 50 --out bench_sweep.json
 
 Exit status 1 when a member differs from its solo run (or, with ``--min-ratio``, when the
@@ -55,17 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=1e-5)
     p.add_argument("--min-ratio", type=float, default=0.0)
     p.add_argument("--out", default=None, help="write the numbers as JSON here")
+    p.add_argument("--axis", choices=("seed", "data_seed"), default="seed",
+                   help="the second axis beside the client learning rate")  # fmt: skip
     args = p.parse_args(argv)
 
     base = base_config(args.rounds)
     if args.local_epochs:
         base.client.local_epochs = args.local_epochs
-    fd = fs.data.get_federated_data(
-        base.dataset.name, seed=base.seed, **base.dataset.kwargs.to_dict()
-    )
-    axes = {"client.learning_rate": LEARNING_RATES, "seed": SEEDS}
+    datasets = {
+        s: fs.data.get_federated_data(base.dataset.name, seed=s, **base.dataset.kwargs.to_dict())
+        for s in (SEEDS if args.axis == "data_seed" else [base.seed])
+    }
+    axes = {"client.learning_rate": LEARNING_RATES, args.axis: SEEDS}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
+        fd = datasets[base.seed] if args.axis == "seed" else None  # else: the sweep builds them
         out = sweep.run_sweep(base, axes, Path(tmp) / "sweep", federated_data=fd)
         t_sweep = time.perf_counter() - t0
 
@@ -73,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         for m in out["members"]:
             config = sweep.member_configs(base, {k: [v] for k, v in m["values"].items()})[0][2]
+            fd = datasets[fs.simulation.data_seed_of(config)]
             solos.append(
                 fs.simulate(
                     config, Path(tmp) / ("solo_" + m["label"]), federated_data=fd, progress=False
@@ -88,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = t_seq / t_sweep
     result = {
         "members": len(out["members"]),
+        "axes": list(axes),
         "rounds": args.rounds,
         "local_epochs": base.client.local_epochs,
         "backend": jax.default_backend(),
