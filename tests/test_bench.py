@@ -1,4 +1,4 @@
-"""scripts/bench.py runs end to end on a tiny case and measures the reference's computation."""
+"""scripts/bench.py and scripts/bench_sweep.py run end to end on tiny cases."""
 
 import importlib.util
 import json
@@ -9,16 +9,16 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 
-def load_bench():
-    path = os.path.join(REPO_ROOT, "scripts", "bench.py")
-    spec = importlib.util.spec_from_file_location("fedjax_sim_bench", path)
+def load_script(name="bench"):
+    path = os.path.join(REPO_ROOT, "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"fedjax_sim_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_bench_tiny_case_writes_rows_that_match_the_reference(tmp_path, capsys):
-    bench = load_bench()
+    bench = load_script()
     out = tmp_path / "bench.json"
     argv = ["--out", str(out), "--models", "logreg", "--cohorts", "10", "--repeats", "1"]
     argv += ["--min_seconds", "0", "--max_seconds", "1", "--no-check"]
@@ -49,3 +49,14 @@ def test_bench_tiny_case_writes_rows_that_match_the_reference(tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert f"auto->{auto['resolved']}" in printed and "CHECK" in printed
+
+
+def test_bench_sweep_tiny_case_matches_solo_runs(tmp_path):
+    module = load_script("bench_sweep")
+    out = tmp_path / "bench_sweep.json"
+    argv = ["--rounds", "2", "--local-epochs", "1", "--axis", "data_seed", "--out", str(out)]
+    assert module.main(argv) == 0  # every member within 1e-5 of its solo run
+    result = json.loads(out.read_text())
+    assert result["members"] == 16 and result["axes"] == ["client.learning_rate", "data_seed"]
+    assert result["max_param_diff"] <= 1e-5
+    assert result["vectorized_s"] > 0 and result["sequential_s"] > 0
