@@ -253,7 +253,7 @@ def get_config(variant=None):
     config.eval_every = 2
     config.checkpoint_every = 4
     config.client.local_epochs = 20
-    config.sweep = ml_collections.ConfigDict({'seed': [0, 1]})
+    config.sweep = ml_collections.ConfigDict({'data_seed': [0, 1]})  # streams on two datasets
     config.sweep.client = ml_collections.ConfigDict({'learning_rate': %s})
     return config
 """
