@@ -152,11 +152,6 @@ def check_axes(base_config: ml_collections.ConfigDict, axes: dict[str, list]) ->
     algos = axes.get("algorithm", [base_config.algorithm])
     if "fedsgd" in algos and any(p.startswith("client.") and is_vector_axis(p) for p in axes):
         raise ValueError("fedsgd has no client optimizer; sweep server.* or seed instead.")
-    if "seed" in axes and base_config.eval_max_clients:
-        raise ValueError(
-            "a seed axis with eval_max_clients > 0 would evaluate each member on different "
-            "test clients; set eval_max_clients = 0 to sweep seeds."
-        )
 
 
 def axes_from_config(node, prefix: str = "") -> dict[str, list]:
@@ -440,7 +435,13 @@ def _run_streams(
     _check_same_shapes(exps)
     model = exp.model
     trains = {d: e.data.train for d, e in exps.items()}
-    tests = {d: eval_clients(e.data.test, config) for d, e in exps.items()}
+    # Members evaluate on the test clients of their data seed: all of them, or (with
+    # eval_max_clients) the sample their seed draws, as their solo runs would.
+    member_eval = [(data_seed_of(c), int(c.seed) if c.eval_max_clients else -1) for c in configs]
+    tests = {
+        k: eval_clients(exps[k[0]].data.test, configs[member_eval.index(k)])
+        for k in dict.fromkeys(member_eval)
+    }
     m_count = len(members)
     fedsgd = config.algorithm == "fedsgd"
 
@@ -524,16 +525,16 @@ def _run_streams(
         return jax.tree.map(keep, new, states), ok, metrics["train_loss"]
 
     round_fn = jax.jit(sweep_round, donate_argnums=0)
-    # One evaluator per data seed (its test clients), vmapped over that data seed's members.
+    # One evaluator per set of test clients, vmapped over the members evaluated on it.
     evaluators = {
-        d: jax.jit(jax.vmap(make_evaluator(model, t.num_clients), (0, None, None, None)))
-        for d, t in tests.items()
+        k: jax.jit(jax.vmap(make_evaluator(model, t.num_clients), (0, None, None, None)))
+        for k, t in tests.items()
     }
     eval_arrays = {
-        d: data.pack_eval(t, batch_size=config.eval_batch_size) for d, t in tests.items()
+        k: data.pack_eval(t, batch_size=config.eval_batch_size) for k, t in tests.items()
     }
     eval_members = {
-        d: np.asarray([m for m in range(m_count) if member_data[m] == d]) for d in data_seeds
+        k: np.asarray([m for m in range(m_count) if member_eval[m] == k]) for k in tests
     }
     max_steps = max(e.num_steps for e in exps.values())
     bucket_steps = {d: step_bucketer(config, trains[d], max_steps) for d in data_seeds}
@@ -692,11 +693,12 @@ def _run_streams(
 
 
 def _evaluate(params, evaluators, eval_arrays, eval_members, m_count):
-    """Every member's evaluation sums, from the test clients of its data seed."""
+    """Every member's evaluation sums, from its own test clients (``eval_members`` maps each
+    set of test clients to the members evaluated on it)."""
     out: list[Any] = [None] * m_count
-    for d, idx in eval_members.items():
+    for k, idx in eval_members.items():
         sub = params if len(idx) == m_count else jax.tree.map(lambda a, i=idx: a[i], params)
-        sums = jax.device_get(evaluators[d](sub, *eval_arrays[d]))
+        sums = jax.device_get(evaluators[k](sub, *eval_arrays[k]))
         for j, m in enumerate(idx):
             out[m] = tuple(a[j] for a in sums)
     return out

@@ -165,11 +165,21 @@ def test_bad_axes_are_refused_before_any_compute(tmp_path, synthetic, axes, mess
     assert not (tmp_path / "s").exists()
 
 
-def test_seed_axis_refused_with_sampled_eval_clients(synthetic, tmp_path):
-    with pytest.raises(ValueError, match="eval_max_clients"):
-        sweep.run_sweep(
-            smoke(eval_max_clients=5), {"seed": [0, 1]}, tmp_path, federated_data=synthetic
-        )
+def test_seed_axis_with_sampled_eval_clients_evaluates_like_solo_runs(synthetic, tmp_path):
+    # With eval_max_clients each seed draws its own test clients, as its solo run does.
+    base = smoke(eval_max_clients=5)
+    out = sweep.run_sweep(
+        base, {"seed": [0, 1], "data_seed": [0, 2]}, tmp_path / "sweep"
+    )  # fmt: skip
+    accuracies = set()
+    for m in out["members"]:
+        config = member_config(base, m["values"])
+        solo_dir = tmp_path / ("solo_" + m["label"])
+        fs.simulate(config, solo_dir, progress=False)
+        member = read_metrics(tmp_path / "sweep" / m["label"] / "metrics.jsonl")
+        assert_records_close(read_metrics(solo_dir / "metrics.jsonl"), member)
+        accuracies.add(member[-1]["test_accuracy"])
+    assert len(accuracies) == 4
 
 
 def test_injected_optimizers_equal_plain_ones():
