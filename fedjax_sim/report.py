@@ -391,6 +391,10 @@ def _plot(path: Path, points, y_key: str, x_key: str, title: str, xlabel: str, y
                 ax.plot(xd, md, color=color, linestyle="--", linewidth=1)
     if target is not None:
         ax.axhline(target, color="0.4", linestyle=":", linewidth=1, label=f"target {target:g}")
+    if x_key == "round":  # whole rounds only
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
