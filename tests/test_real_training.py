@@ -137,3 +137,25 @@ def test_data_stats_cli_bad_input(capsys, tmp_path):
     assert cli_main(["datasets"]) == 0
     out = capsys.readouterr().out
     assert "femnist_leaf" in out and "dirichlet" in out and "synthetic" in out
+
+
+@pytest.mark.realdata
+def test_partition_seed_sweep_on_real_mnist_is_one_program_over_one_copy(tmp_path):
+    # Three pathological partitions of real MNIST: one compiled program, the 60,000 training
+    # images on the device once, and a member equal to its solo run on its own partition.
+    real_data("mnist/train-images-idx3-ubyte.gz")
+    from fedjax_sim import sweep
+
+    base = load_config("mnist_2nn_pathological:smoke")
+    base.num_rounds, base.eval_every = 2, 1
+    out = sweep.run_sweep(base, {"data_seed": [0, 1, 2]}, tmp_path / "sweep")
+    assert out["groups"] == 1
+    for m in out["members"]:
+        assert m["summary"]["compiles"] == 1 and m["summary"]["device_examples"] == 60000
+    member = out["members"][2]
+    config = sweep.member_configs(base, {"data_seed": [2]})[0][2]
+    solo = fs.simulate(config, tmp_path / "solo", progress=False)
+    for a, b in zip(jax.tree.leaves(solo["params"]), jax.tree.leaves(member["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    finals = {m["summary"]["final_test_accuracy"] for m in out["members"]}
+    assert len(finals) == 3  # three different partitions
