@@ -231,7 +231,7 @@ def test_unknown_names_list_the_known_ones():
 
 @pytest.mark.parametrize("devices", [2, 4])
 @pytest.mark.parametrize("strategy", ["vmap", "chunked", "sequential"])
-@pytest.mark.parametrize("algorithm", ["fedopt", "fedsgd"])
+@pytest.mark.parametrize("algorithm", ["fedopt", "fedsgd", "fedprox_dp"])
 def test_sharding_the_cohort_over_devices_gives_the_same_result(devices, strategy, algorithm):
     # conftest.py fakes 4 CPU devices. Gradients w.r.t. the replicated server params must not
     # be summed across devices (the shard_map trap in ../shared/PERF_NOTES.md).
@@ -242,7 +242,13 @@ def test_sharding_the_cohort_over_devices_gives_the_same_result(devices, strateg
     def make(mesh, strategy):
         if algorithm == "fedsgd":
             return fs.fedsgd(MODEL, optax.adam(0.1), strategy=strategy, mesh=mesh)
-        return fs.fedopt(MODEL, optax.adam(0.05), optax.adam(0.1), strategy=strategy, mesh=mesh)
+        extra = {}
+        if algorithm == "fedprox_dp":  # proximal term, clipping and noise under shard_map
+            extra = dict(proximal_mu=0.3, clip_norm=0.05, noise_multiplier=0.5)
+            extra["weighting"] = "uniform"
+        return fs.fedopt(
+            MODEL, optax.adam(0.05), optax.adam(0.1), strategy=strategy, mesh=mesh, **extra
+        )
 
     ref_algo, algo = make(None, "sequential"), make(mesh, strategy)
     ref, ref_m = jax.jit(ref_algo.apply)(ref_algo.init(PARAMS), cohort, KEY)
