@@ -136,8 +136,9 @@ def check_axes(base_config: ml_collections.ConfigDict, axes: dict[str, list]) ->
         if not _has(base_config, path) and not any(path.startswith(p) for p in _NEW_KEYS_OK):
             raise ValueError(
                 f"unknown config field {path!r} in the sweep axes; sweepable fields are the "
-                "config's (e.g. seed, client.learning_rate, server.learning_rate, "
-                "client.kwargs.momentum, model.name, clients_per_round)."
+                "config's (e.g. seed, data_seed, client.learning_rate, server.learning_rate, "
+                "client.kwargs.momentum, client.proximal_mu, dp.clip_norm, model.name, "
+                "clients_per_round)."
             )
         if is_vector_axis(path):
             for v in values:
