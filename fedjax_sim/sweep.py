@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from fedjax_sim import checkpoint, data, optimizers
 from fedjax_sim.metrics import make_evaluator, summarize_eval
@@ -80,6 +81,7 @@ _VECTOR_PREFIXES = ("client.kwargs.", "server.kwargs.")
 _FIXED = ("sweep", "num_devices", "cpu_devices", "checkpoint_every", "checkpoint_keep")
 _NEW_KEYS_OK = ("client.kwargs.", "server.kwargs.", "model.kwargs.", "dataset.kwargs.")
 SPEC_FILE = "sweep_spec.json"
+STREAM_AXIS = "streams"  # the mesh axis a sweep's streams are split over
 
 
 def is_vector_axis(path: str) -> bool:
@@ -218,7 +220,8 @@ def run_sweep(
 
     Args:
       base_config: the experiment config the axes modify (its ``sweep`` field, if any, is
-        ignored; ``num_devices`` is ignored: a sweep runs on one device). Its
+        ignored). Its ``num_devices`` (0: every local device) splits the streams (distinct
+        seed and data seed pairs) over devices, each member's clients staying on one. Its
         ``checkpoint_every``/``checkpoint_keep`` checkpoint each group; a rerun of the same
         sweep resumes from them.
       axes: field path -> list of values, e.g. ``{"client.learning_rate": [0.01, 0.1],
@@ -472,7 +475,17 @@ def _run_streams(
         raise AssertionError(f"members are not a stream-major grid: {member_streams}")
     member_data = [d for _, d in member_streams]
     roots = jax.vmap(jax.random.key)(jnp.asarray([s for s, _ in member_streams], jnp.uint32))
-    stream_roots = jax.vmap(jax.random.key)(jnp.asarray([s for s, _ in streams], jnp.uint32))
+    # The streams split over devices (``num_devices``; 0: every local device), never more
+    # devices than streams; a share that does not divide evenly is padded with copies of
+    # stream 0 whose results are dropped.
+    wanted = int(configs[0].get("num_devices", 0) or 0) or len(jax.local_devices())
+    n_dev = max(1, min(wanted, len(streams), len(jax.local_devices())))
+    mesh = None
+    if n_dev > 1:
+        mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:n_dev]), (STREAM_AXIS,))
+    pad = -len(streams) % n_dev
+    padded_seeds = [s for s, _ in streams] + [streams[0][0]] * pad
+    stream_roots = jax.vmap(jax.random.key)(jnp.asarray(padded_seeds, jnp.uint32))
     if seed_strategy == "auto":
         seed_strategy = "sequential" if jax.default_backend() == "cpu" else "vmap"
 
@@ -500,20 +513,36 @@ def _run_streams(
     if on_device:
         device_examples = len(next(iter(pool.values())))
 
-    def sweep_round(states, alive, cohorts, stream_roots, r, *examples):
-        def one_stream(args):
-            st, cohort, root = args
+    def run_streams(args, r, examples):
+        def one_stream(a):
+            st, cohort, root = a
             if examples:
                 cohort = data.packing.gather_cohort(examples[0], cohort, xp=jnp)
             key = jax.random.fold_in(root, r)
             return jax.vmap(algorithm.apply, in_axes=(0, None, None))(st, cohort, key)
 
-        by_stream = jax.tree.map(lambda a: a.reshape((-1, per_stream) + a.shape[1:]), states)
-        args = (by_stream, cohorts, stream_roots)
         if seed_strategy == "vmap":
-            new, metrics = jax.vmap(one_stream)(args)
+            return jax.vmap(one_stream)(args)
+        return jax.lax.map(one_stream, args)
+
+    def sweep_round(states, alive, cohorts, stream_roots, r, *examples):
+        by_stream = jax.tree.map(lambda a: a.reshape((-1, per_stream) + a.shape[1:]), states)
+        if pad:
+            by_stream = jax.tree.map(
+                lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]), by_stream
+            )
+        args = (by_stream, cohorts, stream_roots)
+        if mesh is None:
+            new, metrics = run_streams(args, r, examples)
         else:
-            new, metrics = jax.lax.map(one_stream, args)
+            new, metrics = jax.shard_map(
+                run_streams,
+                mesh=mesh,
+                in_specs=(P(STREAM_AXIS), P(), P()),
+                out_specs=P(STREAM_AXIS),
+            )(args, r, examples)
+        n_streams = len(streams)
+        new, metrics = jax.tree.map(lambda a: a[:n_streams], (new, metrics))
         new, metrics = jax.tree.map(lambda a: a.reshape((m_count,) + a.shape[2:]), (new, metrics))
         finite = jnp.isfinite(metrics["train_loss"])
         for leaf in jax.tree.leaves(new.params):
@@ -525,7 +554,14 @@ def _run_streams(
 
         return jax.tree.map(keep, new, states), ok, metrics["train_loss"]
 
-    round_fn = jax.jit(sweep_round, donate_argnums=0)
+    if mesh is None:
+        round_fn = jax.jit(sweep_round, donate_argnums=0)
+    else:
+        # Member states live replicated on the mesh between rounds (one compiled program: the
+        # first round's inputs look like every later round's).
+        replicated = jax.sharding.NamedSharding(mesh, P())
+        round_fn = jax.jit(sweep_round, donate_argnums=0, out_shardings=replicated)
+        states, alive = jax.device_put((states, alive), replicated)
     # One evaluator per set of test clients, vmapped over the members evaluated on it.
     evaluators = {
         k: jax.jit(jax.vmap(make_evaluator(model, t.num_clients), (0, None, None, None)))
@@ -567,6 +603,8 @@ def _run_streams(
         start = int(meta["round"])
         restored = ckpt.restore_state(start, {"states": states, "alive": alive})
         states, alive = restored["states"], restored["alive"]
+        if mesh is not None:
+            states, alive = jax.device_put((states, alive), replicated)
         logs = [RunLog(log.workdir, h) for log, h in zip(logs, meta["histories"], strict=True)]
         diverged = meta["diverged"]
         pending = [
@@ -614,7 +652,7 @@ def _run_streams(
             cohorts.append(data.packing.remap_cohort(c, row_maps[d]) if row_maps else c)
             real_slots += int(c.mask.sum())
             total_slots += c.mask.size
-        stacked = jax.tree.map(lambda *a: np.stack(a), *cohorts)
+        stacked = jax.tree.map(lambda *a: np.stack(a), *cohorts, *cohorts[:1] * pad)
         states, alive, losses = round_fn(
             states, alive, stacked, stream_roots, jnp.asarray(r, jnp.int32), *examples
         )
@@ -669,7 +707,7 @@ def _run_streams(
             config,
             wall,
             strategy=exp.strategy,
-            devices=1,
+            devices=n_dev,
             compiles=round_fn._cache_size(),
             data_on_device=on_device,
             padding_waste=round(1 - real_slots / max(total_slots, 1), 4),

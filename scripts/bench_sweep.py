@@ -9,6 +9,9 @@ include compilation, packing, evaluation and writing the metrics, i.e. what a us
 It reports both times and their ratio and checks that every member's final params equal its
 solo run's within ``--tolerance``.
 
+``--devices N`` gives both sides N devices (on CPU, N virtual devices: use the core count):
+the sweep splits its streams over them, each solo run its cohort's clients.
+
 ``--axis data_seed`` sweeps 4 data seeds instead of 4 seeds (each a different Synthetic(1,1)
 draw, so the sweep builds 4 datasets and pads the streams' cohorts to a common step count);
 the solo runs get their data prebuilt, so dataset building counts against the sweep only.
@@ -62,9 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the numbers as JSON here")
     p.add_argument("--axis", choices=("seed", "data_seed"), default="seed",
                    help="the second axis beside the client learning rate")  # fmt: skip
+    p.add_argument("--devices", type=int, default=1,
+                   help="devices for both sides (on CPU: virtual devices, one per core); the "
+                        "sweep splits its streams over them, solo runs their cohorts")  # fmt: skip
     args = p.parse_args(argv)
 
+    if args.devices > 1:
+        from fedjax_sim.cli import _set_cpu_devices
+
+        _set_cpu_devices(args.devices)  # on CPU, before JAX starts (no-op on accelerators)
     base = base_config(args.rounds)
+    base.num_devices = args.devices
     if args.local_epochs:
         base.client.local_epochs = args.local_epochs
     datasets = {

@@ -527,3 +527,22 @@ def test_fedprox_and_dp_axes_are_vectorized_and_equal_solo_runs(tmp_path, synthe
         leaves = [np.ravel(a) for a in jax.tree.leaves(m["params"])]
         finals.add(tuple(np.round(np.concatenate(leaves), 5)))
     assert len(finals) == 8  # every setting changed the result
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_streams_split_over_devices_equal_the_one_device_sweep(tmp_path, synthetic, devices):
+    # 3 seeds x 2 learning rates: 3 streams over 2 devices (one padded slot) or 4 devices
+    # (capped at 3). Each stream runs whole on one device: results equal the 1-device sweep.
+    axes = {"seed": [0, 1, 2], "client.learning_rate": [0.01, 0.02]}
+    one = sweep.run_sweep(smoke(), axes, tmp_path / "one", federated_data=synthetic)
+    many = sweep.run_sweep(
+        smoke(num_devices=devices), axes, tmp_path / "many", federated_data=synthetic
+    )
+    for a, b in zip(one["members"], many["members"], strict=True):
+        assert b["summary"]["devices"] == min(devices, 3) and b["summary"]["compiles"] == 1
+        for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+        assert_records_close(
+            read_metrics(tmp_path / "one" / a["label"] / "metrics.jsonl"),
+            read_metrics(tmp_path / "many" / b["label"] / "metrics.jsonl"),
+        )
