@@ -341,8 +341,7 @@ def simulate(
         device_examples = replicate(jax.device_put(train.all_examples()), exp.mesh)
 
         def gather_and_apply(state, indexed, key, examples):
-            cohort = data.packing.gather_cohort(examples, indexed, xp=jnp)
-            return exp.algorithm.apply(state, cohort, key)
+            return exp.algorithm.apply(state, with_examples(exp.algorithm, indexed, examples), key)
 
         round_fn = jax.jit(gather_and_apply, donate_argnums=0)
     else:
@@ -422,6 +421,14 @@ def simulate(
         padding_waste=round(1 - real_slots / max(total_slots, 1), 4),
     )
     return {**summary, "params": state.params, "history": log.history}
+
+
+def with_examples(algorithm: FederatedAlgorithm, indexed, examples):
+    """The cohort ``algorithm`` trains on from an index cohort and the device's examples: lazy
+    (each local step gathers its batch) when it accepts that, else gathered whole."""
+    if algorithm.lazy_examples:
+        return indexed._replace(examples=examples)
+    return data.packing.gather_cohort(examples, indexed, xp=jnp)
 
 
 def eval_clients(test: data.FederatedDataset, config) -> data.FederatedDataset:

@@ -65,6 +65,7 @@ from fedjax_sim.simulation import (
     packing_of,
     sample_clients,
     step_bucketer,
+    with_examples,
 )
 
 # Fields a vectorized sweep traces; ``client.kwargs.*`` and ``server.kwargs.*`` (numeric
@@ -517,7 +518,7 @@ def _run_streams(
         def one_stream(a):
             st, cohort, root = a
             if examples:
-                cohort = data.packing.gather_cohort(examples[0], cohort, xp=jnp)
+                cohort = with_examples(algorithm, cohort, examples[0])
             key = jax.random.fold_in(root, r)
             return jax.vmap(algorithm.apply, in_axes=(0, None, None))(st, cohort, key)
 

@@ -9,8 +9,9 @@ include compilation, packing, evaluation and writing the metrics, i.e. what a us
 It reports both times and their ratio and checks that every member's final params equal its
 solo run's within ``--tolerance``.
 
-``--devices N`` gives both sides N devices (on CPU, N virtual devices: use the core count):
-the sweep splits its streams over them, each solo run its cohort's clients.
+``--devices N`` gives both sides N devices (on CPU, N virtual devices); the default 0 is what
+``fedjax-sim run`` and ``fedjax-sim sweep`` use: one virtual device per core on CPU, every
+device elsewhere. The sweep splits its streams over them, each solo run its cohort's clients.
 
 ``--axis data_seed`` sweeps 4 data seeds instead of 4 seeds (each a different Synthetic(1,1)
 draw, so the sweep builds 4 datasets and pads the streams' cohorts to a common step count);
@@ -65,17 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the numbers as JSON here")
     p.add_argument("--axis", choices=("seed", "data_seed"), default="seed",
                    help="the second axis beside the client learning rate")  # fmt: skip
-    p.add_argument("--devices", type=int, default=1,
-                   help="devices for both sides (on CPU: virtual devices, one per core); the "
-                        "sweep splits its streams over them, solo runs their cohorts")  # fmt: skip
+    p.add_argument("--devices", type=int, default=0,
+                   help="devices for both sides (0: one virtual CPU device per core, as the "
+                        "CLI; every device on accelerators)")  # fmt: skip
     args = p.parse_args(argv)
 
-    if args.devices > 1:
-        from fedjax_sim.cli import _set_cpu_devices
+    from fedjax_sim.cli import _set_cpu_devices
 
-        _set_cpu_devices(args.devices)  # on CPU, before JAX starts (no-op on accelerators)
+    _set_cpu_devices(args.devices)  # on CPU, before JAX starts (no-op on accelerators)
     base = base_config(args.rounds)
-    base.num_devices = args.devices
+    base.num_devices = args.devices  # 0: every local device
     if args.local_epochs:
         base.client.local_epochs = args.local_epochs
     datasets = {
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "local_epochs": base.client.local_epochs,
         "backend": jax.default_backend(),
-        "devices": len(jax.local_devices()),
+        "devices": out["members"][0]["summary"]["devices"],
         "vectorized_s": round(t_sweep, 3),
         "sequential_s": round(t_seq, 3),
         "ratio": round(ratio, 2),

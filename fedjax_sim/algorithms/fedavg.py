@@ -166,6 +166,7 @@ def fedopt(
                 # A few steps unroll best; many ragged ones want the dynamic loop.
                 static_loop=strat != "sequential" or cohort.num_steps <= UNROLL_STEPS,
                 unroll=cohort.num_steps <= UNROLL_STEPS,
+                examples=data.get("examples"),
             )
             delta = tree_sub(broadcast, local.params)
             if not _off(clip):
@@ -207,7 +208,7 @@ def fedopt(
         )
         return new_state, weighted_client_metrics(outputs)
 
-    return FederatedAlgorithm(init=init, apply=apply)
+    return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True)
 
 
 def _off(value) -> bool:

@@ -9,7 +9,7 @@ from jax import lax
 
 from fedjax_sim.aggregators import Aggregator, aggregate, weighted_mean
 from fedjax_sim.algorithms.fedavg import ServerState, client_weight
-from fedjax_sim.core.client import masked_mean_loss, match_vma, num_real_steps
+from fedjax_sim.core.client import masked_mean_loss, match_vma, num_real_steps, step_batch
 from fedjax_sim.core.execution import resolve_strategy
 from fedjax_sim.core.round import (
     AGGREGATE_SALT,
@@ -76,7 +76,7 @@ def fedsgd(
 
             def body(i, carry):
                 g_sum, l_sum, n = carry
-                batch = jax.tree.map(lambda a: a[i], batches)
+                batch = step_batch(batches, mask, i, data.get("examples"))
                 loss, g = grad_fn(broadcast, batch, mask[i], jax.random.fold_in(ckey, i))
                 g_sum = jax.tree.map(jnp.add, g_sum, g)
                 return g_sum, l_sum + loss, n + jnp.sum(mask[i]).astype(jnp.float32)
@@ -117,4 +117,4 @@ def fedsgd(
         )
         return new_state, weighted_client_metrics(outputs)
 
-    return FederatedAlgorithm(init=init, apply=apply)
+    return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True)

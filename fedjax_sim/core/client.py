@@ -29,6 +29,28 @@ def masked_mean_loss(model: Model, *, train: bool = True) -> LossFn:
     return loss_fn
 
 
+def gather_batch(examples: dict, index, mask, xp=jnp) -> dict:
+    """``examples`` rows at ``index`` (any shape), zeros where ``mask`` is False.
+
+    ``xp``: ``jax.numpy`` inside a compiled round, ``numpy`` on the host.
+    """
+    safe = xp.where(mask, index, 0)
+    out = {}
+    for k, a in examples.items():
+        taken = xp.take(a, safe, axis=0)
+        keep = mask.reshape(mask.shape + (1,) * (a.ndim - 1))
+        out[k] = xp.where(keep, taken, xp.zeros((), a.dtype))
+    return out
+
+
+def step_batch(batches: dict, mask: Array, i, examples: dict | None = None) -> dict:
+    """Local step ``i``'s batch: sliced from ``batches``, or, for a lazy cohort (``examples``
+    given, ``batches = {"index": ...}``), gathered from the shared examples."""
+    if examples is None:
+        return jax.tree.map(lambda a: a[i], batches)
+    return gather_batch(examples, batches["index"][i], mask[i])
+
+
 def num_real_steps(mask: Array) -> Array:
     """Steps with at least one real example (packing puts them first)."""
     return jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
@@ -54,6 +76,7 @@ def local_train(
     num_steps: Array | None = None,
     static_loop: bool = False,
     unroll: bool = False,
+    examples: dict | None = None,
 ) -> LocalResult:
     """Runs a client's local steps; padded steps are skipped, not zero-stepped.
 
@@ -76,6 +99,8 @@ def local_train(
         slower for 1000 logistic-regression clients); a static scan slices its batches for
         free. Sequential execution wants the dynamic loop, which never visits padding.
       unroll: fully unroll the static loop (for a few local steps: saves the loop overhead).
+      examples: the shared examples of a lazy cohort (``Cohort.examples``); ``batches`` is
+        then ``{"index": [steps, batch]}`` and each step gathers its batch.
 
     Returns:
       A ``LocalResult``.
@@ -90,7 +115,7 @@ def local_train(
 
     def body(i, carry):
         p, s, loss_sum, seen = carry
-        batch = jax.tree.map(lambda a: a[i], batches)
+        batch = step_batch(batches, mask, i, examples)
         m = mask[i]
         loss, grads = grad_fn(p, batch, m, jax.random.fold_in(key, i))
         if grad_transform is not None:

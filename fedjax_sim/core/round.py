@@ -112,6 +112,13 @@ def run_clients(
       ``(outputs stacked over the cohort, updated client_states)``.
     """
     strategy = resolve_strategy(strategy, params=broadcast, num_clients=cohort.num_clients)
+    if cohort.examples is not None:
+        # A lazy cohort: every client reads the shared examples as data["examples"].
+        examples, inner = cohort.examples, client_fn
+
+        def client_fn(shared, data, client_state, ckey):
+            return inner(shared, {**data, "examples": examples}, client_state, ckey)
+
     per_client = (
         {
             "batches": dict(cohort.batches),

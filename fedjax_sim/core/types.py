@@ -26,12 +26,18 @@ class Cohort(NamedTuple):
       client_ids: ``[clients]`` int32 index of each client in its dataset. Padded clients
         carry an out-of-range index (``>= num_clients``) so scatters to per-client state drop
         them.
+      examples: ``None``, or every example of the dataset (``{"x": [n, ...], ...}``, shared
+        by all clients); then ``batches`` is ``{"index": [clients, steps, batch]}`` into them
+        (``pack_cohort_indices``) and each local step gathers its own batch, so the padded
+        ``[clients, steps, batch, ...]`` cohort is never materialized. Only algorithms with
+        ``lazy_examples`` accept such cohorts.
     """
 
     batches: Mapping[str, Array]
     mask: Array
     num_examples: Array
     client_ids: Array
+    examples: Mapping[str, Array] | None = None
 
     @property
     def num_clients(self) -> int:
@@ -91,3 +97,5 @@ class FederatedAlgorithm(NamedTuple):
 
     init: Callable[[Params], PyTree]
     apply: Callable[[PyTree, Cohort, PRNGKey], tuple[PyTree, Metrics]]
+    # Whether ``apply`` accepts cohorts with ``examples`` (batches gathered step by step).
+    lazy_examples: bool = False

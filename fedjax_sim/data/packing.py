@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedjax_sim.core.client import gather_batch
 from fedjax_sim.core.types import Cohort
 from fedjax_sim.data.federated import FederatedDataset
 
@@ -161,13 +162,7 @@ def gather_cohort(examples: dict, indexed: Cohort, xp=np) -> Cohort:
     Returns:
       The cohort with ``[clients, steps, batch, ...]`` batches; padding is zero.
     """
-    index = indexed.batches["index"]
-    safe = xp.where(indexed.mask, index, 0)
-    batches = {}
-    for k, a in examples.items():
-        taken = xp.take(a, safe, axis=0)
-        keep = indexed.mask.reshape(indexed.mask.shape + (1,) * (a.ndim - 1))
-        batches[k] = xp.where(keep, taken, xp.zeros((), a.dtype))
+    batches = gather_batch(examples, indexed.batches["index"], indexed.mask, xp=xp)
     return indexed._replace(batches=batches)
 
 
