@@ -24,9 +24,6 @@ from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model, Param
 from fedjax_sim.optimizers import optimizer_update, with_hyperparams
 
 WEIGHTINGS = ("num_examples", "uniform")
-# The algorithm's own numbers a sweep may trace in ``ServerState.client_hparams`` (beside the
-# client optimizer's): FedProx's proximal term and DP-FedAvg's clipping norm and noise.
-ALGORITHM_HPARAMS = ("proximal_mu", "clip_norm", "noise_multiplier")
 # Local loops of at most this many packed steps are unrolled (measured: scripts/bench.py).
 UNROLL_STEPS = 4
 
@@ -46,7 +43,7 @@ class ServerState(NamedTuple):
       client_hparams: values (scalar arrays) that replace the client optimizer's injected
         hyperparameters (``get_optimizer(..., inject=True)``) in every client's fresh
         optimizer state, e.g. ``{"learning_rate": 0.1}``, and the algorithm's own
-        ``proximal_mu``, ``clip_norm`` and ``noise_multiplier`` (``ALGORITHM_HPARAMS``).
+        ``proximal_mu``, ``clip_norm`` and ``noise_multiplier``.
         Empty: the values ``fedopt`` was built with. Kept in the state so a sweep can vmap
         over them (``fedjax_sim.sweep``).
     """
@@ -142,11 +139,6 @@ def fedopt(
         noise = client_hparams.pop("noise_multiplier", noise_multiplier)
         if not _off(noise) and weighting != "uniform":
             raise ValueError("noise_multiplier needs weighting='uniform' (DP-FedAvg).")
-        grad_transform = None
-        if not _off(mu):
-
-            def grad_transform(grads, params, broadcast):
-                return jax.tree.map(lambda g, p, b: g + mu * (p - b), grads, params, broadcast)
 
         def client_fn(broadcast, data, client_state, ckey):
             opt_state = None
@@ -160,9 +152,7 @@ def fedopt(
                 loss_fn=loss_fn,
                 optimizer=client_optimizer,
                 opt_state=opt_state,
-                grad_transform=(
-                    None if grad_transform is None else partial(grad_transform, broadcast=broadcast)
-                ),
+                grad_transform=None if _off(mu) else partial(_proximal, mu=mu, anchor=broadcast),
                 # A few steps unroll best; many ragged ones want the dynamic loop.
                 static_loop=strat != "sequential" or cohort.num_steps <= UNROLL_STEPS,
                 unroll=cohort.num_steps <= UNROLL_STEPS,
@@ -209,6 +199,11 @@ def fedopt(
         return new_state, weighted_client_metrics(outputs)
 
     return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True)
+
+
+def _proximal(grads: Params, params: Params, *, mu, anchor: Params) -> Params:
+    """FedProx: the gradient of ``mu/2 * ||params - anchor||^2`` added to ``grads``."""
+    return jax.tree.map(lambda g, p, a: g + mu * (p - a), grads, params, anchor)
 
 
 def _off(value) -> bool:
