@@ -47,9 +47,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fedjax_sim import checkpoint, data, optimizers
+from fedjax_sim.core.round import replicate
 from fedjax_sim.metrics import make_evaluator, summarize_eval
 from fedjax_sim.simulation import (
     ALGORITHM_FIELDS,
@@ -555,14 +557,11 @@ def _run_streams(
 
         return jax.tree.map(keep, new, states), ok, metrics["train_loss"]
 
-    if mesh is None:
-        round_fn = jax.jit(sweep_round, donate_argnums=0)
-    else:
-        # Member states live replicated on the mesh between rounds (one compiled program: the
-        # first round's inputs look like every later round's).
-        replicated = jax.sharding.NamedSharding(mesh, P())
-        round_fn = jax.jit(sweep_round, donate_argnums=0, out_shardings=replicated)
-        states, alive = jax.device_put((states, alive), replicated)
+    # On a mesh, member states live replicated between rounds (one compiled program: the
+    # first round's inputs look like every later round's).
+    out_shardings = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}
+    round_fn = jax.jit(sweep_round, donate_argnums=0, **out_shardings)
+    states, alive = replicate((states, alive), mesh)
     # One evaluator per set of test clients, vmapped over the members evaluated on it.
     evaluators = {
         k: jax.jit(jax.vmap(make_evaluator(model, t.num_clients), (0, None, None, None)))
@@ -603,9 +602,7 @@ def _run_streams(
     if meta is not None:
         start = int(meta["round"])
         restored = ckpt.restore_state(start, {"states": states, "alive": alive})
-        states, alive = restored["states"], restored["alive"]
-        if mesh is not None:
-            states, alive = jax.device_put((states, alive), replicated)
+        states, alive = replicate((restored["states"], restored["alive"]), mesh)
         logs = [RunLog(log.workdir, h) for log, h in zip(logs, meta["histories"], strict=True)]
         diverged = meta["diverged"]
         pending = [
