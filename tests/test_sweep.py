@@ -56,6 +56,20 @@ def assert_records_close(a, b):
             np.testing.assert_allclose(x[k], y[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def assert_equals_solo_run(tmp_path, base, member, federated_data=None, prefix="solo_"):
+    """Runs ``member``'s config alone (``fs.simulate``): params and every evaluation record
+    within 1e-5 of the member's. Returns the solo run's result."""
+    config = member_config(base, member["values"])
+    solo = fs.simulate(
+        config, tmp_path / (prefix + member["label"]), federated_data=federated_data,
+        progress=False,
+    )  # fmt: skip
+    for a, b in zip(jax.tree.leaves(solo["params"]), jax.tree.leaves(member["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert_records_close(member["history"], solo["history"])
+    return solo
+
+
 def test_members_equal_solo_runs_and_a_diverged_member_freezes(tmp_path, synthetic):
     base = smoke()
     axes = {"client.learning_rate": [0.01, 0.05, HUGE_LR], "seed": [0, 1]}
@@ -106,11 +120,7 @@ def test_server_lr_and_momentum_axes_and_a_shape_axis_as_separate_programs(tmp_p
     assert out["groups"] == 2 and len(out["members"]) == 8
     # One member per group checked against its solo run (the first test covers the rest).
     for m in (out["members"][3], out["members"][6]):
-        config = member_config(base, m["values"])
-        solo = fs.simulate(config, tmp_path / m["label"], federated_data=synthetic, progress=False)
-        for a, b in zip(jax.tree.leaves(solo["params"]), jax.tree.leaves(m["params"])):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-        assert_records_close(m["history"], solo["history"])
+        assert_equals_solo_run(tmp_path, base, m, synthetic)
         assert m["summary"]["compiles"] == 1
 
 
@@ -123,12 +133,7 @@ def test_members_match_multi_device_solo_runs_and_fedsgd(tmp_path, synthetic):
     ]:
         out = sweep.run_sweep(base, axes, tmp_path / base.algorithm, federated_data=synthetic)
         for m in out["members"]:
-            config = member_config(base, m["values"])
-            solo_dir = tmp_path / f"{base.algorithm}_{m['label']}"
-            solo = fs.simulate(config, solo_dir, federated_data=synthetic, progress=False)
-            for a, b in zip(jax.tree.leaves(solo["params"]), jax.tree.leaves(m["params"])):
-                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-            assert_records_close(m["history"], solo["history"])
+            assert_equals_solo_run(tmp_path, base, m, synthetic, prefix=f"{base.algorithm}_")
     # Members of different seeds vmapped instead of mapped (the default off CPU): the same.
     base, axes = smoke(num_rounds=2), {"seed": [0, 1], "client.learning_rate": [0.01, 0.02]}
     mapped = sweep.run_sweep(base, axes, tmp_path / "map", federated_data=synthetic)
@@ -173,11 +178,9 @@ def test_seed_axis_with_sampled_eval_clients_evaluates_like_solo_runs(synthetic,
     )  # fmt: skip
     accuracies = set()
     for m in out["members"]:
-        config = member_config(base, m["values"])
-        solo_dir = tmp_path / ("solo_" + m["label"])
-        fs.simulate(config, solo_dir, progress=False)
+        solo = assert_equals_solo_run(tmp_path, base, m)
         member = read_metrics(tmp_path / "sweep" / m["label"] / "metrics.jsonl")
-        assert_records_close(read_metrics(solo_dir / "metrics.jsonl"), member)
+        assert_records_close(solo["history"], member)
         accuracies.add(member[-1]["test_accuracy"])
     assert len(accuracies) == 4
 
@@ -406,13 +409,9 @@ def test_data_seed_axis_is_vectorized_and_members_equal_solo_runs(tmp_path, data
         assert summary["data_seed"] == m["values"]["data_seed"]
         if data_on_device == "device":  # distinct draws share no example
             assert summary["device_examples"] == sum(t.num_examples for t in sizes.values())
-        config = member_config(base, m["values"])
-        solo = fs.simulate(config, tmp_path / ("solo_" + m["label"]), progress=False)
-        for a, b in zip(jax.tree.leaves(solo["params"]), jax.tree.leaves(m["params"])):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        solo = assert_equals_solo_run(tmp_path, base, m)
         assert_records_close(
-            read_metrics(tmp_path / ("solo_" + m["label"]) / "metrics.jsonl"),
-            read_metrics(tmp_path / "sweep" / m["label"] / "metrics.jsonl"),
+            solo["history"], read_metrics(tmp_path / "sweep" / m["label"] / "metrics.jsonl")
         )
     # Each data seed trained on its own data: the same seed on another dataset differs.
     p3, p4 = (out["members"][i]["params"] for i in (0, 2))
@@ -448,14 +447,11 @@ def test_partition_seed_axis_keeps_one_copy_of_the_examples(tmp_path):
     partitions = set()
     for m in out["members"]:
         assert m["summary"]["device_examples"] == 24 and m["summary"]["compiles"] == 1
-        config = member_config(base, m["values"])
-        solo = fs.simulate(config, tmp_path / ("solo_" + m["label"]), progress=False)
+        assert_equals_solo_run(tmp_path, base, m)
         train = fs.data.get_federated_data(
             "cifar10_jpeg", seed=m["values"]["data_seed"], **base.dataset.kwargs
         ).train
         partitions.add(train.all_examples()["x"].tobytes())
-        for a, b in zip(jax.tree.leaves(solo["params"]), jax.tree.leaves(m["params"])):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert len(partitions) == 3  # three different partitions of the same 24 images
 
 
@@ -518,12 +514,7 @@ def test_fedprox_and_dp_axes_are_vectorized_and_equal_solo_runs(tmp_path, synthe
     finals = set()
     for m in out["members"]:
         assert m["summary"]["compiles"] == 1
-        config = member_config(base, m["values"])
-        solo = fs.simulate(
-            config, tmp_path / ("solo_" + m["label"]), federated_data=synthetic, progress=False
-        )
-        for a, b in zip(jax.tree.leaves(solo["params"]), jax.tree.leaves(m["params"])):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert_equals_solo_run(tmp_path, base, m, synthetic)
         leaves = [np.ravel(a) for a in jax.tree.leaves(m["params"])]
         finals.add(tuple(np.round(np.concatenate(leaves), 5)))
     assert len(finals) == 8  # every setting changed the result
