@@ -6,7 +6,8 @@ regression, 30 devices, client SGD at lr 0.01, batch 10, 20 local epochs, 10 cli
 
     fedjax-sim run --workdir /tmp/fedavg_synthetic
 
-Expected: test accuracy rises from about 0.1 to about 0.75 (recorded in README, "Results").
+Expected: test accuracy rises from about 0.1 to 0.899 after 200 rounds (measured: 0.8986,
+about 11 s on a 2-core CPU; README, "Quick start").
 Variant ``smoke`` (``--config configs/default.py:smoke``) runs 10 rounds of 2 local epochs.
 """
 
@@ -41,7 +42,14 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model.name = "logreg"
     config.model.kwargs = ml_collections.ConfigDict()
 
-    config.algorithm = "fedavg"  # fedavg | fedopt | fedsgd
+    # A registered name (fedavg | fedopt | fedsgd, or one added with fs.algorithms.register).
+    config.algorithm = "fedavg"
+    # Numbers of an algorithm's own (its builder reads them; its AlgorithmSpec.hparams names
+    # the sweepable ones, e.g. algorithm_kwargs.beta).
+    config.algorithm_kwargs = ml_collections.ConfigDict()
+    # What is learned: classification (one label per example) | next_token (y: [batch, T],
+    # padding tokens masked out of loss and accuracy).
+    config.task = "classification"
     config.weighting = "num_examples"  # num_examples | uniform
     config.aggregator = "mean"  # mean | median
 

@@ -235,10 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         print(config.to_json(indent=2))
         return 0
 
+    _set_cpu_devices(config.cpu_devices)  # before JAX starts, for runs and sweeps alike
     if args.command == "sweep":
         return _sweep(config, axes, args)
-
-    _set_cpu_devices(config.cpu_devices)
 
     from fedjax_sim import simulation
 

@@ -88,7 +88,7 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) ->
     node = config
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
-        is_kwargs = parts[i - 1] == "kwargs" if i else False
+        is_kwargs = parts[i - 1].endswith("kwargs") if i else False
         if part not in node:
             if is_kwargs and last:
                 node[part] = _parse_value(text, None)

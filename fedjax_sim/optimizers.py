@@ -186,3 +186,15 @@ def with_hyperparams(opt_state, values) -> optax.OptState:
         old = hyper[k]
         hyper[k] = jnp.broadcast_to(jnp.asarray(v, old.dtype), old.shape)
     return opt_state._replace(hyperparams=hyper)
+
+
+def optimizer_from_config(spec) -> optax.GradientTransformation:
+    """The optimizer a config group names (``config.client`` or ``config.server``: fields
+    ``optimizer``, ``learning_rate``, ``kwargs``), with its numbers injected (sweepable)."""
+    if spec.learning_rate < 0:
+        raise ValueError(
+            f"learning_rate must be >= 0, got {spec.learning_rate}; a negative step size "
+            "ascends the loss."
+        )
+    kwargs = dict(spec.kwargs.to_dict()) if spec.get("kwargs") is not None else {}
+    return get_optimizer(spec.optimizer, spec.learning_rate, inject=True, **kwargs)

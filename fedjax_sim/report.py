@@ -12,10 +12,10 @@ writes ``OUT/report.md``, ``OUT/report.csv``, ``OUT/accuracy_vs_round.png``,
 ``OUT/loss_vs_round.png`` and ``OUT/accuracy_vs_time.png``.
 
 ``write_tensorboard(workdir)`` turns a run's ``metrics.jsonl`` into a TensorBoard event file
-beside it, with no TensorFlow or TensorBoard import (the format is written by hand).
+beside it (through ``fedjax_sim.metrics.tensorboard``: tensorboardX, no TensorFlow).
 
-This module imports only the standard library and NumPy at import time; matplotlib is
-imported inside the plotting functions.
+This module imports only the standard library and NumPy at import time; matplotlib and the
+TensorBoard writer are imported inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,9 +34,10 @@ import numpy as np
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 REQUIRED_KEYS = ("round", "test_accuracy")
-# Config fields that do not define an experiment: settings about where and how a run is
-# stored or resumed. The fields averaged over (``over``, default the seed) are left out too.
-IGNORED_FIELDS = ("workdir", "overwrite", "resume", "progress")
+# Config fields that do not define an experiment: how many devices ran it (results agree to
+# float reordering) and how it was checkpointed (``IGNORED_PREFIXES``). The fields averaged
+# over (``over``, default the seed) are left out too.
+IGNORED_FIELDS = ("num_devices", "cpu_devices")
 DEFAULT_OVER = ("seed",)
 IGNORED_PREFIXES = ("checkpoint",)
 PLOTS = {
@@ -450,124 +450,34 @@ def report(
 # --------------------------------------------------------------------------- TensorBoard
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), as TFRecord files use."""
-    crc = 0xFFFFFFFF
-    table = _CRC32C_TABLE
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-    """One TFRecord: length, masked CRC of the length, data, masked CRC of the data."""
-    length = struct.pack("<Q", len(data))
-    return (
-        length
-        + struct.pack("<I", masked_crc32c(length))
-        + data
-        + struct.pack("<I", masked_crc32c(data))
-    )
-
-
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int64s take ten bytes, as in protobuf
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _len_field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def event_proto(
-    wall_time: float,
-    step: int = 0,
-    *,
-    file_version: str | None = None,
-    scalars: dict[str, float] | None = None,
-) -> bytes:
-    """An ``Event`` (tensorflow/core/util/event.proto) encoded by hand.
-
-    Event: wall_time = 1 (double), step = 2 (int64), file_version = 3 (string),
-    summary = 5 (Summary). Summary: repeated value = 1. Summary.Value: tag = 1 (string),
-    simple_value = 2 (float).
-    """
-    msg = _varint(1 << 3 | 1) + struct.pack("<d", wall_time)
-    if step:
-        msg += _varint(2 << 3 | 0) + _varint(step)
-    if file_version is not None:
-        msg += _len_field(3, file_version.encode())
-    if scalars:
-        summary = b"".join(
-            _len_field(
-                1,
-                _len_field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value),
-            )
-            for tag, value in scalars.items()
-        )
-        msg += _len_field(5, summary)
-    return msg
-
-
-TB_SUFFIX = ".fedjax_sim"
-TB_SKIP = ("round", "wall_s")
-
-
 def write_tensorboard(workdir: str | Path) -> Path:
     """Writes ``metrics.jsonl`` of ``workdir`` as a TensorBoard event file beside it.
 
     One scalar per numeric metric (``train_loss``, ``test_accuracy``, ...) at step = round;
     event times are the run's start (``config.json``'s modification time) plus ``wall_s``.
-    Replaces the event file an earlier call wrote, so it can be called after every evaluation
-    or once at the end. Returns the file's path.
+    Removes the event files written before by this function or by a
+    ``fedjax_sim.metrics.tensorboard.TensorBoardLog`` (names ending ``.fedjax_sim``), so
+    calling it again replaces rather than duplicates. Returns the new file's path.
+
+    It rewrites the whole run, so a run that logs as it goes should append each evaluation
+    with a ``TensorBoardLog`` instead (calling this after every evaluation is quadratic).
     """
+    from fedjax_sim.metrics.tensorboard import TensorBoardLog, event_files
+
     workdir = Path(workdir)
     metrics_path = workdir / METRICS_FILE
     records = read_metrics(metrics_path) if metrics_path.exists() else []
     config_path = workdir / CONFIG_FILE
     start = config_path.stat().st_mtime if config_path.exists() else time.time()
-    out = bytearray(tfrecord(event_proto(start, file_version="brain.Event:2")))
-    for rec in records:
-        scalars = {
-            k: float(v)
-            for k, v in rec.items()
-            if k not in TB_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        wall = start + float(rec.get("wall_s", 0.0))
-        out += tfrecord(event_proto(wall, int(rec["round"]), scalars=scalars))
-    for old in workdir.glob(f"events.out.tfevents.*{TB_SUFFIX}"):
+    for old in event_files(workdir):
         old.unlink()
-    path = workdir / f"events.out.tfevents.{int(start)}{TB_SUFFIX}"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(bytes(out))
-    tmp.replace(path)
-    return path
+    with TensorBoardLog(workdir) as log:
+        for rec in records:
+            wall_s = rec.get("wall_s", 0.0)
+            if isinstance(wall_s, bool) or not isinstance(wall_s, (int, float)):
+                wall_s = 0.0
+            log.write(rec, wall_time=start + float(wall_s))
+    return log.path
 
 
 # --------------------------------------------------------------------------- CLI

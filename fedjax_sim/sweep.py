@@ -1,13 +1,13 @@
 """Hyperparameter sweeps: many members of a grid trained by one compiled program.
 
 ``run_sweep(base_config, {"client.learning_rate": [0.01, 0.1], "seed": [0, 1]}, workdir)``
-trains the grid product of the axes. Axes that change no shape (``VECTOR_AXES``: the seed, the
-data seed, the client and server learning rates and numeric optimizer arguments) are
-vectorized: one ``jax.jit(jax.vmap(round))`` trains every member at once, with the
-hyperparameters as traced arrays (optimizers built with ``optax.inject_hyperparams``; the
-client's in ``ServerState.client_hparams``, the server's in its optimizer state). Any other
-axis (model, cohort size, batch size, ...) splits the grid into groups run one after another,
-each group vectorized over its own members.
+trains the grid product of the axes. Axes that change no shape are vectorized: the seed, the
+data seed, and every hyperparameter the algorithm declares (``AlgorithmSpec.hparams``: for
+FedAvg/FedOpt the client and server learning rates, numeric optimizer arguments, FedProx's mu,
+the DP clip norm and noise multiplier). One ``jax.jit(jax.vmap(round))`` trains every member
+at once, each member's numbers in its ``state.hparams``. Any other axis (model, cohort size,
+batch size, ...) splits the grid into groups run one after another, each group vectorized over
+its own members. The round loop is the driver's (``driver.run_loop``), as for a plain run.
 
 Each member writes ``WORKDIR/<label>/`` with ``config.json``, ``metrics.jsonl`` and
 ``summary.json`` as ``fs.simulate`` would for the member's config, and its results equal a solo
@@ -38,58 +38,37 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from fedjax_sim import checkpoint, data, optimizers
-from fedjax_sim.core.round import replicate
-from fedjax_sim.metrics import make_evaluator, summarize_eval
-from fedjax_sim.simulation import (
-    ALGORITHM_FIELDS,
-    DEVICE_DATA_BUDGET,
-    RunLog,
-    _kwargs,
-    algorithm_numbers,
-    build_experiment,
-    data_on_device,
-    data_seed_of,
-    eval_clients,
-    make_algorithm,
-    packing_of,
-    sample_clients,
-    step_bucketer,
-    with_examples,
-)
+from fedjax_sim import algorithms, checkpoint, data
+from fedjax_sim.driver.cohorts import CohortSource, eval_clients
+from fedjax_sim.driver.evaluation import Evaluator
+from fedjax_sim.driver.loop import Resume, run_loop
+from fedjax_sim.driver.programs import VectorProgram
+from fedjax_sim.driver.runlog import RunLog
+from fedjax_sim.simulation import build_algorithm, build_experiment, data_seed_of, kwargs_of
 
-# Fields a vectorized sweep traces; ``client.kwargs.*`` and ``server.kwargs.*`` (numeric
-# optimizer arguments such as ``momentum`` or ``b1``) are vectorized too.
-VECTOR_AXES = (
-    "seed",
-    "data_seed",
-    "client.learning_rate",
-    "server.learning_rate",
-    *ALGORITHM_FIELDS.values(),  # proximal_mu, clip_norm, noise_multiplier
-)
-_VECTOR_PREFIXES = ("client.kwargs.", "server.kwargs.")
+SEED_AXES = ("seed", "data_seed")  # vectorized for every algorithm
 # Fields that may not be swept: they name the sweep or only the driver's bookkeeping.
 _FIXED = ("sweep", "num_devices", "cpu_devices", "checkpoint_every", "checkpoint_keep")
-_NEW_KEYS_OK = ("client.kwargs.", "server.kwargs.", "model.kwargs.", "dataset.kwargs.")
+_NEW_KEYS_OK = ("kwargs.", "algorithm_kwargs.")
 SPEC_FILE = "sweep_spec.json"
-STREAM_AXIS = "streams"  # the mesh axis a sweep's streams are split over
 
 
-def is_vector_axis(path: str) -> bool:
-    """Whether sweeping ``path`` keeps every shape, so members share one compiled program."""
-    return path in VECTOR_AXES or path.startswith(_VECTOR_PREFIXES)
+def hparam_names(config) -> set[str]:
+    """The hyperparameters of the algorithm ``config`` names (its vectorized axes)."""
+    return set(algorithms.get_spec(config.algorithm).hparams(config))
+
+
+def is_vector_axis(path: str, config) -> bool:
+    """Whether sweeping ``path`` keeps every shape for ``config``'s algorithm, so members share
+    one compiled program."""
+    return path in SEED_AXES or path in hparam_names(config)
 
 
 def _get(config, path: str):
@@ -138,14 +117,15 @@ def check_axes(base_config: ml_collections.ConfigDict, axes: dict[str, list]) ->
             raise ValueError(f"sweep axis {path!r} repeats a value: {list(values)}.")
         if path.split(".")[0] in _FIXED:
             raise ValueError(f"{path!r} cannot be swept (it configures the run, not a member).")
-        if not _has(base_config, path) and not any(path.startswith(p) for p in _NEW_KEYS_OK):
+        vector = is_vector_axis(path, base_config)
+        if not _has(base_config, path) and not vector and not _new_key_ok(path):
             raise ValueError(
                 f"unknown config field {path!r} in the sweep axes; sweepable fields are the "
                 "config's (e.g. seed, data_seed, client.learning_rate, server.learning_rate, "
                 "client.kwargs.momentum, client.proximal_mu, dp.clip_norm, model.name, "
                 "clients_per_round)."
             )
-        if is_vector_axis(path):
+        if vector:
             for v in values:
                 if isinstance(v, bool) or not isinstance(v, int | float):
                     raise ValueError(
@@ -155,9 +135,30 @@ def check_axes(base_config: ml_collections.ConfigDict, axes: dict[str, list]) ->
                 raise ValueError(f"seeds must be integers, got {list(values)}.")
             if path == "data_seed" and not all(isinstance(v, int) and v >= 0 for v in values):
                 raise ValueError(f"data seeds must be integers >= 0, got {list(values)}.")
-    algos = axes.get("algorithm", [base_config.algorithm])
-    if "fedsgd" in algos and any(p.startswith("client.") and is_vector_axis(p) for p in axes):
-        raise ValueError("fedsgd has no client optimizer; sweep server.* or seed instead.")
+
+
+def _new_key_ok(path: str) -> bool:
+    """Fields inside a ``kwargs`` group (arguments passed through) may be new."""
+    parts = path.split(".")
+    return len(parts) >= 2 and parts[-2] in ("kwargs", "algorithm_kwargs")
+
+
+def _check_used(config, axes) -> None:
+    """Refuses an axis that is some algorithm's hyperparameter but not this member's: its
+    values would train identical members (e.g. a client learning rate for FedSGD)."""
+    own = hparam_names(config)
+    others = set()
+    for spec in algorithms.ALGORITHMS.values():
+        try:
+            others |= set(spec.hparams(config))
+        except (KeyError, AttributeError, ValueError):  # a config another algorithm can't read
+            continue
+    unused = sorted(p for p in axes if p in others and p not in own)
+    if unused:
+        raise ValueError(
+            f"algorithm {config.algorithm!r} does not use {', '.join(unused)}; its "
+            f"hyperparameters are {', '.join(sorted(own)) or '(none)'} (sweep those or seed)."
+        )
 
 
 def axes_from_config(node, prefix: str = "") -> dict[str, list]:
@@ -199,13 +200,16 @@ def member_configs(
             _set(config, "data_seed", data_seed_of(base))
         for path, v in values.items():
             _set(config, path, v)
+        _check_used(config, axes)
         out.append((member_label(values), values, config))
     return out
 
 
 def _group_key(config, axes) -> str:
     return json.dumps(
-        {p: _get(config, p) for p in axes if not is_vector_axis(p)}, sort_keys=True, default=str
+        {p: _get(config, p) for p in axes if not is_vector_axis(p, config)},
+        sort_keys=True,
+        default=str,
     )
 
 
@@ -285,24 +289,26 @@ def run_sweep(
                     f"{path} already holds the results of a run; choose another workdir or "
                     "pass overwrite=True (--overwrite) to replace them."
                 )
-    # Build every group's data (one dataset per data seed) and validate it before any
-    # training (bad cohort sizes, unknown models...).
-    group_data = {}
+    # Build every group's data (one dataset per data seed) and experiments, and validate
+    # every member's settings before any training (bad cohort sizes, unknown models, noise
+    # without clipping...).
+    group_exps = {}
     try:
         for key, idx in groups.items():
-            config = members[idx[0]][2]
-            per_seed = {}
+            config = _group_config([members[i][2] for i in idx])
+            exps = {}
             for d in sorted({data_seed_of(members[i][2]) for i in idx}):
                 fd = federated_data
                 if fd is None:
                     fd = data.get_federated_data(
-                        config.dataset.name, seed=d, **_kwargs(config.dataset.kwargs)
+                        config.dataset.name, seed=d, **kwargs_of(config.dataset.kwargs)
                     )
-                exp = build_experiment(_one_device(config), fd)
-                per_seed[d] = fd
-            group_data[key] = per_seed
-            for i in idx:  # each member's own algorithm settings (e.g. noise without clipping)
-                make_algorithm(members[i][2], exp.model, strategy=exp.strategy, mesh=None)
+                exps[d] = build_experiment(config, fd, num_devices=1)
+            _check_same_shapes(exps)
+            group_exps[key] = exps
+            exp = next(iter(exps.values()))
+            for i in idx:
+                build_algorithm(members[i][2], exp.task, exp.executor, exp.data.train.num_clients)
     except Exception:
         for p in created:  # leave no empty workdir behind a refused sweep
             try:
@@ -318,7 +324,7 @@ def run_sweep(
         out = _run_group(
             [members[i] for i in idx],
             workdir,
-            group_data[key],
+            group_exps[key],
             progress=progress,
             seed_strategy=seed_strategy,
             ckpt_dir=group_dirs[key] if every > 0 or resumable[key] else None,
@@ -378,28 +384,27 @@ def _group_dir(workdir: Path, index: int) -> Path:
     return workdir / checkpoint.CHECKPOINT_DIR / f"group{index}"
 
 
-def _one_device(config):
-    config = copy.deepcopy(config)
-    config.num_devices = 1
+def _group_config(configs):
+    """The config a group's algorithm is built from: the first member's, with every
+    hyperparameter that is 0 there set to another member's nonzero value, so a piece that a
+    built-in 0 leaves out (FedProx's term, clipping, noise) is in the program when any member
+    uses it; each member's own values are in its ``state.hparams``."""
+    config = copy.deepcopy(configs[0])
+    spec = algorithms.get_spec(config.algorithm)
+    values = [spec.hparams(c) for c in configs]
+    for k, v in values[0].items():
+        nonzero = [h[k] for h in values[1:] if h[k]]
+        if not v and nonzero:
+            _set(config, k, nonzero[0])
     return config
 
 
-def _numbers(config, prefix: str) -> dict[str, float]:
-    """Numeric (non-bool) optimizer arguments of ``config.<prefix>`` plus its learning rate."""
-    spec = config[prefix]
-    out = {"learning_rate": float(spec.learning_rate)}
-    for k, v in _kwargs(spec.kwargs).items():
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            out[k] = float(v)
-    return out
-
-
-def _run_group(members, workdir: Path, datasets, **kwargs):
+def _run_group(members, workdir: Path, exps, **kwargs):
     # Stream-major order: members sharing a (seed, data seed) stream, and so every cohort,
     # are contiguous.
     streams = [_stream(c) for _, _, c in members]
     order = sorted(range(len(members)), key=lambda i: streams.index(streams[i]))
-    results = _run_streams([members[i] for i in order], workdir, datasets, **kwargs)
+    results = _run_streams([members[i] for i in order], workdir, exps, **kwargs)
     out: list[Any] = [None] * len(members)
     for j, i in enumerate(order):
         out[i] = results[j]
@@ -414,7 +419,7 @@ def _stream(config) -> tuple[int, int]:
 def _run_streams(
     members,
     workdir: Path,
-    datasets: dict[int, data.FederatedData],
+    exps: dict,
     *,
     progress: bool,
     seed_strategy: str,
@@ -423,25 +428,31 @@ def _run_streams(
     keep: int = 3,
     spec: dict[str, Any] | None = None,
 ):
-    """One program for members that differ only in vectorized axes, sorted by stream.
-
-    A stream is a (seed, data seed) pair. Members sharing one share every cohort and key:
-    they are vmapped with the cohort unbatched, so each client's local loop keeps one step
-    count for all of them (a batched loop bound would run every member to the longest and
-    select the whole state each step). The streams run one after another (``lax.map``) or
-    vmapped (``seed_strategy``), each on the data of its data seed (``datasets``): with data
-    on the device, every data seed's examples sit in one shared array (identical examples
-    once), and each stream's cohort indices point into it.
-    """
+    """One program for members that differ only in vectorized axes, sorted by stream
+    (``driver.programs.VectorProgram``), trained by the driver loop."""
     t_start = time.perf_counter()
     configs = [c for _, _, c in members]
-    config = _one_device(configs[0])
-    data_seeds = sorted({data_seed_of(c) for c in configs})
-    exps = {d: build_experiment(config, datasets[d]) for d in data_seeds}
+    config = configs[0]
+    data_seeds = sorted(exps)
     exp = exps[data_seeds[0]]
-    _check_same_shapes(exps)
-    model = exp.model
-    trains = {d: e.data.train for d, e in exps.items()}
+    algo_spec = algorithms.get_spec(config.algorithm)
+    member_streams = [_stream(c) for c in configs]
+    source = CohortSource(
+        config,
+        {d: e.data.train for d, e in exps.items()},
+        list(dict.fromkeys(member_streams)),
+        slots=config.clients_per_round,
+        max_steps=max(e.num_steps for e in exps.values()),
+    )
+    program = VectorProgram(
+        exp.algorithm,
+        exp.model,
+        member_streams,
+        [algo_spec.hparams(c) for c in configs],
+        examples=source.examples,
+        num_devices=int(config.get("num_devices", 0) or 0),
+        seed_strategy=seed_strategy,
+    )
     # Members evaluate on the test clients of their data seed: all of them, or (with
     # eval_max_clients) the sample their seed draws, as their solo runs would.
     member_eval = [(data_seed_of(c), int(c.seed) if c.eval_max_clients else -1) for c in configs]
@@ -449,274 +460,53 @@ def _run_streams(
         k: eval_clients(exps[k[0]].data.test, configs[member_eval.index(k)])
         for k in dict.fromkeys(member_eval)
     }
-    m_count = len(members)
-    fedsgd = config.algorithm == "fedsgd"
-
-    algorithm = make_algorithm(config, model, strategy=exp.strategy, mesh=None, inject=True)
-
-    server_hp = {
-        k: jnp.asarray([_numbers(c, "server")[k] for c in configs], jnp.float32)
-        for k in _numbers(config, "server")
-    }
-    client_hp = (
-        {}
-        if fedsgd
-        else {
-            k: jnp.asarray([_numbers(c, "client")[k] for c in configs], jnp.float32)
-            for k in _numbers(config, "client")
-        }
+    evaluator = Evaluator(
+        exp.task, tests, member_eval, batch_size=config.eval_batch_size, vectorized=True
     )
-    # FedProx's and DP-FedAvg's numbers, traced where some member uses them.
-    extras = [algorithm_numbers(c) for c in configs]
-    for k in ALGORITHM_FIELDS:
-        if any(e[k] for e in extras):
-            client_hp[k] = jnp.asarray([e[k] for e in extras], jnp.float32)
-    member_streams = [_stream(c) for c in configs]
-    streams = list(dict.fromkeys(member_streams))
-    per_stream = m_count // len(streams)
-    if [streams[i // per_stream] for i in range(m_count)] != member_streams:
-        raise AssertionError(f"members are not a stream-major grid: {member_streams}")
-    member_data = [d for _, d in member_streams]
-    roots = jax.vmap(jax.random.key)(jnp.asarray([s for s, _ in member_streams], jnp.uint32))
-    # The streams split over devices (``num_devices``; 0: every local device), never more
-    # devices than streams; a share that does not divide evenly is padded with copies of
-    # stream 0 whose results are dropped.
-    wanted = int(configs[0].get("num_devices", 0) or 0) or len(jax.local_devices())
-    n_dev = max(1, min(wanted, len(streams), len(jax.local_devices())))
-    mesh = None
-    if n_dev > 1:
-        mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:n_dev]), (STREAM_AXIS,))
-    pad = -len(streams) % n_dev
-    padded_seeds = [s for s, _ in streams] + [streams[0][0]] * pad
-    stream_roots = jax.vmap(jax.random.key)(jnp.asarray(padded_seeds, jnp.uint32))
-    if seed_strategy == "auto":
-        seed_strategy = "sequential" if jax.default_backend() == "cpu" else "vmap"
-
-    def init_member(root, chp, shp):
-        state = algorithm.init(model.init(jax.random.fold_in(root, 0)))
-        return state._replace(
-            opt_state=optimizers.with_hyperparams(state.opt_state, shp), client_hparams=chp
-        )
-
-    states = jax.jit(jax.vmap(init_member))(roots, client_hp, server_hp)
-    alive = jnp.ones((m_count,), bool)
-
-    on_device = data_on_device(config.data_on_device, trains[data_seeds[0]])
-    row_maps: dict[int, np.ndarray] = {}
-    device_examples = 0
-    if on_device:
-        if len(data_seeds) == 1:
-            pool = trains[data_seeds[0]].all_examples()
-        else:  # every data seed's examples in one array, each distinct example once
-            pool, maps = data.packing.shared_examples([trains[d] for d in data_seeds])
-            row_maps = dict(zip(data_seeds, maps, strict=True))
-            if config.data_on_device == "auto" and _nbytes(pool) > DEVICE_DATA_BUDGET:
-                on_device, pool, row_maps = False, None, {}
-    examples = (jax.device_put(pool),) if on_device else ()
-    if on_device:
-        device_examples = len(next(iter(pool.values())))
-
-    def run_streams(args, r, examples):
-        def one_stream(a):
-            st, cohort, root = a
-            if examples:
-                cohort = with_examples(algorithm, cohort, examples[0])
-            key = jax.random.fold_in(root, r)
-            return jax.vmap(algorithm.apply, in_axes=(0, None, None))(st, cohort, key)
-
-        if seed_strategy == "vmap":
-            return jax.vmap(one_stream)(args)
-        return jax.lax.map(one_stream, args)
-
-    def sweep_round(states, alive, cohorts, stream_roots, r, *examples):
-        by_stream = jax.tree.map(lambda a: a.reshape((-1, per_stream) + a.shape[1:]), states)
-        if pad:
-            by_stream = jax.tree.map(
-                lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]), by_stream
-            )
-        args = (by_stream, cohorts, stream_roots)
-        if mesh is None:
-            new, metrics = run_streams(args, r, examples)
-        else:
-            new, metrics = jax.shard_map(
-                run_streams,
-                mesh=mesh,
-                in_specs=(P(STREAM_AXIS), P(), P()),
-                out_specs=P(STREAM_AXIS),
-            )(args, r, examples)
-        n_streams = len(streams)
-        new, metrics = jax.tree.map(lambda a: a[:n_streams], (new, metrics))
-        new, metrics = jax.tree.map(lambda a: a.reshape((m_count,) + a.shape[2:]), (new, metrics))
-        finite = jnp.isfinite(metrics["train_loss"])
-        for leaf in jax.tree.leaves(new.params):
-            finite &= jnp.all(jnp.isfinite(leaf.reshape(m_count, -1)), axis=1)
-        ok = alive & finite
-
-        def keep(n, o):
-            return jnp.where(ok.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
-
-        return jax.tree.map(keep, new, states), ok, metrics["train_loss"]
-
-    # On a mesh, member states live replicated between rounds (one compiled program: the
-    # first round's inputs look like every later round's).
-    out_shardings = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}
-    round_fn = jax.jit(sweep_round, donate_argnums=0, **out_shardings)
-    states, alive = replicate((states, alive), mesh)
-    # One evaluator per set of test clients, vmapped over the members evaluated on it.
-    evaluators = {
-        k: jax.jit(jax.vmap(make_evaluator(model, t.num_clients), (0, None, None, None)))
-        for k, t in tests.items()
-    }
-    eval_arrays = {
-        k: data.pack_eval(t, batch_size=config.eval_batch_size) for k, t in tests.items()
-    }
-    eval_members = {
-        k: np.asarray([m for m in range(m_count) if member_eval[m] == k]) for k in tests
-    }
-    max_steps = max(e.num_steps for e in exps.values())
-    bucket_steps = {d: step_bucketer(config, trains[d], max_steps) for d in data_seeds}
-
     labels = [label for label, _, _ in members]
-    ckpt, meta = None, None
-    if ckpt_dir is not None:
-        ckpt = checkpoint.Checkpointer(ckpt_dir, keep=keep)
-        latest = ckpt.latest_round()
-        if latest is not None:
-            meta = ckpt.restore_meta(latest)
-            if meta.get("labels") != labels:
-                raise checkpoint.ConfigMismatchError(
-                    f"{ckpt.directory} holds a checkpoint of members {meta.get('labels')}, "
-                    f"not {labels}; pass --overwrite to start afresh."
-                )
+    resume = Resume(ckpt_dir, every=every, keep=keep, identity={"sweep": spec, "labels": labels})
+    if resume.meta is not None and resume.meta.get("labels") != labels:
+        resume.close()
+        raise checkpoint.ConfigMismatchError(
+            f"{resume.ckpt.directory} holds a checkpoint of members {resume.meta.get('labels')}, "
+            f"not {labels}; pass --overwrite to start afresh."
+        )
     logs = []
     for (label, _, _), cfg in zip(members, configs, strict=True):
         d = workdir / label
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(cfg.to_json(indent=2) + "\n")
         logs.append(RunLog(d))
-    diverged: list[int | None] = [None] * m_count
-    pending: list[tuple[int, jax.Array, jax.Array]] = []
-    real_slots = total_slots = 0
-    wall_before = 0.0
-    start = 0
-    if meta is not None:
-        start = int(meta["round"])
-        restored = ckpt.restore_state(start, {"states": states, "alive": alive})
-        states, alive = replicate((restored["states"], restored["alive"]), mesh)
-        logs = [RunLog(log.workdir, h) for log, h in zip(logs, meta["histories"], strict=True)]
-        diverged = meta["diverged"]
-        pending = [
-            (rr, jnp.asarray(lo, jnp.float32), jnp.asarray(al, bool))
-            for rr, lo, al in meta["pending"]
-        ]
-        real_slots, total_slots = meta["real_slots"], meta["total_slots"]
-        wall_before = meta["wall_s"]
-        if progress:
-            print(f"  resuming {m_count} member(s) after round {start}")
-    t_start -= wall_before
-
-    def save_checkpoint(r: int) -> None:
-        ckpt.save(
-            r,
-            {"states": states, "alive": alive},
-            {
-                "sweep": spec,
-                "labels": labels,
-                "round": r,
-                "histories": [log.history for log in logs],
-                "diverged": diverged,
-                "pending": [
-                    [rr, np.asarray(lo).tolist(), np.asarray(al).tolist()] for rr, lo, al in pending
-                ],
-                "real_slots": real_slots,
-                "total_slots": total_slots,
-                "wall_s": time.perf_counter() - t_start,
-            },
-        )
-
-    if meta is None and ckpt is not None:
-        save_checkpoint(0)  # from here on a killed sweep resumes instead of being refused
-    for log in logs:  # a resumed member drops evaluations appended after the checkpoint
-        log.start()
-    slots = config.clients_per_round
-    pack_kw = dict(**packing_of(config), num_clients=slots)
-    pack = data.packing.pack_cohort_indices if on_device else data.pack_cohort
-    for r in range(start + 1, config.num_rounds + 1):
-        ids = [sample_clients(s, r, trains[d].num_clients, slots) for s, d in streams]
-        steps = max(bucket_steps[d](i) for (_, d), i in zip(streams, ids, strict=True))
-        cohorts = []
-        for (s, d), i in zip(streams, ids, strict=True):
-            c = pack(trains[d], i, num_steps=steps, seed=s, round_num=r, **pack_kw)
-            cohorts.append(data.packing.remap_cohort(c, row_maps[d]) if row_maps else c)
-            real_slots += int(c.mask.sum())
-            total_slots += c.mask.size
-        stacked = jax.tree.map(lambda *a: np.stack(a), *cohorts, *cohorts[:1] * pad)
-        states, alive, losses = round_fn(
-            states, alive, stacked, stream_roots, jnp.asarray(r, jnp.int32), *examples
-        )
-        pending.append((r, losses, alive))
-        if r % config.eval_every and r != config.num_rounds:
-            if ckpt is not None and every > 0 and r % every == 0:
-                save_checkpoint(r)
-            continue
-        # One host sync per evaluation, as in simulate.
-        rounds = [rr for rr, _, _ in pending]
-        loss_rows = np.asarray(jnp.stack([lo for _, lo, _ in pending]), np.float64)
-        alive_rows = np.asarray(jnp.stack([al for _, _, al in pending]))
-        for m in range(m_count):
-            if diverged[m] is None and not alive_rows[:, m].all():
-                diverged[m] = rounds[int(np.argmin(alive_rows[:, m]))]
-        evals = _evaluate(states.params, evaluators, eval_arrays, eval_members, m_count)
-        elapsed = time.perf_counter() - t_start
-        newly_dead = []
-        for m in range(m_count):
-            if diverged[m] is not None:
-                continue
-            ev = summarize_eval(*evals[m])
-            if not math.isfinite(ev["test_loss"]):
-                diverged[m] = r
-                newly_dead.append(m)
-                continue
-            logs[m].record(r, loss_rows[:, m].mean(), ev, elapsed)
-        if newly_dead:
-            alive = alive.at[jnp.asarray(newly_dead)].set(False)
-        pending.clear()
-        if progress:
-            live = [
-                log.history[-1]["test_accuracy"]
-                for log in logs
-                if log.history and log.history[-1]["round"] == r
-            ]
-            best = max(live) if live else float("nan")
-            print(
-                f"  round {r}: {m_count - sum(d is not None for d in diverged)}/{m_count} "
-                f"members alive, best test accuracy {best:.4f}"
-            )
-        if ckpt is not None and ((every > 0 and r % every == 0) or r == config.num_rounds):
-            save_checkpoint(r)
-    if ckpt is not None:
-        ckpt.close()
-
-    wall = time.perf_counter() - t_start
+    out = run_loop(
+        program,
+        source,
+        evaluator,
+        logs,
+        resume,
+        num_rounds=config.num_rounds,
+        eval_every=config.eval_every,
+        raise_on_divergence=False,
+        progress=progress,
+        wall_start=t_start,
+    )
     results = []
-    params = jax.device_get(states.params)
+    params = jax.device_get(out.states.params)
     for m, (label, values, _) in enumerate(members):
         summary = logs[m].summary(
-            config,
-            wall,
+            config.num_rounds,
+            out.wall_s,
             strategy=exp.strategy,
-            devices=n_dev,
-            compiles=round_fn._cache_size(),
-            data_on_device=on_device,
-            padding_waste=round(1 - real_slots / max(total_slots, 1), 4),
-            sweep_members=m_count,
+            devices=program.num_devices,
+            compiles=program.compiles,
+            data_on_device=source.on_device,
+            padding_waste=source.padding_waste,
+            sweep_members=program.num_members,
             sweep_values=values,
-            data_seed=member_data[m],
-            device_examples=device_examples,
-            diverged=diverged[m] is not None,
-            diverged_round=diverged[m],
+            data_seed=member_streams[m][1],
+            device_examples=source.num_device_examples,
+            diverged=out.diverged[m] is not None,
+            diverged_round=out.diverged[m],
         )
-        logs[m].write_tensorboard()
         results.append(
             {
                 "label": label,
@@ -727,18 +517,6 @@ def _run_streams(
             }
         )
     return results
-
-
-def _evaluate(params, evaluators, eval_arrays, eval_members, m_count):
-    """Every member's evaluation sums, from its own test clients (``eval_members`` maps each
-    set of test clients to the members evaluated on it)."""
-    out: list[Any] = [None] * m_count
-    for k, idx in eval_members.items():
-        sub = params if len(idx) == m_count else jax.tree.map(lambda a, i=idx: a[i], params)
-        sums = jax.device_get(evaluators[k](sub, *eval_arrays[k]))
-        for j, m in enumerate(idx):
-            out[m] = tuple(a[j] for a in sums)
-    return out
 
 
 def _check_same_shapes(exps) -> None:
@@ -755,7 +533,3 @@ def _check_same_shapes(exps) -> None:
                 f"{e0.data.train.element_spec} and {e0.data.num_classes}; a data_seed axis "
                 "needs datasets of the same shapes."
             )
-
-
-def _nbytes(arrays) -> int:
-    return sum(int(a.nbytes) for a in arrays.values())

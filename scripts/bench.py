@@ -52,9 +52,10 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 import fedjax_sim as fs
-from fedjax_sim.core.client import local_train, masked_mean_loss, tree_sub
-from fedjax_sim.core.execution import has_convolution
-from fedjax_sim.core.round import CLIENT_AXIS, client_keys, replicate
+from fedjax_sim.core.client import local_train, tree_sub
+from fedjax_sim.core.execution import CLIENT_AXIS, replicate
+from fedjax_sim.core.keys import client_keys
+from fedjax_sim.core.task import mean_loss_fn
 
 STRATEGIES = ("vmap", "chunked", "sequential", "auto")
 REFERENCE = "reference"  # FedJAX's default backend: Python loops over clients and batches
@@ -226,9 +227,7 @@ def strategy_runner(strategy, model, params, cohort, key, args, mesh) -> Runner:
         model,
         optax.sgd(args.learning_rate),
         server_learning_rate=args.server_learning_rate,
-        strategy=strategy,
-        chunk_size=args.chunk_size,
-        mesh=mesh,
+        executor=fs.Executor(strategy, args.chunk_size, mesh),
     )
     state = replicate(algo.init(params), mesh)
     if mesh is not None:  # the cohort arrives split over the devices, as the driver sends it
@@ -238,9 +237,7 @@ def strategy_runner(strategy, model, params, cohort, key, args, mesh) -> Runner:
     compile_s = time.perf_counter() - t0
     extra = {}
     if strategy == "auto":
-        extra["resolved"] = fs.resolve_strategy(
-            "auto", params=params, num_clients=cohort.num_clients
-        )
+        extra["resolved"] = fs.resolve_strategy("auto")
     return Runner(
         strategy,
         lambda: compiled(state, cohort, key)[0].params,
@@ -258,17 +255,17 @@ def fedjax_reference_runner(model, params, cohort_np: fs.Cohort, key, args) -> R
     host NumPy arrays as FedJAX's client datasets hand them out; a jitted add accumulates
     the weighted deltas; a jitted server step ends the round.
     """
-    loss_fn = masked_mean_loss(model, train=True)
+    loss_fn = mean_loss_fn(model, train=True)
     client_opt = optax.sgd(args.learning_rate)
     server_lr = args.server_learning_rate
-    grad_fn = jax.grad(loss_fn)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def client_init(shared, client_key):
         return shared, client_opt.init(shared), client_key, jnp.zeros((), jnp.int32)
 
     def client_step(state, batch, mask):
         p, opt_state, k, i = state
-        g = grad_fn(p, batch, mask, jax.random.fold_in(k, i))
+        g, _ = grad_fn(p, batch, mask, jax.random.fold_in(k, i))
         updates, opt_state = client_opt.update(g, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, k, i + 1
 
@@ -320,7 +317,7 @@ def fedjax_reference_runner(model, params, cohort_np: fs.Cohort, key, args) -> R
 
 def fused_runner(model, params, cohort_np: fs.Cohort, key, args) -> Runner:
     """A Python loop over clients, each client's whole local training one jitted call."""
-    loss_fn = masked_mean_loss(model, train=True)
+    loss_fn = mean_loss_fn(model, train=True)
     client_opt = optax.sgd(args.learning_rate)
     server_lr = args.server_learning_rate
 
@@ -402,7 +399,7 @@ def run_case(model_name: str, num_clients: int, args, peak_flops: float) -> list
     fwd_flops, flops_source = forward_flops_per_example(model, params, args.batch_size)
     round_flops = 3.0 * fwd_flops * examples  # forward + backward
 
-    is_conv = has_convolution(params)
+    is_conv = any(getattr(leaf, "ndim", 0) == 4 for leaf in jax.tree.leaves(params))
     # The most devices (up to --num_devices) that split the cohort evenly.
     available = args.num_devices or len(jax.local_devices())
     mesh = fs.client_mesh(max(d for d in range(1, available + 1) if num_clients % d == 0))

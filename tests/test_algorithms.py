@@ -106,8 +106,10 @@ def test_every_strategy_gives_the_same_result(strategy):
     ids = [6, 1, 2, 4, 0, 5, 3]
     cohort = cohort_of(ds, ids, local_epochs=2)
     client_opt = optax.adam(0.05)  # stateful client optimizer: padded steps must not move it
-    ref_algo = fs.fedopt(MODEL, client_opt, optax.adam(0.1), strategy="sequential")
-    algo = fs.fedopt(MODEL, client_opt, optax.adam(0.1), strategy=strategy, chunk_size=3)
+    ref_algo = fs.fedopt(MODEL, client_opt, optax.adam(0.1), executor=fs.Executor("sequential"))
+    algo = fs.fedopt(
+        MODEL, client_opt, optax.adam(0.1), executor=fs.Executor(strategy, chunk_size=3)
+    )
     ref, ref_m = jax.jit(ref_algo.apply)(ref_algo.init(PARAMS), cohort, KEY)
     got, got_m = jax.jit(algo.apply)(algo.init(PARAMS), cohort, KEY)
     tree_allclose(got.params, ref.params, rtol=1e-5, atol=1e-5)
@@ -116,7 +118,9 @@ def test_every_strategy_gives_the_same_result(strategy):
 
 def test_padded_clients_and_steps_change_nothing():
     ds = ragged_dataset([5, 9, 3])
-    algo = fs.fedopt(MODEL, optax.sgd(0.1, momentum=0.9), optax.sgd(1.0), strategy="vmap")
+    algo = fs.fedopt(
+        MODEL, optax.sgd(0.1, momentum=0.9), optax.sgd(1.0), executor=fs.Executor("vmap")
+    )
     plain = cohort_of(ds, [0, 1, 2])
     padded = cohort_of(ds, [0, 1, 2], num_steps=plain.num_steps + 5, num_clients=6)
     a, ma = algo.apply(algo.init(PARAMS), plain, KEY)
@@ -205,18 +209,63 @@ def test_median_aggregator_ignores_padded_clients():
     assert float(zero["w"][0]) == 0.0
 
 
-def test_update_transform_sees_each_client_before_aggregation():
+def test_transform_client_stage_acts_on_each_client_before_aggregation():
     ds = ragged_dataset([5, 9])
-    clip = lambda delta, key: jax.tree.map(lambda d: jnp.clip(d, -1e-3, 1e-3), delta)
-    algo = fs.fedavg(MODEL, optax.sgd(1.0), update_transform=clip)
+    plain = fs.fedavg(MODEL, optax.sgd(0.5), weighting="uniform")
+    # Each client's own delta: a cohort of that client alone (its key is fold_in(KEY, id)
+    # whatever the cohort, and padded steps are skipped).
+    deltas = []
+    for i in (0, 1):
+        alone, _ = plain.apply(plain.init(PARAMS), cohort_of(ds, [i]), KEY)
+        deltas.append({k: np.asarray(PARAMS[k] - alone.params[k]) for k in PARAMS})
+    # Clip client i's delta to +-c * (i + 1): needs the update and the id of every client.
+    c = float(np.median(np.abs(deltas[0]["w"])))
+
+    def clip_by_id(update, ctx):
+        bound = c * (ctx.client_id + 1).astype(jnp.float32)
+        return jax.tree.map(lambda d: jnp.clip(d, -bound, bound), update)
+
+    transform = fs.AggregationTransform(init=lambda params: (), client=clip_by_id)
+    algo = fs.fedavg(MODEL, optax.sgd(0.5), weighting="uniform", transforms=(transform,))
     state, _ = algo.apply(algo.init(PARAMS), cohort_of(ds, [0, 1]), KEY)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(PARAMS)):
-        assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 1e-3 + 1e-7
+    for k in PARAMS:
+        per_client = [np.clip(d[k], -c * (i + 1), c * (i + 1)) for i, d in enumerate(deltas)]
+        expected = np.asarray(PARAMS[k]) - (per_client[0] + per_client[1]) / 2
+        np.testing.assert_allclose(state.params[k], expected, rtol=1e-6, atol=1e-7)
+        # Clipping the mean instead would give another model: the test tells them apart.
+        of_mean = np.asarray(PARAMS[k]) - np.clip((deltas[0][k] + deltas[1][k]) / 2, -c, c)
+        assert np.max(np.abs(of_mean - expected)) > 1e-4
+
+
+def test_transform_server_stage_is_stateful_and_sees_the_aggregate():
+    ds = ragged_dataset([5, 9, 7])
+
+    def halve_and_count(aggregate, count, ctx):
+        assert ctx.client_ids.shape == (3,)
+        return jax.tree.map(lambda a: 0.5 * a, aggregate), count + ctx.num_clients
+
+    transform = fs.AggregationTransform(
+        init=lambda params: jnp.zeros((), jnp.float32), server=halve_and_count
+    )
+    plain = fs.fedavg(MODEL, optax.sgd(0.5))
+    algo = fs.fedavg(MODEL, optax.sgd(0.5), transforms=(transform,))
+    cohort = cohort_of(ds, [0, 1, 2])
+    ref, _ = plain.apply(plain.init(PARAMS), cohort, KEY)
+    state, _ = algo.apply(algo.init(PARAMS), cohort, KEY)
+    state, _ = jax.jit(algo.apply)(state, cohort, KEY)
+    # Round 1: params - mean/2 (server SGD at 1.0 on the halved pseudo-gradient).
+    one, _ = algo.apply(algo.init(PARAMS), cohort, KEY)
+    for k in PARAMS:
+        np.testing.assert_allclose(
+            one.params[k], PARAMS[k] - 0.5 * (PARAMS[k] - ref.params[k]), rtol=1e-6, atol=1e-7
+        )
+    # The transform's state counted 3 real clients in each of the two rounds.
+    assert float(state.aggregator_state[1]) == 6.0
 
 
 def test_unknown_names_list_the_known_ones():
     with pytest.raises(ValueError, match="known: .*sequential"):
-        fs.resolve_strategy("fast", params={}, num_clients=1)
+        fs.resolve_strategy("fast")
     with pytest.raises(ValueError, match="known: .*adam"):
         fs.get_optimizer("adamm", 0.1)
     with pytest.raises(ValueError, match="takes no argument"):
@@ -225,8 +274,8 @@ def test_unknown_names_list_the_known_ones():
         fs.fedavg(MODEL, optax.sgd(0.1), weighting="size")
     with pytest.raises(ValueError, match="known: mean, median"):
         fs.aggregators.get_aggregator("krum2")
-    with pytest.raises(ValueError, match="known: fedavg, fedopt, fedsgd"):
-        fs.algorithms.check_algorithm_name("fedprox2")
+    with pytest.raises(ValueError, match=r"known: fedavg, (.*, )?fedopt, fedsgd"):
+        fs.algorithms.get_spec("fedprox2")
 
 
 @pytest.mark.parametrize("devices", [2, 4])
@@ -241,13 +290,17 @@ def test_sharding_the_cohort_over_devices_gives_the_same_result(devices, strateg
 
     def make(mesh, strategy):
         if algorithm == "fedsgd":
-            return fs.fedsgd(MODEL, optax.adam(0.1), strategy=strategy, mesh=mesh)
+            return fs.fedsgd(MODEL, optax.adam(0.1), executor=fs.Executor(strategy, mesh=mesh))
         extra = {}
         if algorithm == "fedprox_dp":  # proximal term, clipping and noise under shard_map
             extra = dict(proximal_mu=0.3, clip_norm=0.05, noise_multiplier=0.5)
             extra["weighting"] = "uniform"
         return fs.fedopt(
-            MODEL, optax.adam(0.05), optax.adam(0.1), strategy=strategy, mesh=mesh, **extra
+            MODEL,
+            optax.adam(0.05),
+            optax.adam(0.1),
+            executor=fs.Executor(strategy, mesh=mesh),
+            **extra,
         )
 
     ref_algo, algo = make(None, "sequential"), make(mesh, strategy)
@@ -260,7 +313,7 @@ def test_sharding_the_cohort_over_devices_gives_the_same_result(devices, strateg
 
 def test_a_cohort_that_does_not_split_over_the_devices_is_an_error():
     ds = ragged_dataset([5, 6, 7])
-    algo = fs.fedavg(MODEL, optax.sgd(0.1), mesh=fs.client_mesh(2))
+    algo = fs.fedavg(MODEL, optax.sgd(0.1), executor=fs.Executor(mesh=fs.client_mesh(2)))
     with pytest.raises(ValueError, match="does not split over 2 devices"):
         algo.apply(algo.init(PARAMS), cohort_of(ds, [0, 1, 2]), KEY)
 
@@ -308,7 +361,7 @@ def test_every_model_family_shards_over_devices(name, input_shape, num_classes, 
     cohort = cohort_of(ds, [0, 1, 2, 3], batch_size=3)
     results = []
     for mesh in (None, fs.client_mesh(2)):
-        algo = fs.fedavg(model, optax.sgd(0.05), mesh=mesh)
+        algo = fs.fedavg(model, optax.sgd(0.05), executor=fs.Executor(mesh=mesh))
         state, _ = jax.jit(algo.apply)(algo.init(params), cohort, KEY)
         results.append(state.params)
     tree_allclose(results[1], results[0], rtol=1e-4, atol=1e-5)
@@ -328,9 +381,11 @@ def test_lazy_cohort_equals_the_gathered_cohort(strategy, devices, algorithm):
     examples = jax.device_put(ds.all_examples())
     mesh = fs.client_mesh(devices)
     if algorithm == "fedsgd":
-        algo = fs.fedsgd(MODEL, optax.adam(0.1), strategy=strategy, mesh=mesh)
+        algo = fs.fedsgd(MODEL, optax.adam(0.1), executor=fs.Executor(strategy, mesh=mesh))
     else:
-        algo = fs.fedopt(MODEL, optax.adam(0.05), optax.sgd(1.0), strategy=strategy, mesh=mesh)
+        algo = fs.fedopt(
+            MODEL, optax.adam(0.05), optax.sgd(1.0), executor=fs.Executor(strategy, mesh=mesh)
+        )
     assert algo.lazy_examples
     apply = jax.jit(algo.apply)
     whole, m1 = apply(algo.init(PARAMS), gather_cohort(examples, indexed, xp=jnp), KEY)

@@ -52,7 +52,9 @@ def mean_of(trees, weights):
 
 @pytest.mark.parametrize("strategy", ["sequential", "vmap"])
 def test_fedprox_round_matches_clients_trained_on_the_proximal_objective(strategy):
-    algo = fs.fedopt(MODEL, optax.sgd(0.2), optax.sgd(1.0), proximal_mu=0.7, strategy=strategy)
+    algo = fs.fedopt(
+        MODEL, optax.sgd(0.2), optax.sgd(1.0), proximal_mu=0.7, executor=fs.Executor(strategy)
+    )
     state, _ = algo.apply(algo.init(PARAMS), cohort(), KEY)
     finals = reference_client_models(PARAMS, lr=0.2, mu=0.7)
     tree_allclose(state.params, mean_of(finals, DS.sizes[IDS]), rtol=1e-5, atol=1e-6)
@@ -135,5 +137,5 @@ def test_bad_settings_are_refused(kwargs, message):
 def test_fedsgd_config_with_a_proximal_term_is_refused(tmp_path):
     config = fs.load_config("fedsgd:smoke")
     config.client.proximal_mu = 0.1
-    with pytest.raises(ValueError, match="fedsgd takes no proximal_mu"):
+    with pytest.raises(ValueError, match="fedsgd takes no client.proximal_mu"):
         fs.simulate(config, tmp_path / "run", progress=False)

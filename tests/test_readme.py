@@ -2,6 +2,9 @@
 
 import re
 
+import jax
+import jax.numpy as jnp
+
 from tests.conftest import REPO_ROOT
 
 
@@ -12,4 +15,12 @@ def test_readme_api_example_runs():
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert int(scope["state"].round) == 50
-    assert float(scope["metrics"]["train_loss"]) < 2.3  # below the initial log(10)
+    # The mean training loss over every client's examples, before and after the 50 rounds:
+    # measured 2.819 -> 0.275; a run that barely learns (or a no-op round) stays near 2.8.
+    model, train = scope["model"], scope["data"].train.all_examples()
+
+    def loss(params):
+        return float(jnp.mean(model.loss(model.apply(params, train["x"], train=False), train["y"])))
+
+    before, after = loss(model.init(jax.random.key(0))), loss(scope["state"].params)
+    assert before > 2.0 and after < 0.2 * before, (before, after)

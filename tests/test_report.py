@@ -1,4 +1,4 @@
-"""``fedjax-sim report`` (tables, plots) and the hand-written TensorBoard event files."""
+"""``fedjax-sim report`` (tables, plots) and the TensorBoard event files (tensorboardX)."""
 
 import csv
 import json
@@ -8,9 +8,11 @@ import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from fedjax_sim import cli, report
+from fedjax_sim.metrics.tensorboard import TensorBoardLog, event_files
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LEARNING_RATES = (0.1, 0.01)
@@ -225,7 +227,8 @@ def test_cli_entry_point(sweep, tmp_path):
 # --------------------------------------------------------------------------- TensorBoard
 
 
-def _crc32c_bitwise(data: bytes) -> int:
+def _crc32c(data: bytes) -> int:
+    """CRC-32C, bit by bit: the reader checks tensorboardX's framing independently of it."""
     crc = 0xFFFFFFFF
     for b in data:
         crc ^= b
@@ -234,105 +237,182 @@ def _crc32c_bitwise(data: bytes) -> int:
     return crc ^ 0xFFFFFFFF
 
 
-def _masked(data: bytes) -> int:
-    crc = _crc32c_bitwise(data)
+def _masked_crc32c(data: bytes) -> int:
+    crc = _crc32c(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def _read_varint(buf, i):
-    shift = value = 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, i
+def _read_events(path):
+    """The ``Event`` protos of an event file: TFRecord framing (uint64 length, uint32 masked
+    CRC of the length, data, uint32 masked CRC of the data), both CRCs checked, each record
+    decoded with tensorboardX's bundled protobufs."""
+    from tensorboardX.proto.event_pb2 import Event
 
-
-def _parse_proto(buf):
-    """field number -> list of values (bytes for length-delimited fields)."""
-    fields, i = {}, 0
-    while i < len(buf):
-        key, i = _read_varint(buf, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _read_varint(buf, i)
-        elif wire == 1:
-            value, i = struct.unpack("<d", buf[i : i + 8])[0], i + 8
-        elif wire == 5:
-            value, i = struct.unpack("<f", buf[i : i + 4])[0], i + 4
-        elif wire == 2:
-            n, i = _read_varint(buf, i)
-            value, i = bytes(buf[i : i + n]), i + n
-        else:
-            raise AssertionError(f"unexpected wire type {wire}")
-        fields.setdefault(number, []).append(value)
-    return fields
-
-
-def _read_records(path):
-    data, i, out = path.read_bytes(), 0, []
+    data, i, events = path.read_bytes(), 0, []
     while i < len(data):
+        assert len(data) - i >= 16, "truncated record"
         header = data[i : i + 8]
         (length,) = struct.unpack("<Q", header)
         (crc,) = struct.unpack("<I", data[i + 8 : i + 12])
-        assert crc == _masked(header)
+        assert crc == _masked_crc32c(header)
         body = data[i + 12 : i + 12 + length]
         (crc,) = struct.unpack("<I", data[i + 12 + length : i + 16 + length])
-        assert crc == _masked(body)
-        out.append(body)
+        assert crc == _masked_crc32c(body)
+        events.append(Event.FromString(body))
         i += 16 + length
+    return events
+
+
+def _scalar_events(events):
+    """tag -> [(step, value, wall_time)] of the events' scalar summaries, in file order."""
+    out = {}
+    for ev in events:
+        if ev.HasField("summary"):
+            for v in ev.summary.value:
+                assert v.WhichOneof("value") == "simple_value"
+                out.setdefault(v.tag, []).append((ev.step, v.simple_value, ev.wall_time))
     return out
 
 
-def test_crc32c_known_value():
-    assert report.crc32c(b"123456789") == 0xE3069283 == _crc32c_bitwise(b"123456789")
+def _expected_scalars(records):
+    """tag -> [(step, value)] as TensorBoard stores them (float32) from metrics records."""
+    out = {}
+    for rec in records:
+        for k, v in rec.items():
+            if k not in ("round", "wall_s") and isinstance(v, (int, float)):
+                if not isinstance(v, bool):
+                    out.setdefault(k, []).append((rec["round"], float(np.float32(v))))
+    return out
 
 
 def test_tensorboard_round_trip(tmp_path):
-    _write_run(tmp_path / "run", 0.1, 1)
-    first = report.write_tensorboard(tmp_path / "run")
-    path = report.write_tensorboard(tmp_path / "run")  # replaces, does not duplicate
-    assert path.parent == tmp_path / "run" and "tfevents" in path.name
-    assert list((tmp_path / "run").glob("events.out.tfevents.*")) == [path] == [first]
-    records = _records(tmp_path / "run")
-    events = [_parse_proto(b) for b in _read_records(path)]
-    assert events[0][3] == [b"brain.Event:2"]
-    start = events[0][1][0]
-    assert len(events) == 1 + len(records)
+    assert _crc32c(b"123456789") == 0xE3069283  # the reader's CRC (its check value)
+    run = tmp_path / "run"
+    _write_run(run, 0.1, 1)
+    first = report.write_tensorboard(run)
+    path = report.write_tensorboard(run)  # replaces, does not duplicate
+    assert path.parent == run and path.name.startswith("events.out.tfevents.")
+    assert not first.exists() or first == path
+    assert list(run.glob("*tfevents*")) == [path]
+    records = _records(run)
+    events = _read_events(path)
+    assert events[0].file_version == "brain.Event:2"
+    assert len(events) == 1 + len(records)  # the header, then one event per evaluation
+    start = (run / "config.json").stat().st_mtime
     for ev, rec in zip(events[1:], records):
-        assert ev[2] == [rec["round"]]
-        assert ev[1][0] == pytest.approx(start + rec["wall_s"])
-        (summary,) = ev[5]
-        values = {}
-        for v in _parse_proto(summary)[1]:
-            f = _parse_proto(v)
-            values[f[1][0].decode()] = f[2][0]
-        expected = {k: v for k, v in rec.items() if k not in ("round", "wall_s")}
-        assert values.keys() == expected.keys()
-        for k, v in expected.items():
-            assert values[k] == pytest.approx(v, rel=1e-6)
+        assert ev.step == rec["round"]
+        assert ev.wall_time == pytest.approx(start + rec["wall_s"])
+    got = _scalar_events(events)
+    assert {k: [(s, v) for s, v, _ in pts] for k, pts in got.items()} == _expected_scalars(records)
+    assert set(got) == {k for k in records[0] if k not in ("round", "wall_s")}
+
+
+def _tensorboard_scalars(run, tag):
+    """(step, value) of ``tag`` as TensorBoard's two Python loaders read the folder ``run``:
+    the legacy EventAccumulator and the plugin one (``tensorboard --load_fast=false``)."""
+    ea = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator",
+        reason="tensorboard is not installed (the files are checked without it above)",
+    )
+    from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+    from tensorboard.util import tensor_util
+
+    legacy = ea.EventAccumulator(str(run))
+    legacy.Reload()
+    plugin = pea.EventAccumulator(str(run))
+    plugin.Reload()
+    return (
+        [(e.step, e.value) for e in legacy.Scalars(tag)],
+        [(e.step, tensor_util.make_ndarray(e.tensor_proto).item()) for e in plugin.Tensors(tag)],
+    )
 
 
 def test_tensorboard_reads_it(tmp_path):
-    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    _write_run(tmp_path / "run", 0.1, 0)
-    report.write_tensorboard(tmp_path / "run")
-    acc = ea.EventAccumulator(str(tmp_path / "run"))
+    ea = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator",
+        reason="tensorboard is not installed (the files are checked without it above)",
+    )
+    run = tmp_path / "run"
+    _write_run(run, 0.1, 0)
+    report.write_tensorboard(run)
+    acc = ea.EventAccumulator(str(run))
     acc.Reload()
-    events = acc.Scalars("test_accuracy")
-    assert [e.step for e in events] == list(ROUNDS)
-    assert events[-1].value == pytest.approx(_accuracy(0.1, 0, 10), rel=1e-6)
+    expected = _expected_scalars(_records(run))
+    assert sorted(acc.Tags()["scalars"]) == sorted(expected)
+    for tag, points in expected.items():
+        assert [(e.step, e.value) for e in acc.Scalars(tag)] == points, tag
+        assert _tensorboard_scalars(run, tag) == (points, points), tag
+    assert [e.step for e in acc.Scalars("test_accuracy")] == list(ROUNDS)
+
+    # A resumed run (checkpoint after round 6): its log purges what the killed run logged
+    # after round 6, so TensorBoard shows the resumed run's values from round 7 on.
+    with TensorBoardLog(run) as killed:
+        killed.write({"round": 8, "test_accuracy": 0.123, "wall_s": 1.0})
+    with TensorBoardLog(run, purge_step=7) as resumed:
+        for r in (8, 10):
+            resumed.write({"round": r, "test_accuracy": 0.5 + r / 100, "wall_s": 2.0})
+    want = [p for p in expected["test_accuracy"] if p[0] <= 6]
+    want += [(8, float(np.float32(0.58))), (10, float(np.float32(0.6)))]
+    assert _tensorboard_scalars(run, "test_accuracy") == (want, want)
+
+
+def test_tensorboard_log_purge_step_marker(tmp_path):
+    from tensorboardX.proto.event_pb2 import SessionLog
+
+    with TensorBoardLog(tmp_path) as log:
+        log.write({"round": 2, "test_accuracy": 0.25, "wall_s": 1.0})
+        log.write({"round": 4, "test_accuracy": 0.5, "wall_s": 2.0})
+    with TensorBoardLog(tmp_path, purge_step=3) as resumed:  # checkpoint after round 2
+        resumed.write({"round": 4, "test_accuracy": 0.75, "wall_s": 2.5})
+    # Read after the first (same second or not): TensorBoard reads files in name order.
+    assert event_files(tmp_path) == [log.path, resumed.path] and log.path < resumed.path
+    first, second = _read_events(log.path), _read_events(resumed.path)
+    assert not any(ev.HasField("session_log") for ev in first)
+    assert second[0].file_version == "brain.Event:2"
+    # The purge marker: SessionLog.START at the purge step (twice, see TensorBoardLog).
+    markers = [ev for ev in second if ev.HasField("session_log")]
+    assert markers == second[1:3]
+    assert [(ev.session_log.status, ev.step) for ev in markers] == [(SessionLog.START, 3)] * 2
+    assert _scalar_events(second) == {"test_accuracy": [(4, 0.75, second[3].wall_time)]}
+    with pytest.raises(ValueError, match="purge_step"):
+        TensorBoardLog(tmp_path, purge_step=-1)
+
+
+def test_tensorboard_log_appends_linearly(tmp_path):
+    n = 25
+    sizes = []
+    with TensorBoardLog(tmp_path) as log:
+        for r in range(1, n + 1):
+            log.write(
+                {"round": r, "train_loss": 1 / r, "test_accuracy": r / n, "wall_s": 0.1 * r,
+                 "diverged": False, "label": "x"}  # bools and strings are not scalars
+            )  # fmt: skip
+            # Flushed: a reader sees each evaluation as soon as write returns.
+            got = _scalar_events(_read_events(log.path))
+            assert {k: len(v) for k, v in got.items()} == {"train_loss": r, "test_accuracy": r}
+            sizes.append(log.path.stat().st_size)
+    events = _read_events(log.path)
+    assert len(events) == 1 + n  # the header and one event per write: nothing rewritten
+    got = _scalar_events(events)
+    assert [s for s, _, _ in got["test_accuracy"]] == list(range(1, n + 1))
+    assert [v for _, v, _ in got["test_accuracy"]] == [float(np.float32(r / n)) for r in
+                                                       range(1, n + 1)]  # fmt: skip
+    growth = [b - a for a, b in zip(sizes, sizes[1:])]
+    assert max(growth) <= 2 * min(growth)  # a constant amount per write, not growing
+    with pytest.raises(ValueError, match="closed"):
+        log.write({"round": n + 1, "test_accuracy": 1.0})
+    log.close()  # idempotent
 
 
 def test_import_does_not_load_tensorflow_or_matplotlib():
     code = (
-        "import sys, fedjax_sim, fedjax_sim.report, fedjax_sim.cli; "
-        "print('tensorflow' in sys.modules, 'matplotlib' in sys.modules)"
+        "import sys, fedjax_sim, fedjax_sim.cli, fedjax_sim.report; "
+        "import fedjax_sim.metrics.tensorboard; "
+        "print(*(m in sys.modules for m in ('tensorflow', 'matplotlib', 'tensorboardX')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.split() == ["False", "False"], out.stderr
+    # tensorboardX too is imported only when a log is opened.
+    assert out.stdout.split() == ["False", "False", "False"], out.stderr
 
 
 # --------------------------------------------------------------------------- end to end

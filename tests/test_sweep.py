@@ -12,7 +12,6 @@ import pytest
 import fedjax_sim as fs
 from fedjax_sim import sweep
 from fedjax_sim.cli import main as cli_main
-from fedjax_sim.core.client import masked_mean_loss
 
 # Far past float32's range once multiplied by a gradient: the first local step gives inf
 # params and a NaN loss in round 1.
@@ -209,8 +208,8 @@ def test_injected_optimizers_equal_plain_ones():
         fs.optimizers.with_hyperparams(optax.sgd(0.1).init(params), {"learning_rate": 0.5})
 
 
-def test_client_hparams_override_the_client_optimizer():
-    """FedAvg with one client and one full-batch step is one SGD step at the overriding lr:
+def test_state_hparams_override_the_client_optimizer():
+    """FedAvg with one client and one full-batch step is one SGD step at the state's lr:
     params - 0.3 * grad (the injected default 0.01 is replaced)."""
     model = fs.get_model("logreg", num_classes=3, input_shape=(4,))
     params = model.init(jax.random.key(0))
@@ -222,15 +221,23 @@ def test_client_hparams_override_the_client_optimizer():
         num_examples=jnp.asarray([5.0]),
         client_ids=jnp.asarray([0], jnp.int32),
     )
-    algo = fs.fedavg(model, fs.get_optimizer("sgd", 0.01, inject=True), strategy="sequential")
-    state = algo.init(params)._replace(client_hparams={"learning_rate": jnp.float32(0.3)})
+    algo = fs.fedavg(
+        model, fs.get_optimizer("sgd", 0.01, inject=True), executor=fs.Executor("sequential")
+    )
+    assert algo.hparams["client.learning_rate"] == pytest.approx(0.01)
+    state = algo.init(params)
+    state = state._replace(hparams={**state.hparams, "client.learning_rate": jnp.float32(0.3)})
     new, _ = jax.jit(algo.apply)(state, cohort, jax.random.key(2))
-    loss = masked_mean_loss(model)
-    grads = jax.grad(loss)(params, {"x": x[0, 0], "y": y[0, 0]}, cohort.mask[0, 0], None)
-    expected = jax.tree.map(lambda p, g: p - 0.3 * g, params, grads)
+
+    def loss(p):  # the mean cross-entropy of the five examples, written out
+        logits = model.apply(p, x[0, 0], train=False)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y[0, 0]))
+
+    expected = jax.tree.map(lambda p, g: p - 0.3 * g, params, jax.grad(loss)(params))
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(new.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert new.client_hparams.keys() == {"learning_rate"}
+    assert new.hparams.keys() == state.hparams.keys()
+    assert float(new.hparams["client.learning_rate"]) == pytest.approx(0.3)
 
 
 def test_cli_sweep(tmp_path, capsys):

@@ -1,82 +1,47 @@
-"""FedAvg and the FedOpt family (FedAvgM, FedAdam, FedYogi, FedAdagrad)."""
+"""FedAvg and the FedOpt family (FedAvgM, FedAdam, FedYogi, FedAdagrad), FedProx, DP-FedAvg."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from functools import partial
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from fedjax_sim.aggregators import Aggregator, aggregate, weighted_mean
-from fedjax_sim.core.client import local_train, masked_mean_loss, tree_sub
-from fedjax_sim.core.execution import resolve_strategy
-from fedjax_sim.core.round import (
-    AGGREGATE_SALT,
-    NOISE_SALT,
-    UPDATE_SALT,
-    run_clients,
-    weighted_client_metrics,
+from fedjax_sim import aggregators
+from fedjax_sim.aggregators import Aggregator, weighted_mean
+from fedjax_sim.aggregators.transforms import AggregationTransform, chain
+from fedjax_sim.algorithms.base import (
+    AlgorithmSpec,
+    BuildContext,
+    ServerSide,
+    client_weight,
+    optimizer_hparams,
+    with_optimizer_hparams,
 )
-from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model, Params, PyTree
-from fedjax_sim.optimizers import optimizer_update, with_hyperparams
+from fedjax_sim.core.client import local_train, tree_sub
+from fedjax_sim.core.execution import Executor
+from fedjax_sim.core.task import as_task, mean_loss_fn
+from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model, Params
+from fedjax_sim.optimizers import optimizer_from_config
+from fedjax_sim.privacy import CLIP_NORM, NOISE_MULTIPLIER, clip_updates, gaussian_noise
 
-WEIGHTINGS = ("num_examples", "uniform")
+PROXIMAL_MU = "client.proximal_mu"
 # Local loops of at most this many packed steps are unrolled (measured: scripts/bench.py).
 UNROLL_STEPS = 4
 
-# (update, key) -> update: applied to each client's update before aggregation (clipping,
-# noise, compression).
-UpdateTransform = Callable[[Params, jax.Array], Params]
-
-
-class ServerState(NamedTuple):
-    """State of FedAvg/FedOpt between rounds.
-
-    Attributes:
-      params: the global model.
-      opt_state: the server optimizer's state.
-      aggregator_state: the aggregator's state.
-      round: rounds applied so far (int32).
-      client_hparams: values (scalar arrays) that replace the client optimizer's injected
-        hyperparameters (``get_optimizer(..., inject=True)``) in every client's fresh
-        optimizer state, e.g. ``{"learning_rate": 0.1}``, and the algorithm's own
-        ``proximal_mu``, ``clip_norm`` and ``noise_multiplier``.
-        Empty: the values ``fedopt`` was built with. Kept in the state so a sweep can vmap
-        over them (``fedjax_sim.sweep``).
-    """
-
-    params: Params
-    opt_state: PyTree
-    aggregator_state: PyTree
-    round: jax.Array
-    client_hparams: Mapping[str, jax.Array] = {}  # noqa: RUF012 (never mutated)
-
-
-def client_weight(num_examples: jax.Array, weighting: str) -> jax.Array:
-    if weighting == "num_examples":
-        return num_examples
-    if weighting == "uniform":
-        return (num_examples > 0).astype(num_examples.dtype)
-    raise ValueError(f"unknown weighting {weighting!r}; known: {', '.join(WEIGHTINGS)}.")
-
 
 def fedopt(
-    model: Model,
+    model,
     client_optimizer: optax.GradientTransformation,
     server_optimizer: optax.GradientTransformation,
     *,
     weighting: str = "num_examples",
     aggregator: Aggregator | None = None,
-    update_transform: UpdateTransform | None = None,
+    transforms: tuple[AggregationTransform, ...] = (),
     proximal_mu: float = 0.0,
     clip_norm: float = 0.0,
     noise_multiplier: float = 0.0,
-    strategy: str = "auto",
-    chunk_size: int = 10,
-    mesh: jax.sharding.Mesh | None = None,
+    executor: Executor | None = None,
 ) -> FederatedAlgorithm:
     """FedOpt (Reddi et al. 2021, Algorithm 1): local training, then a server optimizer step.
 
@@ -93,57 +58,59 @@ def fedopt(
     mechanism of DP-FedAvg (McMahan et al. 2018, fixed cohort size, uniform weighting). No
     privacy accounting is done here.
 
+    The three numbers, and every injected hyperparameter of the two optimizers (build them
+    with ``fs.get_optimizer(..., inject=True)``), live in ``state.hparams`` (names:
+    ``client.proximal_mu``, ``dp.clip_norm``, ``dp.noise_multiplier``,
+    ``client.learning_rate``, ``server.kwargs.momentum``, ...). A built-in 0 leaves its piece
+    out of the program; a sweep that traces it builds the algorithm with the piece in.
+
     Args:
-      model: the model (its ``apply`` and per-example ``loss``).
+      model: a ``Model`` (classification) or a ``Task``.
       client_optimizer: the local optimizer, re-initialized every round.
       server_optimizer: applied to the aggregated pseudo-gradient.
       weighting: ``num_examples`` (weight by client size) or ``uniform``.
       aggregator: how client deltas combine; default the weighted mean.
-      update_transform: optional ``(delta, key) -> delta`` applied per client before
-        aggregation (after clipping).
+      transforms: further aggregation transforms, after clipping and before the noise.
       proximal_mu: FedProx's proximal coefficient (0: none).
       clip_norm: bound on each client's delta norm (0: no clipping).
       noise_multiplier: Gaussian noise on the aggregate, in units of ``clip_norm / n`` (0:
         none); needs ``clip_norm`` > 0, ``weighting="uniform"`` and the mean aggregator.
-      strategy: client execution strategy (``auto``, ``vmap``, ``chunked``, ``sequential``).
-      chunk_size: clients per chunk for ``chunked``.
-      mesh: optional device mesh (``fs.client_mesh()``) to split the cohort over devices.
+      executor: how clients run (default ``Executor()``: strategy ``auto``, one device).
 
     Returns:
       A ``FederatedAlgorithm`` whose state is a ``ServerState``.
     """
-    client_weight(jnp.zeros(()), weighting)  # validates the name eagerly
-    _check_dp(clip_norm, noise_multiplier, weighting, aggregator)
-    if proximal_mu < 0:
-        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}.")
+    task = as_task(model)
+    executor = (executor or Executor()).check()
+    client_weight(jax.numpy.zeros(()), weighting)  # validates the name eagerly
+    _check_numbers(proximal_mu, clip_norm, noise_multiplier, weighting, aggregator)
     aggregator = aggregator or weighted_mean()
-    loss_fn = masked_mean_loss(model, train=True)
+    loss_fn = mean_loss_fn(task, train=True)
+    pipeline = chain(
+        *([clip_updates()] if clip_norm else []),
+        *transforms,
+        *([gaussian_noise()] if noise_multiplier else []),
+    )
+    hparams = {
+        PROXIMAL_MU: float(proximal_mu),
+        CLIP_NORM: float(clip_norm),
+        NOISE_MULTIPLIER: float(noise_multiplier),
+        **optimizer_hparams(client_optimizer, "client"),
+        **optimizer_hparams(server_optimizer, "server"),
+    }
+
+    server = ServerSide(server_optimizer, aggregator, pipeline)
 
     def init(params):
-        return ServerState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            aggregator_state=aggregator.init(params),
-            round=jnp.zeros((), jnp.int32),
-        )
+        return server.init(params, hparams)
 
     def apply(state, cohort, key):
-        server_params = state.params
-        strat = resolve_strategy(strategy, params=server_params, num_clients=cohort.num_clients)
-
-        client_hparams = dict(state.client_hparams)
-        # The algorithm's traced numbers (a sweep's) or the built-in ones; a built-in 0 turns
-        # the piece off, so a plain run computes nothing for it.
-        mu = client_hparams.pop("proximal_mu", proximal_mu)
-        clip = client_hparams.pop("clip_norm", clip_norm)
-        noise = client_hparams.pop("noise_multiplier", noise_multiplier)
-        if not _off(noise) and weighting != "uniform":
-            raise ValueError("noise_multiplier needs weighting='uniform' (DP-FedAvg).")
+        few_steps = cohort.num_steps <= UNROLL_STEPS
 
         def client_fn(broadcast, data, client_state, ckey):
-            opt_state = None
-            if client_hparams:
-                opt_state = with_hyperparams(client_optimizer.init(broadcast), client_hparams)
+            hp = data["hparams"]
+            opt_state = with_optimizer_hparams(client_optimizer.init(broadcast), hp, "client")
+            prox = partial(_proximal, mu=hp[PROXIMAL_MU], anchor=broadcast)
             local = local_train(
                 broadcast,
                 data["batches"],
@@ -152,53 +119,22 @@ def fedopt(
                 loss_fn=loss_fn,
                 optimizer=client_optimizer,
                 opt_state=opt_state,
-                grad_transform=None if _off(mu) else partial(_proximal, mu=mu, anchor=broadcast),
+                grad_transform=prox if proximal_mu else None,
                 # A few steps unroll best; many ragged ones want the dynamic loop.
-                static_loop=strat != "sequential" or cohort.num_steps <= UNROLL_STEPS,
-                unroll=cohort.num_steps <= UNROLL_STEPS,
+                static_loop=executor.resolved() != "sequential" or few_steps,
+                unroll=few_steps,
                 examples=data.get("examples"),
             )
-            delta = tree_sub(broadcast, local.params)
-            if not _off(clip):
-                delta = clip_by_norm(delta, clip)
-            if update_transform is not None:
-                delta = update_transform(delta, jax.random.fold_in(ckey, UPDATE_SALT))
             return ClientOutput(
-                update=delta,
+                update=tree_sub(broadcast, local.params),
                 weight=client_weight(data["num_examples"], weighting),
                 metrics={"loss_sum": local.loss_sum, "num_seen": local.num_seen},
                 client_state=client_state,
             )
 
-        outputs, _ = run_clients(
-            client_fn,
-            cohort,
-            key,
-            broadcast=server_params,
-            strategy=strat,
-            chunk_size=chunk_size,
-            mesh=mesh,
-            sum_weighted_updates=aggregator.from_sums is not None,
-        )
-        agg_key = jax.random.fold_in(key, AGGREGATE_SALT)
-        pseudo_grad, agg_state = aggregate(aggregator, state.aggregator_state, outputs, agg_key)
-        if not _off(noise):
-            num_clients = jnp.maximum(jnp.sum(cohort.num_examples > 0), 1).astype(jnp.float32)
-            std = noise * clip / num_clients
-            pseudo_grad = add_gaussian_noise(pseudo_grad, std, jax.random.fold_in(key, NOISE_SALT))
-        updates, opt_state = optimizer_update(
-            server_optimizer, pseudo_grad, state.opt_state, server_params
-        )
-        new_state = ServerState(
-            params=optax.apply_updates(server_params, updates),
-            opt_state=opt_state,
-            aggregator_state=agg_state,
-            round=state.round + 1,
-            client_hparams=state.client_hparams,
-        )
-        return new_state, weighted_client_metrics(outputs)
+        return server.round(state, cohort, key, client_fn, executor)
 
-    return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True)
+    return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
 
 
 def _proximal(grads: Params, params: Params, *, mu, anchor: Params) -> Params:
@@ -206,12 +142,9 @@ def _proximal(grads: Params, params: Params, *, mu, anchor: Params) -> Params:
     return jax.tree.map(lambda g, p, a: g + mu * (p - a), grads, params, anchor)
 
 
-def _off(value) -> bool:
-    """A built-in (Python) zero: the piece it controls is left out of the program."""
-    return isinstance(value, int | float) and value == 0
-
-
-def _check_dp(clip_norm, noise_multiplier, weighting, aggregator) -> None:
+def _check_numbers(proximal_mu, clip_norm, noise_multiplier, weighting, aggregator) -> None:
+    if proximal_mu < 0:
+        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}.")
     if clip_norm < 0 or noise_multiplier < 0:
         raise ValueError(
             f"clip_norm and noise_multiplier must be >= 0, got {clip_norm}, {noise_multiplier}."
@@ -231,26 +164,6 @@ def _check_dp(clip_norm, noise_multiplier, weighting, aggregator) -> None:
             raise ValueError("noise_multiplier > 0 needs the mean aggregator (DP-FedAvg).")
 
 
-def clip_by_norm(tree: PyTree, max_norm) -> PyTree:
-    """``tree`` scaled to global L2 norm at most ``max_norm`` (unchanged when within it, or
-    when ``max_norm`` is 0)."""
-    norm = optax.tree.norm(tree)
-    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
-    scale = jnp.where(max_norm > 0, scale, 1.0)  # a traced 0 (a sweep member's): no clipping
-    return jax.tree.map(lambda a: a * scale.astype(a.dtype), tree)
-
-
-def add_gaussian_noise(tree: PyTree, std, key: jax.Array) -> PyTree:
-    """``tree`` plus independent N(0, std^2) noise in every coordinate."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    noisy = [
-        a + (std * jax.random.normal(k, a.shape, jnp.float32)).astype(a.dtype)
-        for a, k in zip(leaves, keys, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, noisy)
-
-
 def fedavg(
     model: Model,
     client_optimizer: optax.GradientTransformation,
@@ -262,14 +175,48 @@ def fedavg(
     Decentralized Data"): ``fedopt`` with the server optimizer ``sgd(server_learning_rate)``.
 
     Args:
-      model: the model.
+      model: the model (or a ``Task``).
       client_optimizer: the local optimizer.
       server_learning_rate: 1.0 replaces the global model by the clients' weighted mean.
-      **kwargs: ``weighting``, ``aggregator``, ``update_transform``, ``proximal_mu``,
-        ``clip_norm``, ``noise_multiplier``, ``strategy``, ``chunk_size``, ``mesh`` as in
-        ``fedopt``.
+      **kwargs: ``weighting``, ``aggregator``, ``transforms``, ``proximal_mu``,
+        ``clip_norm``, ``noise_multiplier``, ``executor`` as in ``fedopt``.
 
     Returns:
       A ``FederatedAlgorithm``.
     """
     return fedopt(model, client_optimizer, optax.sgd(server_learning_rate), **kwargs)
+
+
+def hparams_of_config(config) -> dict[str, float]:
+    """``fedopt``'s hyperparameters for ``config`` (see ``AlgorithmSpec.hparams``)."""
+    return {
+        PROXIMAL_MU: float(config.client.get("proximal_mu", 0.0)),
+        CLIP_NORM: float(config.dp.clip_norm) if "dp" in config else 0.0,
+        NOISE_MULTIPLIER: float(config.dp.noise_multiplier) if "dp" in config else 0.0,
+        **optimizer_hparams(optimizer_from_config(config.client), "client"),
+        **optimizer_hparams(optimizer_from_config(config.server), "server"),
+    }
+
+
+def build(config, ctx: BuildContext) -> FederatedAlgorithm:
+    """``fedopt`` from a config: ``client.*`` and ``server.*`` optimizers (injected, so their
+    numbers are sweepable), ``client.proximal_mu``, ``dp.*``, ``weighting``, ``aggregator``."""
+    hp = hparams_of_config(config)
+    return fedopt(
+        ctx.task,
+        optimizer_from_config(config.client),
+        optimizer_from_config(config.server),
+        weighting=config.weighting,
+        aggregator=aggregators.get_aggregator(config.aggregator),
+        proximal_mu=hp[PROXIMAL_MU],
+        clip_norm=hp[CLIP_NORM],
+        noise_multiplier=hp[NOISE_MULTIPLIER],
+        executor=ctx.executor,
+    )
+
+
+SPEC = AlgorithmSpec(
+    build=build,
+    hparams=hparams_of_config,
+    description="FedAvg / FedOpt (any Optax server optimizer), FedProx, DP-FedAvg mechanism",
+)

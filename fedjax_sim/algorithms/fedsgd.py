@@ -7,28 +7,31 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from fedjax_sim.aggregators import Aggregator, aggregate, weighted_mean
-from fedjax_sim.algorithms.fedavg import ServerState, client_weight
-from fedjax_sim.core.client import masked_mean_loss, match_vma, num_real_steps, step_batch
-from fedjax_sim.core.execution import resolve_strategy
-from fedjax_sim.core.round import (
-    AGGREGATE_SALT,
-    run_clients,
-    weighted_client_metrics,
+from fedjax_sim import aggregators
+from fedjax_sim.aggregators import Aggregator, weighted_mean
+from fedjax_sim.aggregators.transforms import AggregationTransform, chain
+from fedjax_sim.algorithms.base import (
+    AlgorithmSpec,
+    BuildContext,
+    ServerSide,
+    client_weight,
+    optimizer_hparams,
 )
-from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model
-from fedjax_sim.optimizers import optimizer_update
+from fedjax_sim.core.client import match_vma, num_real_steps, step_batch
+from fedjax_sim.core.execution import Executor
+from fedjax_sim.core.task import as_task, mean_loss_fn
+from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm
+from fedjax_sim.optimizers import optimizer_from_config
 
 
 def fedsgd(
-    model: Model,
+    model,
     server_optimizer: optax.GradientTransformation,
     *,
     weighting: str = "num_examples",
     aggregator: Aggregator | None = None,
-    strategy: str = "auto",
-    chunk_size: int = 10,
-    mesh: jax.sharding.Mesh | None = None,
+    transforms: tuple[AggregationTransform, ...] = (),
+    executor: Executor | None = None,
 ) -> FederatedAlgorithm:
     """FedSGD (McMahan et al. 2017, the ``E = 1, B = inf`` baseline).
 
@@ -36,40 +39,42 @@ def fedsgd(
     params (accumulated over its packed batches, so any batch size gives the full-batch
     gradient); the server takes the weighted mean and applies ``server_optimizer``. With
     example weighting, ``optax.sgd(lr)`` and all clients in the cohort, one round is one step
-    of centralized gradient descent on the union of the clients' data.
+    of centralized gradient descent on the union of the clients' data. The server optimizer's
+    injected hyperparameters live in ``state.hparams``.
 
     Args:
-      model: the model.
+      model: a ``Model`` or a ``Task``.
       server_optimizer: applied to the aggregated gradient.
       weighting: ``num_examples`` or ``uniform``.
       aggregator: default the weighted mean.
-      strategy: client execution strategy.
-      chunk_size: clients per chunk for ``chunked``.
-      mesh: optional device mesh (``fs.client_mesh()``) to split the cohort over devices.
+      transforms: aggregation transforms (``fedjax_sim.aggregators.transforms``).
+      executor: how clients run (default ``Executor()``).
 
     Returns:
       A ``FederatedAlgorithm`` whose state is a ``ServerState``.
     """
+    task = as_task(model)
+    executor = (executor or Executor()).check()
     client_weight(jnp.zeros(()), weighting)
     aggregator = aggregator or weighted_mean()
-    batch_loss = masked_mean_loss(model, train=True)
+    pipeline = chain(*transforms)
+    hparams = optimizer_hparams(server_optimizer, "server")
+
+    mean_loss = mean_loss_fn(task, train=True)
 
     def sum_loss(params, batch, mask, key):
-        return batch_loss(params, batch, mask, key) * jnp.sum(mask).astype(jnp.float32)
+        mean, weight = mean_loss(params, batch, mask, key)
+        return mean * weight, weight
 
-    grad_fn = jax.value_and_grad(sum_loss)
+    grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
+
+    server = ServerSide(server_optimizer, aggregator, pipeline)
 
     def init(params):
-        return ServerState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            aggregator_state=aggregator.init(params),
-            round=jnp.zeros((), jnp.int32),
-        )
+        return server.init(params, hparams)
 
     def apply(state, cohort, key):
-        params = state.params
-        strat = resolve_strategy(strategy, params=params, num_clients=cohort.num_clients)
+        sequential = executor.resolved() == "sequential"
 
         def client_fn(broadcast, data, client_state, ckey):
             batches, mask = data["batches"], data["mask"]
@@ -77,17 +82,15 @@ def fedsgd(
             def body(i, carry):
                 g_sum, l_sum, n = carry
                 batch = step_batch(batches, mask, i, data.get("examples"))
-                loss, g = grad_fn(broadcast, batch, mask[i], jax.random.fold_in(ckey, i))
+                (loss, weight), g = grad_fn(broadcast, batch, mask[i], jax.random.fold_in(ckey, i))
                 g_sum = jax.tree.map(jnp.add, g_sum, g)
-                return g_sum, l_sum + loss, n + jnp.sum(mask[i]).astype(jnp.float32)
+                return g_sum, l_sum + loss, n + weight
 
             zero = match_vma(jnp.zeros((), jnp.float32), mask)
             init = (jax.tree.map(jnp.zeros_like, broadcast), zero, zero)
-            if strat == "sequential":
-                g_sum, l_sum, n = lax.fori_loop(0, num_real_steps(mask), body, init)
-            else:
-                # Padded steps add exact zeros; a static scan vectorizes well (see local_train).
-                g_sum, l_sum, n = lax.fori_loop(0, mask.shape[0], body, init)
+            # Padded steps add exact zeros; without a dynamic bound the loop vectorizes well.
+            steps = num_real_steps(mask) if sequential else mask.shape[0]
+            g_sum, l_sum, n = lax.fori_loop(0, steps, body, init)
             grad = jax.tree.map(lambda g: g / jnp.maximum(n, 1.0), g_sum)
             return ClientOutput(
                 update=grad,
@@ -96,25 +99,42 @@ def fedsgd(
                 client_state=client_state,
             )
 
-        outputs, _ = run_clients(
-            client_fn,
-            cohort,
-            key,
-            broadcast=params,
-            strategy=strat,
-            chunk_size=chunk_size,
-            mesh=mesh,
-            sum_weighted_updates=aggregator.from_sums is not None,
-        )
-        agg_key = jax.random.fold_in(key, AGGREGATE_SALT)
-        grad, agg_state = aggregate(aggregator, state.aggregator_state, outputs, agg_key)
-        updates, opt_state = optimizer_update(server_optimizer, grad, state.opt_state, params)
-        new_state = ServerState(
-            params=optax.apply_updates(params, updates),
-            opt_state=opt_state,
-            aggregator_state=agg_state,
-            round=state.round + 1,
-        )
-        return new_state, weighted_client_metrics(outputs)
+        return server.round(state, cohort, key, client_fn, executor)
 
-    return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True)
+    return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
+
+
+def hparams_of_config(config) -> dict[str, float]:
+    return optimizer_hparams(optimizer_from_config(config.server), "server")
+
+
+def build(config, ctx: BuildContext) -> FederatedAlgorithm:
+    """``fedsgd`` from a config; FedProx's and DP's numbers are refused (they are fedavg's)."""
+    used = [
+        path
+        for path, value in (
+            ("client.proximal_mu", config.client.get("proximal_mu", 0.0)),
+            ("dp.clip_norm", config.dp.clip_norm if "dp" in config else 0.0),
+            ("dp.noise_multiplier", config.dp.noise_multiplier if "dp" in config else 0.0),
+        )
+        if value
+    ]
+    if used:
+        raise ValueError(
+            f"fedsgd takes no {', '.join(used)} (FedProx and DP-FedAvg are fedavg/fedopt "
+            "options); set them to 0 or use algorithm='fedavg'."
+        )
+    return fedsgd(
+        ctx.task,
+        optimizer_from_config(config.server),
+        weighting=config.weighting,
+        aggregator=aggregators.get_aggregator(config.aggregator),
+        executor=ctx.executor,
+    )
+
+
+SPEC = AlgorithmSpec(
+    build=build,
+    hparams=hparams_of_config,
+    description="FedSGD: one full-batch gradient per client (McMahan et al. 2017)",
+)

@@ -10,23 +10,12 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from fedjax_sim.core.types import Array, Model, Params, PRNGKey, PyTree
+from fedjax_sim.core.types import Array, Params, PRNGKey, PyTree
 from fedjax_sim.optimizers import optimizer_update
 
-# (params, batch, mask, key) -> (mean loss over real examples, aux)
-LossFn = Callable[[Params, dict, Array, PRNGKey], Array]
-
-
-def masked_mean_loss(model: Model, *, train: bool = True) -> LossFn:
-    """Mean per-example loss over the real (mask=True) examples of a batch."""
-
-    def loss_fn(params, batch, mask, key):
-        logits = model.apply(params, batch["x"], train=train, key=key)
-        per_example = model.loss(logits, batch["y"])
-        mask = mask.astype(per_example.dtype)
-        return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-    return loss_fn
+# (params, batch, mask, key) -> (mean loss over the batch's real units, their count); see
+# ``core.task.mean_loss_fn``.
+LossFn = Callable[[Params, dict, Array, PRNGKey], tuple[Array, Array]]
 
 
 def gather_batch(examples: dict, index, mask, xp=jnp) -> dict:
@@ -59,8 +48,8 @@ def num_real_steps(mask: Array) -> Array:
 class LocalResult(NamedTuple):
     params: Params
     opt_state: PyTree
-    loss_sum: Array  # sum over real examples of the pre-step loss
-    num_seen: Array  # real examples seen
+    loss_sum: Array  # sum over real units (examples or tokens) of the pre-step loss
+    num_seen: Array  # real units seen
 
 
 def local_train(
@@ -88,7 +77,8 @@ def local_train(
       batches: dict of ``[steps, batch, ...]`` arrays.
       mask: ``[steps, batch]`` example mask.
       key: the client's key for this round; step ``i`` uses ``fold_in(key, i)``.
-      loss_fn: ``(params, batch, mask, key) -> loss``.
+      loss_fn: ``(params, batch, mask, key) -> (mean loss, number of real units)``
+        (``core.task.mean_loss_fn``).
       optimizer: the client optimizer.
       grad_transform: optional ``(grads, params) -> grads`` (proximal terms, control variates).
       opt_state: optional starting optimizer state (default: ``optimizer.init(params)``).
@@ -111,18 +101,17 @@ def local_train(
     opt_state = match_vma(opt_state, mask)
     if num_steps is None:
         num_steps = num_real_steps(mask)
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def body(i, carry):
         p, s, loss_sum, seen = carry
         batch = step_batch(batches, mask, i, examples)
         m = mask[i]
-        loss, grads = grad_fn(p, batch, m, jax.random.fold_in(key, i))
+        (loss, n), grads = grad_fn(p, batch, m, jax.random.fold_in(key, i))
         if grad_transform is not None:
             grads = grad_transform(grads, p)
         updates, s = optimizer_update(optimizer, grads, s, p)
         p = optax.apply_updates(p, updates)
-        n = jnp.sum(m).astype(loss.dtype)
         return p, s, loss_sum + loss * n, seen + n
 
     zero = match_vma(jnp.zeros((), jnp.float32), mask)

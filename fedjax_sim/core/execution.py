@@ -6,42 +6,43 @@ summation order:
 - ``vmap``: all clients at once (``jax.vmap``).
 - ``chunked``: ``jax.vmap`` over chunks of ``chunk_size`` clients, ``lax.scan`` over chunks.
 - ``sequential``: ``lax.map`` over clients, one at a time.
-- ``auto``: picks one of the above for the platform, model and cohort size from the table
-  measured by ``scripts/bench.py`` (see ``resolve_strategy``).
+- ``auto``: picks one of the above for the platform (see ``resolve_strategy``).
+
+An ``Executor`` (strategy, chunk size, device mesh) is the one place an algorithm learns how its
+clients run: the driver builds it and passes it to the algorithm's builder. ``Executor.run``
+maps a client function over the cohort with per-client keys and per-client state, optionally
+splitting the cohort over a mesh of devices with ``shard_map``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from fedjax_sim.core.client import match_vma
-from fedjax_sim.core.types import PyTree
+from fedjax_sim.core.keys import client_keys
+from fedjax_sim.core.types import ClientOutput, Cohort, PRNGKey, PyTree
 
 STRATEGIES = ("auto", "vmap", "chunked", "sequential")
+CLIENT_AXIS = "clients"
+
+# (broadcast, client_data, client_state, key) -> ClientOutput, where client_data is a dict
+# with 'batches' [steps, batch, ...], 'mask' [steps, batch], 'num_examples' [], 'client_id' []
+# (and 'examples', the shared examples, for a lazy cohort).
+ClientFn = Callable[[PyTree, dict, PyTree, PRNGKey], ClientOutput]
 
 
-def has_convolution(params: PyTree) -> bool:
-    """True when some parameter is a 4-D (convolution) kernel."""
-    return any(getattr(leaf, "ndim", 0) == 4 for leaf in jax.tree.leaves(params))
-
-
-def resolve_strategy(
-    strategy: str,
-    *,
-    params: PyTree,
-    num_clients: int,
-    platform: str | None = None,
-) -> str:
+def resolve_strategy(strategy: str, platform: str | None = None) -> str:
     """Turns ``auto`` into a concrete strategy; checks the name otherwise.
 
     Args:
       strategy: a name from ``STRATEGIES``.
-      params: the model params (``auto`` looks for convolution kernels).
-      num_clients: the cohort size.
       platform: ``cpu``, ``gpu``, ``tpu``; default: JAX's default backend.
 
     The ``auto`` rule comes from measurements (``scripts/bench.py``, README "Performance",
@@ -146,3 +147,187 @@ def map_clients(
     )
     stacked = jax.tree.map(lambda a: a.reshape((chunks * k,) + a.shape[2:])[:num], stacked)
     return total, stacked
+
+
+def gather_client_states(client_states: PyTree, client_ids: jax.Array) -> PyTree:
+    """Rows of per-client state for the cohort; padded (out-of-range) ids read zeros."""
+    return jax.tree.map(
+        lambda s: jnp.take(s, client_ids, axis=0, mode="fill", fill_value=0), client_states
+    )
+
+
+def scatter_client_states(
+    client_states: PyTree, client_ids: jax.Array, new_states: PyTree
+) -> PyTree:
+    """Writes the cohort's new per-client state back; padded ids are dropped."""
+    return jax.tree.map(
+        lambda s, n: s.at[client_ids].set(n.astype(s.dtype), mode="drop"),
+        client_states,
+        new_states,
+    )
+
+
+def client_mesh(num_devices: int | None = None) -> jax.sharding.Mesh | None:
+    """A 1-D mesh named ``clients`` over the first ``num_devices`` local devices.
+
+    ``None`` or 0 takes every local device; a single device gives ``None`` (no sharding).
+    On CPU, ``jax.config.update("jax_num_cpu_devices", os.cpu_count())`` before JAX starts
+    gives one device per core: a sequential round then runs one client loop per core.
+    """
+    devices = jax.local_devices()
+    n = len(devices) if not num_devices else num_devices
+    if n > len(devices):
+        raise ValueError(f"asked for {n} devices but JAX sees {len(devices)}: {devices}.")
+    if n <= 1:
+        return None
+    return jax.sharding.Mesh(np.array(devices[:n]), (CLIENT_AXIS,))
+
+
+def replicate(tree: PyTree, mesh: jax.sharding.Mesh | None) -> PyTree:
+    """Places ``tree`` replicated on ``mesh``'s devices (a no-op without a mesh).
+
+    A round under a mesh returns its state replicated; starting from the same placement
+    keeps the compiled round to one compilation.
+    """
+    if mesh is None:
+        return tree
+    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, P()))
+
+
+class Executor(NamedTuple):
+    """How a round runs its clients: the strategy, the chunk size and the device mesh.
+
+    The driver builds one (``fs.Executor("sequential", mesh=fs.client_mesh())``) and hands it
+    to the algorithm; no algorithm chooses its own.
+
+    Attributes:
+      strategy: ``auto``, ``vmap``, ``chunked`` or ``sequential`` (see ``STRATEGIES``).
+      chunk_size: clients per chunk for ``chunked``.
+      mesh: optional 1-D device mesh (axis ``clients``, see ``client_mesh``): the cohort is
+        split over its devices, each runs ``strategy`` over its share, sums are ``psum``-ed.
+    """
+
+    strategy: str = "auto"
+    chunk_size: int = 10
+    mesh: jax.sharding.Mesh | None = None
+
+    def resolved(self) -> str:
+        """The concrete strategy (``auto`` decided for the platform)."""
+        return resolve_strategy(self.strategy)
+
+    @property
+    def num_devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size
+
+    def check(self) -> Executor:
+        """Validates the fields (at build time, before any compute)."""
+        resolve_strategy(self.strategy)
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}.")
+        return self
+
+    def run(
+        self,
+        client_fn: ClientFn,
+        cohort: Cohort,
+        key: PRNGKey,
+        *,
+        broadcast: PyTree,
+        client_states: PyTree = (),
+        hparams: PyTree = (),
+        sum_weighted_updates: bool = False,
+    ) -> tuple[ClientOutput, PyTree]:
+        """Runs ``client_fn`` for every cohort member.
+
+        Args:
+          client_fn: ``(broadcast, client_data, client_state, key) -> ClientOutput``.
+          cohort: the packed cohort.
+          key: the round key; client ``c`` gets ``fold_in(key, c)``.
+          broadcast: what the server sends every client (its params, control variates...).
+            Pass it here rather than closing over it: under a device mesh it must be marked
+            as varying per device, or gradients with respect to it are summed across devices.
+          client_states: persistent per-client state with a leading ``[num_clients]`` axis,
+            or ``()``.
+          hparams: the round's hyperparameters (``state.hparams``); every client reads them
+            as ``data["hparams"]`` (passed like ``broadcast``, so they are marked per device
+            too: a value closed over inside ``shard_map`` would not be).
+          sum_weighted_updates: instead of stacking every client's update, accumulate
+            ``(sum_c weight_c * update_c, sum_c weight_c)`` inside the client loop; the
+            returned ``outputs.update`` is that pair. Linear aggregators (the weighted mean)
+            need no more, and large cohorts then cost no ``clients x params`` memory.
+
+        Returns:
+          ``(outputs stacked over the cohort, updated client_states)``.
+        """
+        strategy = self.resolved()
+        if cohort.examples is not None:
+            # A lazy cohort: every client reads the shared examples as data["examples"].
+            examples, inner = cohort.examples, client_fn
+
+            def client_fn(shared, data, client_state, ckey):
+                return inner(shared, {**data, "examples": examples}, client_state, ckey)
+
+        per_client = (
+            {
+                "batches": dict(cohort.batches),
+                "mask": cohort.mask,
+                "num_examples": cohort.num_examples,
+                "client_id": cohort.client_ids,
+            },
+            gather_client_states(client_states, cohort.client_ids),
+            client_keys(key, cohort.client_ids),
+        )
+
+        def run(shared_and_hparams, inputs):
+            shared, hp = shared_and_hparams
+
+            def one(data, client_state, ckey):
+                return client_fn(shared, {**data, "hparams": hp}, client_state, ckey)
+
+            if sum_weighted_updates:
+
+                def fn(args):
+                    out = one(*args)
+                    w = out.weight
+                    weighted = jax.tree.map(lambda u: u * w.astype(u.dtype), out.update)
+                    return (weighted, w), out._replace(update=())
+
+                return map_clients(
+                    fn, inputs, strategy=strategy, chunk_size=self.chunk_size, reduce_sum=True
+                )
+            outputs = map_clients(
+                lambda args: one(*args),
+                inputs,
+                strategy=strategy,
+                chunk_size=self.chunk_size,
+            )
+            return (), outputs
+
+        mesh = self.mesh
+        if mesh is None or mesh.size == 1:
+            sums, outputs = run((broadcast, hparams), per_client)
+        else:
+            n = mesh.size
+            if cohort.num_clients % n:
+                raise ValueError(
+                    f"a cohort of {cohort.num_clients} clients does not split over {n} devices; "
+                    f"pad it to a multiple of {n} (pack_cohort(..., num_clients=...))."
+                )
+
+            def sharded(shared, inputs):
+                # Replicated inputs must be marked varying before per-client gradients, or JAX
+                # sums the gradients across devices (../shared/PERF_NOTES.md).
+                shared = jax.tree.map(lambda a: lax.pcast(a, CLIENT_AXIS, to="varying"), shared)
+                sums, outputs = run(shared, inputs)
+                return jax.tree.map(lambda a: lax.psum(a, CLIENT_AXIS), sums), outputs
+
+            sums, outputs = jax.shard_map(
+                sharded,
+                mesh=mesh,
+                in_specs=(P(), P(CLIENT_AXIS)),
+                out_specs=(P(), P(CLIENT_AXIS)),
+            )((broadcast, hparams), per_client)
+        if sum_weighted_updates:
+            outputs = outputs._replace(update=sums)
+        new_states = scatter_client_states(client_states, cohort.client_ids, outputs.client_state)
+        return outputs, new_states

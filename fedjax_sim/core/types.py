@@ -93,9 +93,31 @@ class FederatedAlgorithm(NamedTuple):
 
     ``state = algo.init(params)``; ``state, metrics = algo.apply(state, cohort, key)``.
     The state's structure, shapes and dtypes never change between rounds.
+
+    The state is a NamedTuple the driver reads through three fields (the protocol):
+
+    - ``params``: the global model (evaluated by the driver).
+    - ``hparams``: ``{name: float32 scalar}``, the algorithm's numeric hyperparameters
+      (``hparams`` below gives their names and built-in values). ``apply`` reads them from here,
+      never from Python closures, so a sweep vmaps over states whose ``hparams`` differ and
+      trains every member in one compiled program.
+    - ``client_states`` (optional): per-client persistent state (control variates, personal
+      models, error-feedback residuals), every leaf with a leading ``[num_clients]`` axis.
+      It is part of the state, so the driver keeps, checkpoints and resumes it with the rest;
+      ``Executor.run`` gathers the cohort's rows and scatters their new values back.
+
+    Attributes:
+      init: ``params -> state``.
+      apply: ``(state, cohort, key) -> (state, metrics)``; ``metrics["train_loss"]`` is the
+        round's example-weighted training loss (the driver's divergence check reads it).
+      lazy_examples: whether ``apply`` accepts cohorts with ``examples`` (batches gathered
+        step by step).
+      hparams: names (config field paths such as ``client.learning_rate``) and built-in
+        values of the numbers ``init`` puts in ``state.hparams``; each is a vectorized sweep
+        axis.
     """
 
     init: Callable[[Params], PyTree]
     apply: Callable[[PyTree, Cohort, PRNGKey], tuple[PyTree, Metrics]]
-    # Whether ``apply`` accepts cohorts with ``examples`` (batches gathered step by step).
     lazy_examples: bool = False
+    hparams: Mapping[str, float] = {}  # noqa: RUF012 (never mutated)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fedjax_sim.core.client import gather_batch
+from fedjax_sim.core.keys import SHUFFLE_TAG
 from fedjax_sim.core.types import Cohort
 from fedjax_sim.data.federated import FederatedDataset
 
@@ -41,7 +42,7 @@ def max_local_steps_of(
 
 def client_shuffle_rng(seed: int, round_num: int, client_index: int) -> np.random.Generator:
     """The host RNG for one client's shuffle in one round; independent of cohort order."""
-    return np.random.default_rng([seed, 1, round_num, client_index])
+    return np.random.default_rng([seed, SHUFFLE_TAG, round_num, client_index])
 
 
 def client_batch_indices(

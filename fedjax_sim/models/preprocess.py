@@ -12,10 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fedjax_sim.core.keys import AUGMENT_SALT  # apart from dropout draws on the same step key
 from fedjax_sim.core.types import Array, Model, PRNGKey
-
-# Keeps augmentation draws apart from dropout draws that use the same step key.
-AUGMENT_SALT = 2**31 - 3
 
 
 def to_float_images(x: Array) -> Array:

@@ -1,0 +1,101 @@
+"""Aggregation transforms: the stateful, composable steps between the clients and the server
+optimizer, in Optax's style (``init`` plus pure update functions, combined with ``chain``).
+
+A round's server side is: every client's update passes the ``client`` stage of each transform
+(inside the client loop, in chain order: clipping, compression, masking...), the aggregator
+(``fedjax_sim.aggregators``) reduces them, and the aggregate passes the ``server`` stage of each
+transform (noise, unmasking, adaptive clip-norm updates...) before the Optax server optimizer.
+Each stage sees the round's hyperparameters (``state.hparams``), a key, and the client ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+from fedjax_sim.core.types import Array, Params, PRNGKey, PyTree
+
+
+class ClientContext(NamedTuple):
+    """What a transform's ``client`` stage sees besides the update.
+
+    Attributes:
+      client_id: the client's index in its dataset (out of range for a padded client).
+      weight: its aggregation weight (0 for a padded client).
+      key: the client's key for update transforms (``fold_in(client_key, UPDATE_SALT)``).
+      hparams: the algorithm's hyperparameters this round (``state.hparams``).
+    """
+
+    client_id: Array
+    weight: Array
+    key: PRNGKey
+    hparams: Mapping[str, Array]
+
+
+class ServerContext(NamedTuple):
+    """What a transform's ``server`` stage sees besides the aggregate.
+
+    Attributes:
+      key: the round key (transforms fold in their own salt, ``core.keys``).
+      hparams: the algorithm's hyperparameters this round.
+      client_ids: ``[cohort]`` ids of the cohort's clients.
+      weights: ``[cohort]`` aggregation weights (0 for padding).
+      num_clients: the number of real clients in the cohort (float32, at least 1).
+    """
+
+    key: PRNGKey
+    hparams: Mapping[str, Array]
+    client_ids: Array
+    weights: Array
+    num_clients: Array
+
+
+class AggregationTransform(NamedTuple):
+    """``init(params) -> state``; ``client(update, ctx) -> update`` per client (stateless, in
+    the client loop); ``server(aggregate, state, ctx) -> (aggregate, state)`` once per round.
+    Either stage may be ``None``."""
+
+    init: Callable[[Params], PyTree]
+    client: Callable[[Params, ClientContext], Params] | None = None
+    server: Callable[[Params, PyTree, ServerContext], tuple[Params, PyTree]] | None = None
+
+
+def identity() -> AggregationTransform:
+    return AggregationTransform(init=lambda params: ())
+
+
+def chain(*transforms: AggregationTransform) -> AggregationTransform:
+    """The transforms applied in order (client stages in order, then server stages in order);
+    the state is the tuple of their states."""
+    if not transforms:
+        return identity()
+    if len(transforms) == 1:
+        return transforms[0]
+
+    def init(params):
+        return tuple(t.init(params) for t in transforms)
+
+    clients = [t.client for t in transforms if t.client is not None]
+
+    def client(update, ctx):
+        for fn in clients:
+            update = fn(update, ctx)
+        return update
+
+    def server(aggregate, state, ctx):
+        new_states = []
+        for t, s in zip(transforms, state, strict=True):
+            if t.server is not None:
+                aggregate, s = t.server(aggregate, s, ctx)
+            new_states.append(s)
+        return aggregate, tuple(new_states)
+
+    has_server = any(t.server is not None for t in transforms)
+    return AggregationTransform(
+        init=init, client=client if clients else None, server=server if has_server else None
+    )
+
+
+def client_map(fn: Callable[[Params, PRNGKey], Params]) -> AggregationTransform:
+    """A stateless per-client transform from ``(update, key) -> update``."""
+    return AggregationTransform(init=lambda params: (), client=lambda u, ctx: fn(u, ctx.key))

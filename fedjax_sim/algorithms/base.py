@@ -1,0 +1,258 @@
+"""What every algorithm is built from: the registry entry, the server state, the round.
+
+An algorithm is one file that defines ``SPEC = AlgorithmSpec(build=..., hparams=...)`` and one
+line in ``fedjax_sim.algorithms.ALGORITHMS`` (or ``fs.algorithms.register(name, SPEC)`` from
+user code). ``build(config, ctx)`` returns a ``FederatedAlgorithm``; ``hparams(config)`` names
+its numeric hyperparameters (config field paths) with their values, which the algorithm keeps
+in ``state.hparams`` and the sweep vectorizes over.
+
+``ServerSide`` (its ``round`` is ``federated_round``) is the composable server side most
+algorithms share: the clients' local work (run by the ``Executor``), each client's update
+through the transforms' client stage, the aggregator, the transforms' server stage, then the
+Optax server optimizer on the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_sim.aggregators import Aggregator, aggregate
+from fedjax_sim.aggregators.transforms import AggregationTransform, ClientContext, ServerContext
+from fedjax_sim.core.execution import ClientFn, Executor
+from fedjax_sim.core.keys import AGGREGATE_SALT, UPDATE_SALT
+from fedjax_sim.core.task import Task
+from fedjax_sim.core.types import ClientOutput, Cohort, FederatedAlgorithm, Params, PyTree
+from fedjax_sim.optimizers import injected_hyperparams, optimizer_update, with_hyperparams
+
+WEIGHTINGS = ("num_examples", "uniform")
+
+
+class BuildContext(NamedTuple):
+    """What the driver hands an algorithm's builder besides the config.
+
+    Attributes:
+      task: the model with its loss and metrics (``core.task``).
+      executor: how clients run (strategy, chunk size, device mesh).
+      num_clients: the training population (for per-client state tables).
+    """
+
+    task: Task
+    executor: Executor
+    num_clients: int
+
+
+class AlgorithmSpec(NamedTuple):
+    """A registry entry.
+
+    Attributes:
+      build: ``(config, ctx) -> FederatedAlgorithm``; validates the config's settings.
+      hparams: ``config -> {field path: value}``, the numbers ``build``'s algorithm keeps in
+        ``state.hparams`` (the same names: a contract test checks it). Cheap: no data, no model.
+      description: one line for listings.
+    """
+
+    build: Callable[[Any, BuildContext], FederatedAlgorithm]
+    hparams: Callable[[Any], dict[str, float]]
+    description: str = ""
+
+
+class ServerState(NamedTuple):
+    """State of FedAvg, FedOpt, FedProx and FedSGD between rounds.
+
+    Attributes:
+      params: the global model.
+      opt_state: the server optimizer's state.
+      aggregator_state: the aggregator's and the aggregation transforms' states.
+      round: rounds applied so far (int32).
+      hparams: the algorithm's numeric hyperparameters (``FederatedAlgorithm.hparams``) as
+        float32 scalars, read by every round; a sweep gives each member its own.
+      client_states: per-client persistent state (``()`` for these algorithms).
+    """
+
+    params: Params
+    opt_state: PyTree
+    aggregator_state: PyTree
+    round: jax.Array
+    hparams: Mapping[str, jax.Array] = {}  # noqa: RUF012 (never mutated)
+    client_states: PyTree = ()
+
+
+def as_hparams(values: Mapping[str, float]) -> dict[str, jax.Array]:
+    """Hyperparameter values as the float32 scalars a state holds."""
+    return {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
+
+
+def client_weight(num_examples: jax.Array, weighting: str) -> jax.Array:
+    if weighting == "num_examples":
+        return num_examples
+    if weighting == "uniform":
+        return (num_examples > 0).astype(num_examples.dtype)
+    raise ValueError(f"unknown weighting {weighting!r}; known: {', '.join(WEIGHTINGS)}.")
+
+
+# ---------------------------------------------------------------- optimizer hyperparameters
+
+
+def optimizer_hparams(optimizer: optax.GradientTransformation, prefix: str) -> dict[str, float]:
+    """The injected hyperparameters of ``optimizer`` (built with ``get_optimizer(...,
+    inject=True)``) named as config fields: ``{prefix}.learning_rate`` and
+    ``{prefix}.kwargs.<name>``; ``{}`` for an optimizer without injected hyperparameters."""
+    hyper = injected_hyperparams(optimizer.init(jnp.zeros((), jnp.float32)))
+    if not hyper:
+        return {}
+    return {_field(prefix, k): float(v) for k, v in hyper.items()}
+
+
+def _field(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if name == "learning_rate" else f"{prefix}.kwargs.{name}"
+
+
+def with_optimizer_hparams(opt_state, hparams: Mapping[str, jax.Array], prefix: str):
+    """``opt_state`` with its injected hyperparameters taken from ``hparams`` (the state's)."""
+    hyper = injected_hyperparams(opt_state)
+    if not hyper:
+        return opt_state
+    return with_hyperparams(opt_state, {k: hparams[_field(prefix, k)] for k in hyper})
+
+
+# ---------------------------------------------------------------- the shared round
+
+
+def weighted_client_metrics(outputs: ClientOutput) -> dict:
+    """Round metrics: example-weighted mean train loss and totals over real clients."""
+    m = outputs.metrics
+    seen = m["num_seen"]
+    loss = jnp.sum(m["loss_sum"]) / jnp.maximum(jnp.sum(seen), 1.0)
+    real = outputs.weight > 0
+    return {
+        "train_loss": loss,
+        "num_clients": jnp.sum(real).astype(jnp.int32),
+        "num_examples_seen": jnp.sum(seen),
+    }
+
+
+class ServerSide(NamedTuple):
+    """The composable server side: aggregation transforms around an aggregator, then the
+    Optax server optimizer.
+
+    Attributes:
+      server_optimizer: applied to the transformed aggregate (the pseudo-gradient).
+      aggregator: reduces the clients' transformed updates.
+      transforms: client stages on each update, server stages on the aggregate.
+    """
+
+    server_optimizer: optax.GradientTransformation
+    aggregator: Aggregator
+    transforms: AggregationTransform
+
+    def init(
+        self, params: Params, hparams: Mapping[str, float], client_states: PyTree = ()
+    ) -> ServerState:
+        """The state at round 0 with ``hparams``' values and optional per-client state."""
+        return ServerState(
+            params=params,
+            opt_state=self.server_optimizer.init(params),
+            aggregator_state=(self.aggregator.init(params), self.transforms.init(params)),
+            round=jnp.zeros((), jnp.int32),
+            hparams=as_hparams(hparams),
+            client_states=client_states,
+        )
+
+    def round(
+        self,
+        state: ServerState,
+        cohort: Cohort,
+        key: jax.Array,
+        client_fn: ClientFn,
+        executor: Executor,
+        broadcast: PyTree | None = None,
+    ) -> tuple[ServerState, dict]:
+        """One round (``federated_round``) with these pieces."""
+        return federated_round(
+            state, cohort, key, client_fn, executor=executor, server=self, broadcast=broadcast
+        )
+
+
+def federated_round(
+    state: ServerState,
+    cohort: Cohort,
+    key: jax.Array,
+    client_fn: ClientFn,
+    *,
+    executor: Executor,
+    server: ServerSide,
+    broadcast: PyTree | None = None,
+) -> tuple[ServerState, dict]:
+    """One round of the composable server side.
+
+    Args:
+      state: the ``ServerState``.
+      cohort: the packed cohort.
+      key: the round key.
+      client_fn: a client's local work, ``(broadcast, data, client_state, key) ->
+        ClientOutput`` whose ``update`` is the pseudo-gradient contribution (FedAvg: server
+        minus client params; FedSGD: the gradient); ``data["hparams"]`` holds the round's
+        hyperparameters (read them there, not from ``state``: see ``Executor.run``).
+      executor: runs the clients.
+      server: the transforms, the aggregator and the server optimizer.
+      broadcast: what clients receive (default: ``state.params``).
+
+    Returns:
+      ``(new state, metrics)``.
+    """
+    aggregator, transforms, server_optimizer = (
+        server.aggregator,
+        server.transforms,
+        server.server_optimizer,
+    )
+    hp = state.hparams
+    agg_state, transform_state = state.aggregator_state
+    per_client = transforms.client
+    if per_client is not None:
+        inner = client_fn
+
+        def client_fn(shared, data, client_state, ckey):
+            out = inner(shared, data, client_state, ckey)
+            ctx = ClientContext(
+                data["client_id"],
+                out.weight,
+                jax.random.fold_in(ckey, UPDATE_SALT),
+                data["hparams"],
+            )
+            return out._replace(update=per_client(out.update, ctx))
+
+    outputs, client_states = executor.run(
+        client_fn,
+        cohort,
+        key,
+        broadcast=state.params if broadcast is None else broadcast,
+        client_states=state.client_states,
+        hparams=hp,
+        sum_weighted_updates=aggregator.from_sums is not None,
+    )
+    agg_key = jax.random.fold_in(key, AGGREGATE_SALT)
+    pseudo_grad, agg_state = aggregate(aggregator, agg_state, outputs, agg_key)
+    if transforms.server is not None:
+        ctx = ServerContext(
+            key=key,
+            hparams=hp,
+            client_ids=cohort.client_ids,
+            weights=outputs.weight,
+            num_clients=jnp.maximum(jnp.sum(cohort.num_examples > 0), 1).astype(jnp.float32),
+        )
+        pseudo_grad, transform_state = transforms.server(pseudo_grad, transform_state, ctx)
+    opt_state = with_optimizer_hparams(state.opt_state, hp, "server")
+    updates, opt_state = optimizer_update(server_optimizer, pseudo_grad, opt_state, state.params)
+    new_state = state._replace(
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        aggregator_state=(agg_state, transform_state),
+        round=state.round + 1,
+        client_states=client_states,
+    )
+    return new_state, weighted_client_metrics(outputs)

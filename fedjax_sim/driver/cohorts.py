@@ -1,0 +1,156 @@
+"""The cohort source: which clients train in a round and their packed data, per stream.
+
+A stream is a (seed, data seed) pair: it fixes the clients sampled each round (uniformly
+without replacement, a pure function of ``(seed, round)``), their local shuffles, and the
+dataset they come from. A plain run has one stream; a sweep one per distinct pair. Every
+stream's cohort is padded to one step count per round (the bucket that holds its longest
+client), so the streams stack into one array.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedjax_sim import data
+from fedjax_sim.core.keys import EVAL_SAMPLE_TAG, SAMPLING_TAG
+from fedjax_sim.core.types import Cohort
+
+# The training examples go to the device (``data_on_device="auto"``) when they take at most this.
+DEVICE_DATA_BUDGET = 1 << 30
+
+
+def sample_clients(seed: int, round_num: int, num_clients: int, cohort_size: int) -> np.ndarray:
+    """Uniform sampling without replacement, a pure function of (seed, round)."""
+    rng = np.random.default_rng([seed, SAMPLING_TAG, round_num])
+    return rng.choice(num_clients, size=cohort_size, replace=False)
+
+
+def eval_clients(test: data.FederatedDataset, config) -> data.FederatedDataset:
+    """The test clients evaluated: all, or a fixed seeded sample of ``eval_max_clients``."""
+    k = config.eval_max_clients
+    if not k or k >= test.num_clients:
+        return test
+    rng = np.random.default_rng([config.seed, EVAL_SAMPLE_TAG])
+    return test.subset(sorted(rng.choice(test.num_clients, size=k, replace=False)))
+
+
+def packing_of(config) -> dict[str, Any]:
+    """The local-work arguments of ``pack_cohort`` a config sets."""
+    return dict(
+        batch_size=config.client.batch_size,
+        local_epochs=config.client.local_epochs,
+        max_local_steps=config.client.max_local_steps or None,
+    )
+
+
+def data_on_device(setting: str, train: data.FederatedDataset) -> bool:
+    """Whether the training examples live on the device (``auto``: when they take <= 1 GiB)."""
+    if setting not in ("auto", "device", "host"):
+        raise ValueError(f"unknown data_on_device {setting!r}; known: auto, device, host.")
+    if setting == "auto":
+        nbytes = sum(
+            train.num_examples * int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            for shape, dtype in train.element_spec.values()
+        )
+        return nbytes <= DEVICE_DATA_BUDGET
+    return setting == "device"
+
+
+def step_bucketer(config, train: data.FederatedDataset, max_steps: int):
+    """``ids -> num_steps`` for a cohort: one fixed size, or ``client.step_buckets`` sizes.
+
+    With buckets, a cohort is padded to the smallest bucket that holds its longest client:
+    less padding for ragged datasets, one compiled round per bucket used.
+    """
+    kw = packing_of(config)
+    if config.client.step_buckets <= 1:
+        return lambda ids: max_steps
+    from fedjax_sim.data.bucketing import bucket_by_size
+
+    bounds = bucket_by_size(train.sizes, num_buckets=config.client.step_buckets, **kw).num_steps
+    steps = data.packing.num_local_steps(train.sizes, **kw)
+
+    def for_cohort(ids):
+        need = int(steps[np.asarray(ids)].max())
+        return int(bounds[np.searchsorted(bounds, need)])
+
+    return for_cohort
+
+
+class CohortSource:
+    """Samples and packs every stream's cohort for a round.
+
+    With data on the device (``examples`` is not None) only indices are packed; the round
+    gathers the examples on the device. Several data seeds then share one example array that
+    holds each distinct example once (``data.packing.shared_examples``), each stream's indices
+    remapped into it.
+
+    Attributes:
+      examples: the examples to place on the device (a dict of host arrays), or ``None``.
+      real_slots, total_slots: real and packed example slots so far (the padding waste).
+    """
+
+    def __init__(
+        self,
+        config,
+        trains: dict[int, data.FederatedDataset],
+        streams: list[tuple[int, int]],
+        *,
+        slots: int,
+        max_steps: int,
+    ):
+        self.streams = streams
+        self.trains = trains
+        self.cohort_size = config.clients_per_round
+        self.slots = slots  # packed clients per cohort (>= cohort_size: padded for devices)
+        self.pack_kw = packing_of(config)
+        self.bucket_steps = {d: step_bucketer(config, t, max_steps) for d, t in trains.items()}
+        self.real_slots = self.total_slots = 0
+        seeds = sorted(trains)
+        self.examples, self.row_maps = None, {}
+        if data_on_device(config.data_on_device, trains[seeds[0]]):
+            if len(seeds) == 1:
+                self.examples = trains[seeds[0]].all_examples()
+            else:  # every data seed's examples in one array, each distinct example once
+                pool, maps = data.packing.shared_examples([trains[d] for d in seeds])
+                nbytes = sum(int(a.nbytes) for a in pool.values())
+                if config.data_on_device != "auto" or nbytes <= DEVICE_DATA_BUDGET:
+                    self.examples, self.row_maps = pool, dict(zip(seeds, maps, strict=True))
+
+    @property
+    def on_device(self) -> bool:
+        return self.examples is not None
+
+    @property
+    def num_device_examples(self) -> int:
+        return 0 if self.examples is None else len(next(iter(self.examples.values())))
+
+    def cohorts(self, round_num: int) -> list[Cohort]:
+        """Every stream's packed cohort for ``round_num``, all with one step count."""
+        ids = [
+            sample_clients(s, round_num, self.trains[d].num_clients, self.cohort_size)
+            for s, d in self.streams
+        ]
+        steps = max(self.bucket_steps[d](i) for (_, d), i in zip(self.streams, ids, strict=True))
+        pack = data.packing.pack_cohort_indices if self.on_device else data.pack_cohort
+        out = []
+        for (s, d), i in zip(self.streams, ids, strict=True):
+            c = pack(
+                self.trains[d],
+                i,
+                num_steps=steps,
+                num_clients=self.slots,
+                seed=s,
+                round_num=round_num,
+                **self.pack_kw,
+            )
+            self.real_slots += int(c.mask.sum())
+            self.total_slots += c.mask.size
+            out.append(data.packing.remap_cohort(c, self.row_maps[d]) if self.row_maps else c)
+        return out
+
+    @property
+    def padding_waste(self) -> float:
+        return round(1 - self.real_slots / max(self.total_slots, 1), 4)

@@ -1,0 +1,213 @@
+"""Compiled round programs: one member (a plain run) or many (a vectorized sweep group).
+
+Both give the driver loop the same interface: ``init()``, ``step(states, alive, cohorts,
+round)``, the members' params for evaluation, a checkpoint tree and its placement. A program's
+members are ``alive`` until their training loss (or, vectorized, their params) stops being
+finite; a dead member of a vectorized program keeps its state from before (frozen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fedjax_sim import data
+from fedjax_sim.core.execution import replicate
+from fedjax_sim.core.keys import INIT_SALT, round_key
+from fedjax_sim.core.types import Cohort, FederatedAlgorithm, Model, PyTree
+
+STREAM_AXIS = "streams"  # the mesh axis a sweep's streams are split over
+
+
+def with_examples(algorithm: FederatedAlgorithm, indexed: Cohort, examples) -> Cohort:
+    """The cohort ``algorithm`` trains on from an index cohort and the device's examples: lazy
+    (each local step gathers its batch) when it accepts that, else gathered whole."""
+    if algorithm.lazy_examples:
+        return indexed._replace(examples=examples)
+    return data.packing.gather_cohort(examples, indexed, xp=jnp)
+
+
+def initial_state(algorithm: FederatedAlgorithm, model: Model, root, hparams=None) -> PyTree:
+    """A member's state at round 0: the model from ``fold_in(root, INIT_SALT)``, with its
+    ``hparams`` (default: the algorithm's built-in values)."""
+    state = algorithm.init(model.init(jax.random.fold_in(root, INIT_SALT)))
+    if hparams is not None:
+        state = state._replace(hparams=dict(hparams))
+    return state
+
+
+class SoloProgram:
+    """One member, no vmap: ``jit(algorithm.apply)`` with the cohort split over ``mesh``."""
+
+    num_members = 1
+    vectorized = False
+
+    def __init__(self, algorithm, model, seed: int, mesh, examples):
+        self.algorithm, self.model, self.mesh = algorithm, model, mesh
+        self.root = jax.random.key(seed)
+        self.examples = () if examples is None else (replicate(jax.device_put(examples), mesh),)
+
+        def solo_round(state, alive, cohort, r, *examples):
+            if examples:  # only the indices travelled; gather the examples here
+                cohort = with_examples(algorithm, cohort, examples[0])
+            state, metrics = algorithm.apply(state, cohort, round_key(self.root, r))
+            loss = metrics["train_loss"]
+            return state, alive & jnp.isfinite(loss)[None], loss[None]
+
+        self._round = jax.jit(solo_round, donate_argnums=0)
+
+    def init(self):
+        state = initial_state(self.algorithm, self.model, self.root)
+        return self.place({"states": state, "alive": jnp.ones((1,), bool)})
+
+    def place(self, tree):
+        return replicate(tree["states"], self.mesh), replicate(tree["alive"], self.mesh)
+
+    def step(self, states, alive, cohorts: list[Cohort], r: int):
+        (cohort,) = cohorts
+        return self._round(states, alive, cohort, jnp.asarray(r, jnp.int32), *self.examples)
+
+    def params(self, states):
+        return states.params
+
+    def member_params(self, states, m: int):
+        return states.params
+
+    @property
+    def compiles(self) -> int:
+        return self._round._cache_size()
+
+
+class VectorProgram:
+    """Many members in one compiled program, ``jit(vmap(apply))`` over members.
+
+    Members are sorted by stream (a (seed, data seed) pair): the members of one stream share
+    every cohort and key, so they are vmapped with the cohort unbatched, and each client's
+    local loop keeps one step count for all of them (a batched loop bound would run every
+    member to the longest and select the whole state each step). The streams run one after
+    another (``lax.map``) or vmapped (``seed_strategy``), split over ``num_devices`` devices
+    with ``shard_map`` (a share that does not divide evenly is padded with copies of stream 0
+    whose results are dropped). Member states stay replicated between rounds, so the round
+    compiles once.
+    """
+
+    vectorized = True
+
+    def __init__(
+        self,
+        algorithm: FederatedAlgorithm,
+        model: Model,
+        member_streams: list[tuple[int, int]],
+        member_hparams: list[Mapping[str, float]],
+        *,
+        examples,
+        num_devices: int,
+        seed_strategy: str,
+    ):
+        self.algorithm, self.model = algorithm, model
+        self.num_members = m_count = len(member_streams)
+        streams = list(dict.fromkeys(member_streams))
+        per_stream = m_count // len(streams)
+        if [streams[i // per_stream] for i in range(m_count)] != member_streams:
+            raise AssertionError(f"members are not a stream-major grid: {member_streams}")
+        self.streams = streams
+        self.roots = jax.vmap(jax.random.key)(
+            jnp.asarray([s for s, _ in member_streams], jnp.uint32)
+        )
+        names = sorted(algorithm.hparams)
+        self.hparams = {
+            k: jnp.asarray([float(h[k]) for h in member_hparams], jnp.float32) for k in names
+        }
+        n_dev = max(1, min(num_devices or len(jax.local_devices()), len(streams)))
+        n_dev = min(n_dev, len(jax.local_devices()))
+        self.num_devices = n_dev
+        self.mesh = None
+        if n_dev > 1:
+            self.mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:n_dev]), (STREAM_AXIS,))
+        pad = self.pad = -len(streams) % n_dev
+        padded_seeds = [s for s, _ in streams] + [streams[0][0]] * pad
+        stream_roots = jax.vmap(jax.random.key)(jnp.asarray(padded_seeds, jnp.uint32))
+        self.stream_roots = stream_roots
+        if seed_strategy == "auto":
+            seed_strategy = "sequential" if jax.default_backend() == "cpu" else "vmap"
+        self.examples = () if examples is None else (jax.device_put(examples),)
+        mesh = self.mesh
+
+        def run_streams(args, r, examples):
+            def one_stream(a):
+                st, cohort, root = a
+                if examples:
+                    cohort = with_examples(algorithm, cohort, examples[0])
+                key = round_key(root, r)
+                return jax.vmap(algorithm.apply, in_axes=(0, None, None))(st, cohort, key)
+
+            if seed_strategy == "vmap":
+                return jax.vmap(one_stream)(args)
+            return jax.lax.map(one_stream, args)
+
+        def sweep_round(states, alive, cohorts, stream_roots, r, *examples):
+            by_stream = jax.tree.map(lambda a: a.reshape((-1, per_stream) + a.shape[1:]), states)
+            if pad:
+                by_stream = jax.tree.map(
+                    lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]), by_stream
+                )
+            args = (by_stream, cohorts, stream_roots)
+            if mesh is None:
+                new, metrics = run_streams(args, r, examples)
+            else:
+                new, metrics = jax.shard_map(
+                    run_streams,
+                    mesh=mesh,
+                    in_specs=(P(STREAM_AXIS), P(), P()),
+                    out_specs=P(STREAM_AXIS),
+                )(args, r, examples)
+            n_streams = len(streams)
+            new, metrics = jax.tree.map(lambda a: a[:n_streams], (new, metrics))
+            new, metrics = jax.tree.map(
+                lambda a: a.reshape((m_count,) + a.shape[2:]), (new, metrics)
+            )
+            finite = jnp.isfinite(metrics["train_loss"])
+            for leaf in jax.tree.leaves(new.params):
+                finite &= jnp.all(jnp.isfinite(leaf.reshape(m_count, -1)), axis=1)
+            ok = alive & finite
+
+            def keep(n, o):
+                return jnp.where(ok.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+
+            return jax.tree.map(keep, new, states), ok, metrics["train_loss"]
+
+        # On a mesh, member states live replicated between rounds (one compiled program: the
+        # first round's inputs look like every later round's).
+        out_shardings = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}
+        self._round = jax.jit(sweep_round, donate_argnums=0, **out_shardings)
+
+    def init(self):
+        def init_member(root, hp):
+            return initial_state(self.algorithm, self.model, root, hp)
+
+        states = jax.jit(jax.vmap(init_member))(self.roots, self.hparams)
+        return self.place({"states": states, "alive": jnp.ones((self.num_members,), bool)})
+
+    def place(self, tree):
+        return replicate((tree["states"], tree["alive"]), self.mesh)
+
+    def step(self, states, alive, cohorts: list[Cohort], r: int):
+        stacked = jax.tree.map(lambda *a: np.stack(a), *cohorts, *cohorts[:1] * self.pad)
+        return self._round(
+            states, alive, stacked, self.stream_roots, jnp.asarray(r, jnp.int32), *self.examples
+        )
+
+    def params(self, states):
+        return states.params
+
+    def member_params(self, states, m: int):
+        return jax.tree.map(lambda a: a[m], states.params)
+
+    @property
+    def compiles(self) -> int:
+        return self._round._cache_size()

@@ -1,0 +1,72 @@
+"""One run's (or sweep member's) outputs: ``metrics.jsonl``, TensorBoard events, summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedjax_sim import checkpoint
+
+
+class RunLog:
+    """Evaluation records of one member: ``metrics.jsonl``, TensorBoard events and summary.
+
+    Every run and sweep member keeps one, so their files have one format. TensorBoard events
+    are appended at each evaluation (``metrics.tensorboard.TensorBoardLog``); a resumed run
+    marks the rounds after its checkpoint as purged, so events a killed run wrote past it
+    are dropped by TensorBoard as they are from ``metrics.jsonl``.
+    """
+
+    def __init__(self, workdir: Path, history: list[dict[str, Any]] | None = None):
+        self.workdir = Path(workdir)
+        self.metrics_path = self.workdir / "metrics.jsonl"
+        self.history: list[dict[str, Any]] = list(history or [])
+        self._tb = None
+
+    def start(self, resumed_round: int | None = None) -> None:
+        """Writes ``metrics.jsonl`` holding ``history``: empty for a fresh run; for a resumed
+        one, the records up to its checkpoint (a killed run may have appended more)."""
+        checkpoint.write_lines_atomically(self.metrics_path, [json.dumps(h) for h in self.history])
+        from fedjax_sim.metrics.tensorboard import TensorBoardLog, event_files
+
+        if resumed_round is None:  # a fresh run (or --overwrite): no events of an earlier one
+            for old in event_files(self.workdir):
+                old.unlink()
+        purge = None if resumed_round is None else resumed_round + 1
+        self._tb = TensorBoardLog(self.workdir, purge_step=purge)
+
+    def record(self, r: int, train_loss: float, ev: dict[str, float], wall_s: float) -> dict:
+        """Appends round ``r``'s evaluation to the history, ``metrics.jsonl`` and TensorBoard."""
+        rec = {"round": r, "train_loss": float(train_loss), **ev, "wall_s": round(wall_s, 3)}
+        self.history.append(rec)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            self._tb.write(rec)
+        return rec
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def summary(self, num_rounds: int, wall_s: float, **extra) -> dict[str, Any]:
+        """The final summary (also written to ``summary.json``): last and best records, speed
+        and ``extra`` (strategy, devices, ...)."""
+        best = max(self.history, key=lambda h: h["test_accuracy"]) if self.history else {}
+        last = self.history[-1] if self.history else {}
+        out = {
+            "rounds": num_rounds,
+            "final_test_accuracy": last.get("test_accuracy"),
+            "final_test_loss": last.get("test_loss"),
+            "final_train_loss": last.get("train_loss"),
+            "best_test_accuracy": best.get("test_accuracy"),
+            "best_round": best.get("round"),
+            "client_accuracy_p10": last.get("client_accuracy_p10"),
+            "wall_s": round(wall_s, 3),
+            "rounds_per_s": round(num_rounds / wall_s, 2),
+            **extra,
+        }
+        (self.workdir / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+        return out
