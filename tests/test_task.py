@@ -441,13 +441,15 @@ def test_lstm_per_position_predicts_after_every_prefix():
     x = jax.random.randint(jax.random.key(1), (2, 12), 0, 80, dtype=jnp.int32)
     logits = jax.jit(lambda p, x: per_pos.apply(p, x, train=False))(params, x)
     assert logits.shape == (2, 12, 80) and logits.dtype == jnp.float32
-    np.testing.assert_allclose(logits[:, -1], default.apply(params, x, train=False), atol=1e-5)
+    last = jax.jit(lambda p, x: default.apply(p, x, train=False))(params, x)
+    np.testing.assert_allclose(logits[:, -1], last, atol=1e-5)
     # Causal: position 4's logits are the last-step logits of the first five characters.
     short = get_model("lstm_shakespeare", num_classes=80, input_shape=(5,))
-    np.testing.assert_allclose(logits[:, 4], short.apply(params, x[:, :5], train=False), atol=1e-5)
+    prefix = jax.jit(lambda p, x: short.apply(p, x, train=False))(params, x[:, :5])
+    np.testing.assert_allclose(logits[:, 4], prefix, atol=1e-5)
     y = jnp.concatenate([x[:, 1:], jnp.zeros((2, 1), jnp.int32)], axis=1)  # shifted, padded
-    (loss, weight), grads = jax.value_and_grad(
-        mean_loss_fn(next_token_task(per_pos)), has_aux=True
+    (loss, weight), grads = jax.jit(
+        jax.value_and_grad(mean_loss_fn(next_token_task(per_pos)), has_aux=True)
     )(params, {"x": x, "y": y}, jnp.ones((2,), bool), None)
     assert float(weight) == float(jnp.sum(y != 0)) and np.isfinite(float(loss))
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
