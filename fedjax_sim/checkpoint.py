@@ -3,11 +3,14 @@
 A checkpoint (``WORKDIR/checkpoints/<round>/``) holds two items, written together and
 atomically (Orbax writes a temporary directory and renames it when complete):
 
-- ``state``: the algorithm state (``algorithm.init(params)``'s pytree: server params,
-  optimizer state, aggregator state, per-client state, round counter), bitwise.
-- ``meta``: JSON with the config, the last completed round, the evaluation records so far
-  (``metrics.jsonl``'s lines), the train losses of rounds since the last evaluation, the
-  padding counters and the elapsed wall time.
+- ``state``: ``{"states": ..., "alive": ...}``, the members' algorithm states
+  (``algorithm.init(params)``'s pytree: server params, optimizer state, aggregator state,
+  hyperparameters, per-client state, round counter; stacked over a sweep group's members)
+  and which members are still alive, bitwise.
+- ``meta``: JSON with the run's identity (its config, or a sweep's spec and member labels),
+  the last completed round, each member's evaluation records so far (``metrics.jsonl``'s
+  lines), the train losses of rounds since the last evaluation, the diverged rounds, the
+  padding counters and the elapsed wall time (``driver.loop.Resume`` writes it).
 
 The driver's randomness is a pure function of ``(seed, round)`` (client sampling, packing
 shuffles, ``fold_in(key(seed), round)``), so no PRNG state needs saving.
