@@ -180,9 +180,8 @@ def simulate(
     prepare_workdir(workdir, overwrite=overwrite, results=[log.metrics_path])
     every = int(config.get("checkpoint_every", 0) or 0)
     config_data = checkpoint.config_dict(config)
-    has_ckpt = checkpoint.has_checkpoint(workdir)
     resume = Resume(
-        workdir if has_ckpt or every > 0 else None,
+        workdir if every > 0 or checkpoint.has_checkpoint(workdir) else None,
         every=every,
         keep=int(config.get("checkpoint_keep", 3) or 3),
         identity={"config": config_data},
@@ -198,25 +197,24 @@ def simulate(
                 "--workdir or pass --overwrite to replace them."
             )
         exp = build_experiment(config, federated_data)
+        source = CohortSource(
+            config,
+            {data_seed_of(config): exp.data.train},
+            [(int(config.seed), data_seed_of(config))],
+            slots=exp.cohort_slots,
+            max_steps=exp.num_steps,
+        )
+        program = SoloProgram(exp.algorithm, exp.model, config.seed, exp.mesh, source.examples)
+        evaluator = Evaluator(
+            exp.task,
+            {0: eval_clients(exp.data.test, config)},
+            [0],
+            batch_size=config.eval_batch_size,
+            vectorized=False,
+        )
     except BaseException:
         resume.close()
         raise
-    train = exp.data.train
-    source = CohortSource(
-        config,
-        {data_seed_of(config): train},
-        [(int(config.seed), data_seed_of(config))],
-        slots=exp.cohort_slots,
-        max_steps=exp.num_steps,
-    )
-    program = SoloProgram(exp.algorithm, exp.model, config.seed, exp.mesh, source.examples)
-    evaluator = Evaluator(
-        exp.task,
-        {0: eval_clients(exp.data.test, config)},
-        [0],
-        batch_size=config.eval_batch_size,
-        vectorized=False,
-    )
     (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
     out = run_loop(
         program,

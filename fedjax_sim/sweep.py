@@ -35,6 +35,7 @@ differ, unless ``overwrite``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -56,7 +57,6 @@ from fedjax_sim.simulation import build_algorithm, build_experiment, data_seed_o
 SEED_AXES = ("seed", "data_seed")  # vectorized for every algorithm
 # Fields that may not be swept: they name the sweep or only the driver's bookkeeping.
 _FIXED = ("sweep", "num_devices", "cpu_devices", "checkpoint_every", "checkpoint_keep")
-_NEW_KEYS_OK = ("kwargs.", "algorithm_kwargs.")
 SPEC_FILE = "sweep_spec.json"
 
 
@@ -83,16 +83,8 @@ def _set(config, path: str, value) -> None:
     node = config
     for part in parents:
         node = node[part]
-    with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
+    with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
         node[last] = value
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _has(config, path: str) -> bool:
@@ -117,24 +109,27 @@ def check_axes(base_config: ml_collections.ConfigDict, axes: dict[str, list]) ->
             raise ValueError(f"sweep axis {path!r} repeats a value: {list(values)}.")
         if path.split(".")[0] in _FIXED:
             raise ValueError(f"{path!r} cannot be swept (it configures the run, not a member).")
-        vector = is_vector_axis(path, base_config)
-        if not _has(base_config, path) and not vector and not _new_key_ok(path):
+        if not _has(base_config, path) and not _new_key_ok(path):
             raise ValueError(
                 f"unknown config field {path!r} in the sweep axes; sweepable fields are the "
                 "config's (e.g. seed, data_seed, client.learning_rate, server.learning_rate, "
                 "client.kwargs.momentum, client.proximal_mu, dp.clip_norm, model.name, "
                 "clients_per_round)."
             )
-        if vector:
-            for v in values:
-                if isinstance(v, bool) or not isinstance(v, int | float):
-                    raise ValueError(
-                        f"sweep axis {path!r} is vectorized and takes numbers; got {v!r}."
-                    )
+        base_value = _get(base_config, path) if _has(base_config, path) else None
+        numeric = _is_number(base_value) or path.startswith(("client.kwargs.", "server.kwargs."))
+        bad = [v for v in values if not (_is_number(v) or isinstance(v, bool))]
+        if numeric and bad:  # optimizer arguments and numeric fields take numbers
+            raise ValueError(f"sweep axis {path!r} takes numbers; got {bad[0]!r}.")
+        if path in SEED_AXES:
             if path == "seed" and not all(isinstance(v, int) for v in values):
                 raise ValueError(f"seeds must be integers, got {list(values)}.")
             if path == "data_seed" and not all(isinstance(v, int) and v >= 0 for v in values):
                 raise ValueError(f"data seeds must be integers >= 0, got {list(values)}.")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def _new_key_ok(path: str) -> bool:
@@ -143,15 +138,19 @@ def _new_key_ok(path: str) -> bool:
     return len(parts) >= 2 and parts[-2] in ("kwargs", "algorithm_kwargs")
 
 
-def _check_used(config, axes) -> None:
-    """Refuses an axis that is some algorithm's hyperparameter but not this member's: its
-    values would train identical members (e.g. a client learning rate for FedSGD)."""
+def _check_member(config, axes) -> None:
+    """Refuses, before any compute, a member whose vectorized values are not numbers, and an
+    axis that is some algorithm's hyperparameter but not this member's: its values would
+    train identical members (e.g. a client learning rate for FedSGD)."""
     own = hparam_names(config)
+    for path in axes:
+        if (path in own or path in SEED_AXES) and not _is_number(v := _get(config, path)):
+            raise ValueError(f"sweep axis {path!r} is vectorized and takes numbers; got {v!r}.")
     others = set()
     for spec in algorithms.ALGORITHMS.values():
         try:
             others |= set(spec.hparams(config))
-        except (KeyError, AttributeError, ValueError):  # a config another algorithm can't read
+        except Exception:  # a config another (registered) algorithm cannot read
             continue
     unused = sorted(p for p in axes if p in others and p not in own)
     if unused:
@@ -200,7 +199,7 @@ def member_configs(
             _set(config, "data_seed", data_seed_of(base))
         for path, v in values.items():
             _set(config, path, v)
-        _check_used(config, axes)
+        _check_member(config, axes)
         out.append((member_label(values), values, config))
     return out
 
@@ -308,7 +307,15 @@ def run_sweep(
             group_exps[key] = exps
             exp = next(iter(exps.values()))
             for i in idx:
-                build_algorithm(members[i][2], exp.task, exp.executor, exp.data.train.num_clients)
+                config = members[i][2]
+                algo = build_algorithm(config, exp.task, exp.executor, exp.data.train.num_clients)
+                declared = set(algorithms.get_spec(config.algorithm).hparams(config))
+                if set(algo.hparams) != declared:  # a sweep would silently drop the others
+                    raise ValueError(
+                        f"algorithm {config.algorithm!r}: its AlgorithmSpec.hparams names "
+                        f"{sorted(declared)} but the algorithm it builds keeps "
+                        f"{sorted(algo.hparams)} in state.hparams; make them the same."
+                    )
     except Exception:
         for p in created:  # leave no empty workdir behind a refused sweep
             try:

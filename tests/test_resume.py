@@ -146,3 +146,21 @@ def test_results_without_a_checkpoint_are_not_replaced(tmp_path):
     # --overwrite starts afresh.
     fs.simulate(_small_config(), tmp_path, progress=False, overwrite=True)
     assert checkpoint.has_checkpoint(tmp_path)
+
+
+def test_a_refused_run_leaves_no_checkpoint_folder(tmp_path):
+    with pytest.raises(ValueError, match="has 30 training clients"):
+        fs.simulate(_small_config(clients_per_round=1000), tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_checkpoint_of_an_older_format_is_refused_with_what_to_do(tmp_path):
+    fs.simulate(_small_config(), tmp_path, progress=False)
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    meta = ckpt.restore_meta(ckpt.latest_round())
+    meta.pop("format")  # as fedjax_sim wrote them before the format was recorded
+    state = checkpoint.load_state(tmp_path)
+    ckpt.save(ckpt.latest_round() + 1, state, meta)
+    ckpt.close()
+    with pytest.raises(checkpoint.ConfigMismatchError, match="format 1.*--overwrite"):
+        fs.simulate(_small_config(num_rounds=8), tmp_path, progress=False)

@@ -544,3 +544,50 @@ def test_streams_split_over_devices_equal_the_one_device_sweep(tmp_path, synthet
             read_metrics(tmp_path / "one" / a["label"] / "metrics.jsonl"),
             read_metrics(tmp_path / "many" / b["label"] / "metrics.jsonl"),
         )
+
+
+def test_hparams_that_shape_the_initial_state_split_into_exact_programs(tmp_path, synthetic):
+    # FedAdam's tau sets v0 = tau^2 and Adagrad's initial accumulator its first state: a state
+    # built with one value cannot take another, so those are not vectorized; the others are.
+    config = smoke(num_rounds=2, eval_every=2)
+    config.server.optimizer, config.server.learning_rate = "fedadam", 0.03
+    config.client.optimizer = "adagrad"
+    names = sweep.hparam_names(config)
+    assert "server.kwargs.tau" not in names and "server.kwargs.b1" in names
+    assert "client.kwargs.initial_accumulator_value" not in names
+    assert "client.learning_rate" in names and "client.kwargs.eps" in names
+    axes = {"server.kwargs.tau": [1e-3, 0.3], "server.learning_rate": [0.03, 0.1]}
+    out = sweep.run_sweep(config, axes, tmp_path / "s", federated_data=synthetic)
+    assert out["groups"] == 2
+    for m in out["members"]:
+        assert m["summary"]["sweep_members"] == 2  # the learning rates share a program
+        assert_equals_solo_run(tmp_path, config, m, federated_data=synthetic)
+
+
+def test_a_spec_whose_hparams_disagree_with_its_algorithm_is_refused(tmp_path, synthetic):
+    from tests import toy_algorithm
+
+    def claims_more(config):
+        return {**toy_algorithm.hparams_of_config(config), "algorithm_kwargs.lr": 0.1}
+
+    bad = fs.AlgorithmSpec(toy_algorithm.build, claims_more, "declares a number it ignores")
+    fs.algorithms.register("zz_mismatched", bad)
+    try:
+        base = smoke(algorithm="zz_mismatched")
+        with pytest.raises(ValueError, match="make them the same"):
+            sweep.run_sweep(
+                base, {"algorithm_kwargs.lr": [0.01, 0.1]}, tmp_path / "s",
+                federated_data=synthetic,
+            )  # fmt: skip
+        assert not (tmp_path / "s").exists()  # refused before anything was written
+    finally:
+        del fs.algorithms.ALGORITHMS["zz_mismatched"]
+
+
+def test_string_values_for_optimizer_arguments_are_refused_up_front(tmp_path, synthetic):
+    with pytest.raises(ValueError, match="takes numbers; got '0.9'"):
+        sweep.run_sweep(
+            smoke(), {"server.kwargs.momentum": ["0.9", "0.5"]}, tmp_path / "s",
+            federated_data=synthetic,
+        )  # fmt: skip
+    assert not (tmp_path / "s").exists()

@@ -17,7 +17,9 @@ import optax
 import fedjax_sim as fs
 from fedjax_sim.algorithms.base import (
     ServerSide,
+    config_optimizer_hparams,
     optimizer_hparams,
+    select_hparams,
     with_optimizer_hparams,
 )
 from fedjax_sim.core.client import local_train, tree_sub
@@ -27,7 +29,7 @@ from fedjax_sim.optimizers import optimizer_from_config
 BETA = "algorithm_kwargs.beta"
 
 
-def fedavg_memory(model, client_optimizer, *, num_clients, beta=0.5, executor=None):
+def fedavg_memory(model, client_optimizer, *, num_clients, beta=0.5, executor=None, hparams=None):
     """FedAvg whose clients send a running mix of their updates (see the module docstring)."""
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta}.")
@@ -35,7 +37,8 @@ def fedavg_memory(model, client_optimizer, *, num_clients, beta=0.5, executor=No
     executor = (executor or fs.Executor()).check()
     loss_fn = mean_loss_fn(task)
     server = ServerSide(optax.sgd(1.0), fs.weighted_mean(), fs.chain())
-    hparams = {BETA: float(beta), **optimizer_hparams(client_optimizer, "client")}
+    known = {BETA: float(beta), **optimizer_hparams(client_optimizer, "client")}
+    hparams = select_hparams(known, hparams)
 
     def init(params):
         memory = jax.tree.map(lambda p: jnp.zeros((num_clients, *p.shape), p.dtype), params)
@@ -72,7 +75,7 @@ def fedavg_memory(model, client_optimizer, *, num_clients, beta=0.5, executor=No
 def hparams_of_config(config):
     return {
         BETA: float(config.algorithm_kwargs.get("beta", 0.5)),
-        **optimizer_hparams(optimizer_from_config(config.client), "client"),
+        **config_optimizer_hparams(config.client, "client"),
     }
 
 
@@ -83,6 +86,7 @@ def build(config, ctx):
         num_clients=ctx.num_clients,
         beta=hparams_of_config(config)[BETA],
         executor=ctx.executor,
+        hparams=hparams_of_config(config),
     )
 
 

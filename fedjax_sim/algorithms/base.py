@@ -14,11 +14,14 @@ Optax server optimizer on the result.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_sim.aggregators import Aggregator, aggregate
@@ -27,7 +30,12 @@ from fedjax_sim.core.execution import ClientFn, Executor
 from fedjax_sim.core.keys import AGGREGATE_SALT, UPDATE_SALT
 from fedjax_sim.core.task import Task
 from fedjax_sim.core.types import ClientOutput, Cohort, FederatedAlgorithm, Params, PyTree
-from fedjax_sim.optimizers import injected_hyperparams, optimizer_update, with_hyperparams
+from fedjax_sim.optimizers import (
+    get_optimizer,
+    injected_hyperparams,
+    optimizer_update,
+    with_hyperparams,
+)
 
 WEIGHTINGS = ("num_examples", "uniform")
 
@@ -112,12 +120,68 @@ def _field(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if name == "learning_rate" else f"{prefix}.kwargs.{name}"
 
 
+def config_optimizer_hparams(spec, prefix: str) -> dict[str, float]:
+    """The hyperparameters of a config's optimizer group (``config.client``/``config.server``)
+    that members of one program may differ in: the injected ones that ``init`` ignores.
+
+    One that shapes the initial state (FedAdam's ``tau``: ``v`` starts at ``tau**2``;
+    Adagrad's ``initial_accumulator_value``) cannot be swapped into a state made with another
+    value, so it is left out: a sweep over it runs one program per value, each exact.
+    """
+    kwargs = dict(spec.kwargs.to_dict()) if spec.get("kwargs") is not None else {}
+    key = json.dumps(kwargs, sort_keys=True, default=str)
+    values = _init_free_hparams(spec.optimizer, float(spec.learning_rate), key)
+    return {_field(prefix, k): v for k, v in values}
+
+
+@functools.lru_cache(maxsize=512)
+def _init_free_hparams(name: str, learning_rate: float, kwargs_json: str):
+    """``((hyperparameter, value), ...)`` of an injected optimizer whose ``init`` they do not
+    change (each checked by building the optimizer with that value changed)."""
+    kwargs = json.loads(kwargs_json)
+    probe = jnp.ones((3,), jnp.float32)
+
+    def inner_init(args):
+        args = dict(args)
+        opt = get_optimizer(name, args.pop("learning_rate"), inject=True, **args)
+        state = opt.init(probe)
+        return state, [np.asarray(a) for a in jax.tree.leaves(state.inner_state)]
+
+    args = {"learning_rate": learning_rate, **kwargs}
+    state, base = inner_init(args)
+    out = []
+    for k, v in injected_hyperparams(state).items():
+        try:
+            _, other = inner_init({**args, k: 2.0 * float(v) + 1.0})
+        except Exception:  # a value the optimizer refuses: keep the number fixed, to be safe
+            continue
+        if len(other) == len(base) and all(np.array_equal(a, b) for a, b in zip(base, other)):
+            out.append((k, float(args.get(k, v))))  # the config's own number where it set one
+    return tuple(out)
+
+
+def select_hparams(
+    known: Mapping[str, float], chosen: Mapping[str, float] | None
+) -> dict[str, float]:
+    """``chosen`` (default: all of ``known``), refused where it names an unknown one."""
+    if chosen is None:
+        return dict(known)
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter(s) {unknown}; this algorithm has {', '.join(sorted(known))}."
+        )
+    return {k: float(v) for k, v in chosen.items()}
+
+
 def with_optimizer_hparams(opt_state, hparams: Mapping[str, jax.Array], prefix: str):
-    """``opt_state`` with its injected hyperparameters taken from ``hparams`` (the state's)."""
+    """``opt_state`` with those of its injected hyperparameters that ``hparams`` (the state's)
+    holds taken from there; the others keep the values the optimizer was built with."""
     hyper = injected_hyperparams(opt_state)
     if not hyper:
         return opt_state
-    return with_hyperparams(opt_state, {k: hparams[_field(prefix, k)] for k in hyper})
+    values = {k: hparams[f] for k in hyper if (f := _field(prefix, k)) in hparams}
+    return with_hyperparams(opt_state, values) if values else opt_state
 
 
 # ---------------------------------------------------------------- the shared round

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 
 import jax
@@ -15,7 +16,9 @@ from fedjax_sim.algorithms.base import (
     BuildContext,
     ServerSide,
     client_weight,
+    config_optimizer_hparams,
     optimizer_hparams,
+    select_hparams,
     with_optimizer_hparams,
 )
 from fedjax_sim.core.client import local_train, tree_sub
@@ -42,6 +45,7 @@ def fedopt(
     clip_norm: float = 0.0,
     noise_multiplier: float = 0.0,
     executor: Executor | None = None,
+    hparams: Mapping[str, float] | None = None,
 ) -> FederatedAlgorithm:
     """FedOpt (Reddi et al. 2021, Algorithm 1): local training, then a server optimizer step.
 
@@ -76,6 +80,9 @@ def fedopt(
       noise_multiplier: Gaussian noise on the aggregate, in units of ``clip_norm / n`` (0:
         none); needs ``clip_norm`` > 0, ``weighting="uniform"`` and the mean aggregator.
       executor: how clients run (default ``Executor()``: strategy ``auto``, one device).
+      hparams: the hyperparameters ``state.hparams`` keeps (default: the three numbers above
+        and every injected optimizer hyperparameter); a subset of those, with their values.
+        An optimizer hyperparameter left out keeps its built-in value.
 
     Returns:
       A ``FederatedAlgorithm`` whose state is a ``ServerState``.
@@ -91,13 +98,14 @@ def fedopt(
         *transforms,
         *([gaussian_noise()] if noise_multiplier else []),
     )
-    hparams = {
+    known = {
         PROXIMAL_MU: float(proximal_mu),
         CLIP_NORM: float(clip_norm),
         NOISE_MULTIPLIER: float(noise_multiplier),
         **optimizer_hparams(client_optimizer, "client"),
         **optimizer_hparams(server_optimizer, "server"),
     }
+    hparams = select_hparams(known, hparams)
 
     server = ServerSide(server_optimizer, aggregator, pipeline)
 
@@ -193,8 +201,8 @@ def hparams_of_config(config) -> dict[str, float]:
         PROXIMAL_MU: float(config.client.get("proximal_mu", 0.0)),
         CLIP_NORM: float(config.dp.clip_norm) if "dp" in config else 0.0,
         NOISE_MULTIPLIER: float(config.dp.noise_multiplier) if "dp" in config else 0.0,
-        **optimizer_hparams(optimizer_from_config(config.client), "client"),
-        **optimizer_hparams(optimizer_from_config(config.server), "server"),
+        **config_optimizer_hparams(config.client, "client"),
+        **config_optimizer_hparams(config.server, "server"),
     }
 
 
@@ -212,6 +220,7 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
         clip_norm=hp[CLIP_NORM],
         noise_multiplier=hp[NOISE_MULTIPLIER],
         executor=ctx.executor,
+        hparams=hp,
     )
 
 

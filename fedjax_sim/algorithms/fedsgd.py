@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -15,7 +17,9 @@ from fedjax_sim.algorithms.base import (
     BuildContext,
     ServerSide,
     client_weight,
+    config_optimizer_hparams,
     optimizer_hparams,
+    select_hparams,
 )
 from fedjax_sim.core.client import match_vma, num_real_steps, step_batch
 from fedjax_sim.core.execution import Executor
@@ -32,6 +36,7 @@ def fedsgd(
     aggregator: Aggregator | None = None,
     transforms: tuple[AggregationTransform, ...] = (),
     executor: Executor | None = None,
+    hparams: Mapping[str, float] | None = None,
 ) -> FederatedAlgorithm:
     """FedSGD (McMahan et al. 2017, the ``E = 1, B = inf`` baseline).
 
@@ -49,6 +54,8 @@ def fedsgd(
       aggregator: default the weighted mean.
       transforms: aggregation transforms (``fedjax_sim.aggregators.transforms``).
       executor: how clients run (default ``Executor()``).
+      hparams: the hyperparameters ``state.hparams`` keeps (default: every injected one of
+        the server optimizer; a subset of those).
 
     Returns:
       A ``FederatedAlgorithm`` whose state is a ``ServerState``.
@@ -58,7 +65,7 @@ def fedsgd(
     client_weight(jnp.zeros(()), weighting)
     aggregator = aggregator or weighted_mean()
     pipeline = chain(*transforms)
-    hparams = optimizer_hparams(server_optimizer, "server")
+    hparams = select_hparams(optimizer_hparams(server_optimizer, "server"), hparams)
 
     mean_loss = mean_loss_fn(task, train=True)
 
@@ -105,7 +112,7 @@ def fedsgd(
 
 
 def hparams_of_config(config) -> dict[str, float]:
-    return optimizer_hparams(optimizer_from_config(config.server), "server")
+    return config_optimizer_hparams(config.server, "server")
 
 
 def build(config, ctx: BuildContext) -> FederatedAlgorithm:
@@ -130,6 +137,7 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
         weighting=config.weighting,
         aggregator=aggregators.get_aggregator(config.aggregator),
         executor=ctx.executor,
+        hparams=hparams_of_config(config),
     )
 
 

@@ -23,13 +23,6 @@ NOISE_SALT = 2**31 - 3  # Gaussian noise on the aggregate (DP-FedAvg)
 UPDATE_SALT = 2**31 - 2  # per-client update transforms (compression, masking, ...)
 AUGMENT_SALT = 2**31 - 4  # data augmentation inside a local step (random crop and flip)
 
-SALTS = {
-    "aggregate": AGGREGATE_SALT,
-    "noise": NOISE_SALT,
-    "update": UPDATE_SALT,
-    "augment": AUGMENT_SALT,
-}
-
 # NumPy streams: np.random.default_rng([seed, TAG, ...]).
 SAMPLING_TAG = 0  # [seed, 0, round]: the round's cohort
 SHUFFLE_TAG = 1  # [seed, 1, round, client]: a client's local shuffles

@@ -29,8 +29,15 @@ class TrainingDiverged(RuntimeError):
     """The training loss or the evaluated model became NaN or infinite."""
 
 
+# Bumped when the checkpoint's tree or meta changes shape; older checkpoints are refused.
+CHECKPOINT_FORMAT = 2
+
+
 class Resume:
     """A run's checkpoints: the newest one's bookkeeping (``meta``), saving and restoring.
+
+    Nothing is created on disk until the first save (a run refused before its first round
+    leaves no ``checkpoints/`` folder behind).
 
     Args:
       directory: where ``checkpoints/`` lives, or ``None`` (no checkpoints).
@@ -42,17 +49,34 @@ class Resume:
     """
 
     def __init__(self, directory, *, every: int, keep: int, identity: dict[str, Any]):
-        self.every, self.identity = every, identity
-        self.ckpt = None if directory is None else checkpoint.Checkpointer(directory, keep=keep)
-        self.round = None if self.ckpt is None else self.ckpt.latest_round()
-        self.meta = None if self.round is None else self.ckpt.restore_meta(self.round)
+        self.directory, self.every, self.keep = directory, every, keep
+        self.identity = {"format": CHECKPOINT_FORMAT, **identity}
+        self.ckpt = self.round = self.meta = None
+        if directory is not None and checkpoint.has_checkpoint(directory):
+            self.ckpt = checkpoint.Checkpointer(directory, keep=keep)
+            self.round = self.ckpt.latest_round()
+            if self.round is not None:
+                self.meta = self.ckpt.restore_meta(self.round)
+                if self.meta.get("format") != CHECKPOINT_FORMAT:
+                    where = self.ckpt.directory
+                    self.close()
+                    raise checkpoint.ConfigMismatchError(
+                        f"{where} holds a checkpoint in format {self.meta.get('format', 1)} "
+                        f"(an older fedjax_sim); this version resumes format "
+                        f"{CHECKPOINT_FORMAT}. Pass --overwrite to start afresh, or choose "
+                        "another --workdir."
+                    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.directory is not None
 
     def due(self, r: int, num_rounds: int) -> bool:
-        return self.ckpt is not None and (
-            (self.every > 0 and r % self.every == 0) or r == num_rounds
-        )
+        return self.enabled and ((self.every > 0 and r % self.every == 0) or r == num_rounds)
 
     def save(self, r: int, tree, meta: dict[str, Any]) -> None:
+        if self.ckpt is None:
+            self.ckpt = checkpoint.Checkpointer(self.directory, keep=self.keep)
         self.ckpt.save(r, tree, {**self.identity, "round": r, **meta})
 
     def restore(self, target):
@@ -61,6 +85,7 @@ class Resume:
     def close(self) -> None:
         if self.ckpt is not None:
             self.ckpt.close()
+            self.ckpt = None
 
 
 class LoopResult(NamedTuple):
@@ -71,16 +96,16 @@ class LoopResult(NamedTuple):
 
 
 class _Progress:
-    """A progress bar (one member) or a line per evaluation (many)."""
+    """A progress bar (a plain run) or a line per evaluation (a sweep group)."""
 
-    def __init__(self, enabled: bool, num_rounds: int, num_members: int, start: int):
-        self.bar = self.lines = None
-        if enabled and num_members == 1:
+    def __init__(self, enabled: bool, num_rounds: int, num_members: int, start: int, bar: bool):
+        self.bar = None
+        if enabled and bar:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=num_rounds, unit="round", dynamic_ncols=True, file=sys.stderr)
             self.bar.update(start)
-        self.lines = enabled and num_members > 1
+        self.lines = enabled and not bar
         if self.lines and start:
             print(f"  resuming {num_members} member(s) after round {start}")
 
@@ -127,13 +152,27 @@ def run_loop(
       raise_on_divergence: raise ``TrainingDiverged`` (a plain run) instead of freezing the
         member and going on (a sweep); either way ``metrics.jsonl`` keeps the evaluations
         before it.
-      progress: a bar (one member) or a line per evaluation.
+      progress: a bar (a plain run) or a line per evaluation (a sweep group).
       wall_start: ``time.perf_counter()`` at the run's start (default: now).
 
     Returns:
       A ``LoopResult``.
     """
     t_start = time.perf_counter() if wall_start is None else wall_start
+    try:
+        return _train(
+            program, source, evaluator, logs, resume, num_rounds=num_rounds,
+            eval_every=eval_every, raise_=raise_on_divergence, progress=progress,
+            t_start=t_start,
+        )  # fmt: skip
+    finally:
+        resume.close()
+        for log in logs:
+            log.close()
+
+
+def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, raise_,
+           progress, t_start):  # fmt: skip
     m_count = program.num_members
     states, alive = program.init()
     diverged: list[int | None] = [None] * m_count
@@ -171,11 +210,11 @@ def run_loop(
             },
         )
 
-    if meta is None and resume.ckpt is not None:
+    if meta is None and resume.enabled:
         save(0)  # from here on a killed run resumes instead of being refused
     for log in logs:  # a resumed member drops evaluations appended after the checkpoint
         log.start(resumed_round=start if meta is not None else None)
-    bar = _Progress(progress, num_rounds, m_count, start)
+    bar = _Progress(progress, num_rounds, m_count, start, bar=not program.vectorized)
     try:
         for r in range(start + 1, num_rounds + 1):
             states, alive, losses = program.step(states, alive, source.cohorts(r), r)
@@ -183,17 +222,14 @@ def run_loop(
             bar.round_done()
             if r % eval_every == 0 or r == num_rounds:
                 alive = _evaluate(
-                    r, program, states, alive, pending, evaluator, logs, diverged,
-                    raise_on_divergence, time.perf_counter() - t_start, bar,
+                    r, program, states, alive, pending, evaluator, logs, diverged, raise_,
+                    time.perf_counter() - t_start, bar,
                 )  # fmt: skip
                 pending.clear()
             if resume.due(r, num_rounds):
                 save(r)
     finally:
         bar.close()
-        resume.close()
-        for log in logs:
-            log.close()
     return LoopResult(states, alive, diverged, time.perf_counter() - t_start)
 
 

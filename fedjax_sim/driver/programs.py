@@ -75,9 +75,6 @@ class SoloProgram:
     def params(self, states):
         return states.params
 
-    def member_params(self, states, m: int):
-        return states.params
-
     @property
     def compiles(self) -> int:
         return self._round._cache_size()
@@ -132,11 +129,12 @@ class VectorProgram:
         pad = self.pad = -len(streams) % n_dev
         padded_seeds = [s for s, _ in streams] + [streams[0][0]] * pad
         stream_roots = jax.vmap(jax.random.key)(jnp.asarray(padded_seeds, jnp.uint32))
-        self.stream_roots = stream_roots
+        mesh = self.mesh
+        # Replicated on the streams' devices once, not copied there every round.
+        self.stream_roots = replicate(stream_roots, mesh)
         if seed_strategy == "auto":
             seed_strategy = "sequential" if jax.default_backend() == "cpu" else "vmap"
-        self.examples = () if examples is None else (jax.device_put(examples),)
-        mesh = self.mesh
+        self.examples = () if examples is None else (replicate(jax.device_put(examples), mesh),)
 
         def run_streams(args, r, examples):
             def one_stream(a):
@@ -204,9 +202,6 @@ class VectorProgram:
 
     def params(self, states):
         return states.params
-
-    def member_params(self, states, m: int):
-        return jax.tree.map(lambda a: a[m], states.params)
 
     @property
     def compiles(self) -> int:

@@ -1,6 +1,6 @@
 """A run's evaluation scalars as a TensorBoard event file, appended one evaluation at a time.
 
-The events are encoded by ``tensorboardX`` (its protobufs and TFRecord writer); neither
+The events are encoded by ``tensorboardX`` (its protobufs and TFRecord CRC); neither
 TensorFlow nor TensorBoard is needed. ``tensorboardX`` is imported when a log is opened, not
 when this module is: its package import tries ``torch`` (and other optional backends), which
 must not slow down or bloat ``import fedjax_sim``.
@@ -8,17 +8,20 @@ must not slow down or bloat ``import fedjax_sim``.
 Records are written synchronously: once ``write`` returns, the event is in the file, where a
 running ``tensorboard --logdir`` sees it. (tensorboardX's ``SummaryWriter`` queues events for a
 background thread, and its ``flush`` does not wait for that queue, so a reader may not see the
-latest evaluation; this module therefore writes through ``tensorboardX.RecordWriter``, with
-the same ``brain.Event:2`` header and ``purge_step`` marker as ``SummaryWriter``, the marker
-written twice: see ``TensorBoardLog``.)
+latest evaluation; this module therefore appends each event itself in tensorboardX's
+``RecordWriter`` framing, opening the file only for that write (a sweep holds no file handle
+per member), with the same ``brain.Event:2`` header and ``purge_step`` marker as
+``SummaryWriter``, the marker written twice: see ``TensorBoardLog``.)
 """
 
 from __future__ import annotations
 
 import numbers
 import operator
+import os
 import re
 import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -72,12 +75,13 @@ class TensorBoardLog:
     """
 
     def __init__(self, workdir: str | Path, *, purge_step: int | None = None):
-        from tensorboardX import RecordWriter
         from tensorboardX.proto.event_pb2 import Event, SessionLog
         from tensorboardX.proto.summary_pb2 import Summary
+        from tensorboardX.record_writer import masked_crc32c
         from tensorboardX.summary import scalar
 
         self._event, self._summary, self._scalar = Event, Summary, scalar
+        self._crc = masked_crc32c
 
         if purge_step is not None:
             if isinstance(purge_step, bool):
@@ -89,7 +93,7 @@ class TensorBoardLog:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.purge_step = purge_step
         self.path = _new_path(self.workdir)
-        self._writer = RecordWriter(str(self.path))
+        self._open = True
         now = time.time()
         self._write_event(Event(wall_time=now, file_version="brain.Event:2"))
         if purge_step is not None:
@@ -103,15 +107,23 @@ class TensorBoardLog:
                 self._write_event(Event(wall_time=now, step=purge_step, session_log=start))
 
     def _write_event(self, event) -> None:
-        self._writer.write(event.SerializeToString())
-        self._writer.flush()
+        # One TFRecord (length, its masked CRC-32C, data, its masked CRC-32C: tensorboardX's
+        # RecordWriter framing), appended with the file open only for this write: a sweep of
+        # thousands of members holds no file handle per member between evaluations.
+        data = event.SerializeToString()
+        header = struct.pack("Q", len(data))
+        record = header + struct.pack("I", self._crc(header)) + data
+        with open(self.path, "ab") as f:
+            f.write(record + struct.pack("I", self._crc(data)))
+            f.flush()
+            os.fsync(f.fileno())
 
     def write(self, record: dict[str, Any], *, wall_time: float | None = None) -> None:
         """Appends ``record`` (a ``metrics.jsonl`` line: ``{"round": 10, "train_loss": 0.5,
         "test_accuracy": 0.9, ..., "wall_s": 1.2}``) as one event at step ``record["round"]``
         holding a scalar per numeric field but ``round`` and ``wall_s``; the file is flushed,
         so readers see it at once. ``wall_time``: the event's time (default: now)."""
-        if self._writer is None:
+        if not self._open:
             raise ValueError(f"{self.path}: the TensorBoard log is closed.")
         step = record.get("round")
         if isinstance(step, bool) or not isinstance(step, numbers.Real):
@@ -125,9 +137,7 @@ class TensorBoardLog:
         self._write_event(event)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._open = False
 
     def __enter__(self) -> TensorBoardLog:
         return self
