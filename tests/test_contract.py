@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import fedjax_sim as fs
-from fedjax_sim import checkpoint
+from fedjax_sim import checkpoint, sweep
 from fedjax_sim.data import pack_cohort
 from tests import toy_algorithm
 from tests.helpers import linear_model, mean_loss, ragged_dataset
@@ -197,6 +197,17 @@ def test_every_registered_algorithm(name, strategy, devices, tmp_path):
             got = jax.tree.map(lambda a, i=i: a[i], stacked.params)
             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(s.params)):
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        # A member's own config starts where the shared init with its hparams swapped in does:
+        # no declared hyperparameter shapes the initial state (FedAdam's tau would).
+        own_config = _registered_config(name, strategy, 1)
+        for path, value in other.items():
+            sweep._set(own_config, path, float(value))
+        own = fs.build_experiment(own_config).algorithm.init(params)
+        # (The injected copies inside optimizer states differ; every round overwrites them.)
+        own_next, swapped_next = (
+            step(s, cohorts[0], jax.random.key(1))[0] for s in (own, members[1])
+        )
+        _assert_bitwise(own_next.params, swapped_next.params)
         # The halved hyperparameters changed the result (the axis is not ignored).
         assert any(
             not np.allclose(a, b) for a, b in zip(*(jax.tree.leaves(s.params) for s in solo))

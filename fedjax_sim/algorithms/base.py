@@ -152,7 +152,9 @@ def _init_free_hparams(name: str, learning_rate: float, kwargs_json: str):
     out = []
     for k, v in injected_hyperparams(state).items():
         try:
-            _, other = inner_init({**args, k: 2.0 * float(v) + 1.0})
+            # Another value in range (halving also stays finite for the largest floats).
+            probe_value = 0.5 * float(v) if float(v) != 0.0 else 0.5
+            _, other = inner_init({**args, k: probe_value})
         except Exception:  # a value the optimizer refuses: keep the number fixed, to be safe
             continue
         if len(other) == len(base) and all(np.array_equal(a, b) for a, b in zip(base, other)):
