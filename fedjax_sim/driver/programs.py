@@ -41,7 +41,28 @@ def initial_state(algorithm: FederatedAlgorithm, model: Model, root, hparams=Non
     return state
 
 
-class SoloProgram:
+class _Program:
+    """What both programs share: placement of a checkpoint tree, the members' params, the
+    device count and the number of compilations of the round (``self._round``)."""
+
+    mesh = None
+
+    def place(self, tree):
+        return replicate((tree["states"], tree["alive"]), self.mesh)
+
+    def params(self, states):
+        return states.params
+
+    @property
+    def num_devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size
+
+    @property
+    def compiles(self) -> int:
+        return self._round._cache_size()
+
+
+class SoloProgram(_Program):
     """One member, no vmap: ``jit(algorithm.apply)`` with the cohort split over ``mesh``."""
 
     num_members = 1
@@ -65,22 +86,12 @@ class SoloProgram:
         state = initial_state(self.algorithm, self.model, self.root)
         return self.place({"states": state, "alive": jnp.ones((1,), bool)})
 
-    def place(self, tree):
-        return replicate(tree["states"], self.mesh), replicate(tree["alive"], self.mesh)
-
     def step(self, states, alive, cohorts: list[Cohort], r: int):
         (cohort,) = cohorts
         return self._round(states, alive, cohort, jnp.asarray(r, jnp.int32), *self.examples)
 
-    def params(self, states):
-        return states.params
 
-    @property
-    def compiles(self) -> int:
-        return self._round._cache_size()
-
-
-class VectorProgram:
+class VectorProgram(_Program):
     """Many members in one compiled program, ``jit(vmap(apply))`` over members.
 
     Members are sorted by stream (a (seed, data seed) pair): the members of one stream share
@@ -122,7 +133,6 @@ class VectorProgram:
         }
         n_dev = max(1, min(num_devices or len(jax.local_devices()), len(streams)))
         n_dev = min(n_dev, len(jax.local_devices()))
-        self.num_devices = n_dev
         self.mesh = None
         if n_dev > 1:
             self.mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:n_dev]), (STREAM_AXIS,))
@@ -191,18 +201,8 @@ class VectorProgram:
         states = jax.jit(jax.vmap(init_member))(self.roots, self.hparams)
         return self.place({"states": states, "alive": jnp.ones((self.num_members,), bool)})
 
-    def place(self, tree):
-        return replicate((tree["states"], tree["alive"]), self.mesh)
-
     def step(self, states, alive, cohorts: list[Cohort], r: int):
         stacked = jax.tree.map(lambda *a: np.stack(a), *cohorts, *cohorts[:1] * self.pad)
         return self._round(
             states, alive, stacked, self.stream_roots, jnp.asarray(r, jnp.int32), *self.examples
         )
-
-    def params(self, states):
-        return states.params
-
-    @property
-    def compiles(self) -> int:
-        return self._round._cache_size()
