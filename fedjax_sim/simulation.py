@@ -27,7 +27,7 @@ from fedjax_sim.driver.cohorts import (
     sample_clients,
 )
 from fedjax_sim.driver.evaluation import Evaluator
-from fedjax_sim.driver.loop import Resume, TrainingDiverged, run_loop
+from fedjax_sim.driver.loop import Resume, TrainingDiverged, execution_summary, run_loop
 from fedjax_sim.driver.programs import SoloProgram
 from fedjax_sim.driver.runlog import RunLog
 
@@ -229,13 +229,7 @@ def simulate(
         wall_start=t_start,
     )
     summary = log.summary(
-        config.num_rounds,
-        out.wall_s,
-        strategy=exp.strategy,
-        devices=exp.executor.num_devices,
-        compiles=program.compiles,
-        data_on_device=source.on_device,
-        padding_waste=source.padding_waste,
+        config.num_rounds, out.wall_s, **execution_summary(exp.strategy, program, source)
     )
     return {**summary, "params": out.states.params, "history": log.history}
 

@@ -49,7 +49,7 @@ import ml_collections
 from fedjax_sim import algorithms, checkpoint, data
 from fedjax_sim.driver.cohorts import CohortSource, eval_clients
 from fedjax_sim.driver.evaluation import Evaluator
-from fedjax_sim.driver.loop import Resume, run_loop
+from fedjax_sim.driver.loop import Resume, execution_summary, run_loop
 from fedjax_sim.driver.programs import VectorProgram
 from fedjax_sim.driver.runlog import RunLog
 from fedjax_sim.simulation import build_algorithm, build_experiment, data_seed_of, kwargs_of
@@ -502,11 +502,7 @@ def _run_streams(
         summary = logs[m].summary(
             config.num_rounds,
             out.wall_s,
-            strategy=exp.strategy,
-            devices=program.num_devices,
-            compiles=program.compiles,
-            data_on_device=source.on_device,
-            padding_waste=source.padding_waste,
+            **execution_summary(exp.strategy, program, source),
             sweep_members=program.num_members,
             sweep_values=values,
             data_seed=member_streams[m][1],

@@ -95,6 +95,18 @@ class LoopResult(NamedTuple):
     wall_s: float
 
 
+def execution_summary(strategy: str, program, source: CohortSource) -> dict[str, Any]:
+    """How a run ran, for its ``summary.json``: the client strategy, devices, compilations of
+    the round, whether the examples lived on the device, and the padding waste."""
+    return {
+        "strategy": strategy,
+        "devices": program.num_devices,
+        "compiles": program.compiles,
+        "data_on_device": source.on_device,
+        "padding_waste": source.padding_waste,
+    }
+
+
 class _Progress:
     """A progress bar (a plain run) or a line per evaluation (a sweep group)."""
 
