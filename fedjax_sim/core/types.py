@@ -115,9 +115,15 @@ class FederatedAlgorithm(NamedTuple):
       hparams: names (config field paths such as ``client.learning_rate``) and built-in
         values of the numbers ``init`` puts in ``state.hparams``; each is a vectorized sweep
         axis.
+      personalize: ``None``, or ``(state, client_ids) -> params`` stacked over ``client_ids``
+        (int32 indices of training clients): each client's personalized model (Ditto's
+        personal model, FedPer's shared body with the client's own head). The driver scores
+        the test client with the same client id by it and reports the personalized metrics
+        next to the global model's.
     """
 
     init: Callable[[Params], PyTree]
     apply: Callable[[PyTree, Cohort, PRNGKey], tuple[PyTree, Metrics]]
     lazy_examples: bool = False
     hparams: Mapping[str, float] = {}  # noqa: RUF012 (never mutated)
+    personalize: Callable[[PyTree, Array], Params] | None = None
