@@ -78,6 +78,39 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.server.learning_rate = 1.0
     config.server.kwargs = ml_collections.ConfigDict()
 
+    # Which clients train each round: uniform (clients_per_round without replacement) |
+    # poisson (each client with probability rate; 0: clients_per_round / num_clients; the
+    # sampling DP accounting assumes) | weighted (without replacement, in proportion to size).
+    config.sampling = ml_collections.ConfigDict({"scheme": "uniform", "rate": 0.0})
+    # Systems heterogeneity (fedjax_sim/driver/systems.py): stragglers (a fraction of each
+    # cohort completes only part of its local steps; "partial" keeps that work as FedProx does,
+    # "drop" drops them as FedAvg does in Li et al. 2020), availability (always | bernoulli:
+    # each client online with its own probability | diurnal), mid-round dropouts, and the
+    # simulated clock (compute speed in examples/s, links in bytes/s, 0 = unlimited) that
+    # gives each evaluation its sim_time_s.
+    config.systems = ml_collections.ConfigDict(
+        {
+            "straggler_fraction": 0.0,
+            "straggler_mode": "partial",  # partial | drop
+            "straggler_budget": "uniform",  # uniform: U{1..K} steps | fixed: straggler_work * K
+            "straggler_work": 0.5,
+            "availability": "always",  # always | bernoulli | diurnal
+            "availability_prob": 1.0,
+            "availability_spread": 0.0,  # bernoulli: +- per client; diurnal: the amplitude
+            "diurnal_period": 24.0,  # rounds per day
+            "dropout": 0.0,
+            "compute_speed": 100.0,
+            "speed_sigma": 0.0,  # log-normal spread of client speeds (0: all equal)
+            "bandwidth_down": 0.0,
+            "bandwidth_up": 0.0,
+            "bandwidth_sigma": 0.0,
+        }
+    )
+    # Personalized evaluation: each test client fine-tunes the global model (or the
+    # algorithm's personalized model: Ditto, FedPer, FedRep) for this many local steps on its
+    # training data before it is scored (0: no fine-tuning); logged as personal_* fields.
+    config.eval = ml_collections.ConfigDict({"finetune_steps": 0})
+
     config.eval_batch_size = 1024
     # Evaluate on a fixed seeded sample of this many test clients (0: all of them).
     config.eval_max_clients = 0

@@ -44,6 +44,8 @@ PLOTS = {
     "accuracy_vs_round": "Test accuracy against rounds",
     "loss_vs_round": "Loss against rounds",
     "accuracy_vs_time": "Test accuracy against wall-clock time",
+    "accuracy_vs_sim_time": "Test accuracy against simulated time (systems clock)",
+    "personal_accuracy_vs_round": "Personalized accuracy (mean, p10, p90 over clients)",
 }
 
 
@@ -231,6 +233,18 @@ def rounds_to_target(records: list[dict[str, Any]], target: float) -> int | None
     return None
 
 
+def sim_time_to_target(records: list[dict[str, Any]], target: float) -> float | None:
+    """Simulated seconds (``sim_time_s``) at the first evaluation with accuracy >= target."""
+    for r in records:
+        if r["test_accuracy"] >= target and "sim_time_s" in r:
+            return float(r["sim_time_s"])
+    return None
+
+
+def _final(runs, key: str) -> list[float]:
+    return [r.records[-1][key] for r in runs if key in r.records[-1]]
+
+
 def point_stats(point: Point, target: float, over=DEFAULT_OVER) -> dict[str, Any]:
     runs = point.runs
     final = [r.records[-1]["test_accuracy"] for r in runs]
@@ -247,6 +261,12 @@ def point_stats(point: Point, target: float, over=DEFAULT_OVER) -> dict[str, Any
     stats["rounds_to_target_mean"] = mean_std(reached)[0] if reached else None
     stats["reached_target"] = len(reached)
     stats["wall_s_mean"], stats["wall_s_std"] = mean_std(walls)
+    timed = [t for t in (sim_time_to_target(r.records, target) for r in runs) if t is not None]
+    stats["sim_time_to_target_mean"] = mean_std(timed)[0] if timed else None
+    for key, name in (("personal_test_accuracy", "personal_acc"),
+                      ("personal_client_accuracy_p10", "personal_p10")):  # fmt: skip
+        values = _final(runs, key)
+        stats[f"{name}_mean"], stats[f"{name}_std"] = mean_std(values) if values else (None, None)
     return stats
 
 
@@ -286,6 +306,11 @@ CSV_COLUMNS = [
     "target",
     "wall_s_mean",
     "wall_s_std",
+    "sim_time_to_target_mean",
+    "personal_acc_mean",
+    "personal_acc_std",
+    "personal_p10_mean",
+    "personal_p10_std",
 ]
 
 
@@ -294,9 +319,8 @@ def write_csv(path: Path, points, differing, stats, target: float) -> None:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS + differing)
         for p, s in zip(points, stats):
-            row = {**s, "target": target}
-            if row["rounds_to_target_mean"] is None:
-                row["rounds_to_target_mean"] = ""
+            row = {k: ("" if v is None else v) for k, v in s.items()}
+            row["target"] = target
             w.writerow(
                 [row[c] for c in CSV_COLUMNS] + [_fmt_value(p.fields.get(k, "")) for k in differing]
             )
@@ -329,6 +353,12 @@ def write_markdown(
         f"Rounds to acc. ≥ {target:g}",
         "Wall time (s)",
     ]
+    timed = any(s["sim_time_to_target_mean"] is not None for s in stats)
+    personal = any(s["personal_acc_mean"] is not None for s in stats)
+    if timed:
+        head.append(f"Sim. time to acc. ≥ {target:g} (s)")
+    if personal:
+        head += ["Personalized acc.", "Personalized p10"]
     lines = [
         "# fedjax-sim report",
         "",
@@ -349,6 +379,13 @@ def write_markdown(
             format_rounds_to_target(s),
             _pm(s["wall_s_mean"], s["wall_s_std"], 1),
         ]
+        if timed:
+            t = s["sim_time_to_target_mean"]
+            cells.append("-" if t is None else f"{t:.1f}")
+        if personal:
+            for name in ("personal_acc", "personal_p10"):
+                m = s[f"{name}_mean"]
+                cells.append("-" if m is None else _pm(m, s[f"{name}_std"]))
         lines.append("| " + " | ".join(cells) + " |")
     keys = ("dataset.name", "model.name", "algorithm", "num_rounds", "clients_per_round")
     common = [f"{k}={_fmt_value(shared[k])}" for k in keys if k in shared]
@@ -356,7 +393,8 @@ def write_markdown(
         lines += ["", "Shared settings: " + ", ".join(common) + "."]
     lines.append("")
     for name, title in PLOTS.items():
-        lines += [f"![{title}]({name}.png)", ""]
+        if name in _BASE_PLOTS or (path.parent / f"{name}.png").exists():
+            lines += [f"![{title}]({name}.png)", ""]
     lines += ["## Runs", ""]
     for p in points:
         lines.append(f"- {p.label}: " + ", ".join(f"`{r.workdir}`" for r in p.runs))
@@ -404,10 +442,19 @@ def _plot(path: Path, points, y_key: str, x_key: str, title: str, xlabel: str, y
     fig.savefig(path, dpi=120)
 
 
+_BASE_PLOTS = ("accuracy_vs_round", "loss_vs_round", "accuracy_vs_time")
+
+
+def _has(points, key: str) -> bool:
+    return any(key in rec for p in points for r in p.runs for rec in r.records)
+
+
 def write_plots(out: Path, points, target: float, over=DEFAULT_OVER) -> list[Path]:
+    """The three base plots, and the simulated-time and personalization plots where the
+    runs logged ``sim_time_s`` / ``personal_*`` fields."""
     words = _over_words(over)
     band = f"mean ± std over {words}"
-    paths = [out / f"{name}.png" for name in PLOTS]
+    paths = [out / f"{name}.png" for name in _BASE_PLOTS]
     _plot(paths[0], points, "test_accuracy", "round", f"Test accuracy ({band})", "round",
           "test accuracy", target=target)  # fmt: skip
     _plot(paths[1], points, "test_loss", "round",
@@ -415,6 +462,15 @@ def write_plots(out: Path, points, target: float, over=DEFAULT_OVER) -> list[Pat
           dashed_key="train_loss")  # fmt: skip
     _plot(paths[2], points, "test_accuracy", "wall_s", f"Test accuracy ({band})",
           f"wall-clock time (s, mean over {words})", "test accuracy", target=target)  # fmt: skip
+    if _has(points, "sim_time_s"):
+        paths.append(out / "accuracy_vs_sim_time.png")
+        _plot(paths[-1], points, "test_accuracy", "sim_time_s", f"Test accuracy ({band})",
+              "simulated time (s, systems clock)", "test accuracy", target=target)  # fmt: skip
+    if _has(points, "personal_test_accuracy"):
+        paths.append(out / "personal_accuracy_vs_round.png")
+        _plot(paths[-1], points, "personal_client_accuracy_mean", "round",
+              f"Personalized per-client accuracy, mean ({band}); dashed: p10", "round",
+              "accuracy", dashed_key="personal_client_accuracy_p10")  # fmt: skip
     return paths
 
 
@@ -441,9 +497,9 @@ def report(
     }
     written = {"csv": out / "report.csv", "markdown": out / "report.md"}
     write_csv(written["csv"], points, differing, stats, target)
-    write_markdown(written["markdown"], points, differing, stats, target, shared, over)
-    for path in write_plots(out, points, target, over):
+    for path in write_plots(out, points, target, over):  # before the page that links them
         written[path.stem] = path
+    write_markdown(written["markdown"], points, differing, stats, target, shared, over)
     return written
 
 

@@ -13,9 +13,10 @@ from typing import Any, NamedTuple
 
 import jax
 import ml_collections
+import numpy as np
 
 from fedjax_sim import algorithms, checkpoint, data, models
-from fedjax_sim.algorithms.base import BuildContext
+from fedjax_sim.algorithms.base import AsyncSettings, BuildContext
 from fedjax_sim.core.execution import Executor, client_mesh
 from fedjax_sim.core.task import Task, get_task
 from fedjax_sim.core.types import FederatedAlgorithm, Model
@@ -26,10 +27,12 @@ from fedjax_sim.driver.cohorts import (
     packing_of,
     sample_clients,
 )
-from fedjax_sim.driver.evaluation import Evaluator
+from fedjax_sim.driver.evaluation import Evaluator, Personalization
 from fedjax_sim.driver.loop import Resume, TrainingDiverged, execution_summary, run_loop
 from fedjax_sim.driver.programs import SoloProgram
 from fedjax_sim.driver.runlog import RunLog
+from fedjax_sim.driver.systems import cohort_capacity, systems_of
+from fedjax_sim.optimizers import optimizer_from_config
 
 __all__ = [
     "Experiment",
@@ -56,6 +59,8 @@ class Experiment(NamedTuple):
     num_steps: int  # local steps of the longest client
     executor: Executor  # strategy (resolved), chunk size, the mesh the cohort is split over
     cohort_slots: int  # clients per packed cohort (a multiple of the device count)
+    model_bytes: int  # bytes of the model's parameters (the simulated clock's transfers)
+    async_settings: AsyncSettings | None  # an asynchronous algorithm's buffer (FedBuff)
 
     @property
     def strategy(self) -> str:
@@ -93,7 +98,10 @@ def build_experiment(
     Returns:
       An ``Experiment``.
     """
-    algorithms.get_spec(config.algorithm)  # an unknown name fails before any data loads
+    spec = algorithms.get_spec(config.algorithm)  # an unknown name fails before any data loads
+    systems = systems_of(config)  # so do bad sampling / systems settings
+    async_settings = spec.async_schedule(config) if spec.async_schedule is not None else None
+    finetune_steps_of(config)
     if federated_data is None:
         federated_data = data.get_federated_data(
             config.dataset.name, seed=data_seed_of(config), **kwargs_of(config.dataset.kwargs)
@@ -114,16 +122,74 @@ def build_experiment(
     )
     task = get_task(config.get("task", "classification"), model)
     num_steps = data.max_local_steps_of(train, **packing_of(config))
+    if async_settings is not None:
+        capacity = async_settings.buffer_size  # a round is one buffer of updates
+    else:
+        capacity = cohort_capacity(systems, train.num_clients, config.clients_per_round)
     # Never more devices than clients in a cohort (each device would idle on padding).
     wanted = config.num_devices if num_devices is None else num_devices
     wanted = wanted or len(jax.local_devices())
-    mesh = client_mesh(min(wanted, config.clients_per_round))
+    mesh = client_mesh(min(wanted, capacity))
     executor = Executor(config.strategy, config.chunk_size, mesh).check()
     executor = executor._replace(strategy=executor.resolved())  # the summary says which ran
     algorithm = build_algorithm(config, task, executor, train.num_clients)
     n_dev = executor.num_devices
-    slots = -(-config.clients_per_round // n_dev) * n_dev
-    return Experiment(config, federated_data, model, task, algorithm, num_steps, executor, slots)
+    slots = -(-capacity // n_dev) * n_dev
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    model_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+    return Experiment(
+        config, federated_data, model, task, algorithm, num_steps, executor, slots, model_bytes,
+        async_settings,
+    )  # fmt: skip
+
+
+def finetune_steps_of(config) -> int:
+    """``eval.finetune_steps`` (0 where a config has no ``eval`` group), checked."""
+    group = config.get("eval")
+    steps = int(group.get("finetune_steps", 0)) if group is not None else 0
+    if steps < 0:
+        raise ValueError(f"eval.finetune_steps must be >= 0, got {steps}.")
+    return steps
+
+
+def cohort_source(exp: Experiment, trains: dict, streams: list[tuple[int, int]], max_steps: int):
+    """The cohort source of a run (one stream) or a sweep group (several) of ``exp``'s kind."""
+    return CohortSource(
+        exp.config,
+        trains,
+        streams,
+        slots=exp.cohort_slots,
+        max_steps=max_steps,
+        model_bytes=exp.model_bytes,
+        slot_multiple=exp.executor.num_devices,
+        async_settings=exp.async_settings,
+    )
+
+
+def make_evaluator(
+    exp: Experiment, tests: dict, trains: dict, member_sets: list, *, vectorized: bool
+) -> Evaluator:
+    """The evaluator of ``exp``'s members: ``tests`` and ``trains`` (the training clients
+    whose data fine-tunes personalized models) keyed like ``member_sets``' entries; with
+    personalization where the config or the algorithm asks for it."""
+    config = exp.config
+    personalization = Personalization(
+        finetune_steps=finetune_steps_of(config),
+        optimizer=optimizer_from_config(config.client),
+        batch_size=config.client.batch_size,
+        seed=int(config.seed),
+        personalize=exp.algorithm.personalize,
+        strategy=exp.executor.resolved(),
+    )
+    return Evaluator(
+        exp.task,
+        tests,
+        member_sets,
+        batch_size=config.eval_batch_size,
+        vectorized=vectorized,
+        train_sets=trains,
+        personalization=personalization,
+    )
 
 
 def data_seed_of(config: ml_collections.ConfigDict) -> int:
@@ -197,19 +263,18 @@ def simulate(
                 "--workdir or pass --overwrite to replace them."
             )
         exp = build_experiment(config, federated_data)
-        source = CohortSource(
-            config,
+        source = cohort_source(
+            exp,
             {data_seed_of(config): exp.data.train},
             [(int(config.seed), data_seed_of(config))],
-            slots=exp.cohort_slots,
-            max_steps=exp.num_steps,
+            exp.num_steps,
         )
         program = SoloProgram(exp.algorithm, exp.model, config.seed, exp.mesh, source.examples)
-        evaluator = Evaluator(
-            exp.task,
+        evaluator = make_evaluator(
+            exp,
             {0: eval_clients(exp.data.test, config)},
+            {0: exp.data.train},
             [0],
-            batch_size=config.eval_batch_size,
             vectorized=False,
         )
     except BaseException:
@@ -243,4 +308,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['best_test_accuracy']:.4f} at round {summary['best_round']}), "
         f"test loss {summary['final_test_loss']:.4f}, "
         f"p10 client accuracy {summary['client_accuracy_p10']:.4f}"
+        + (
+            f"\n  personalized accuracy {summary['final_personal_test_accuracy']:.4f} (per "
+            f"client: mean {summary['final_personal_client_accuracy_mean']:.4f}, p10 "
+            f"{summary['final_personal_client_accuracy_p10']:.4f}, p50 "
+            f"{summary['final_personal_client_accuracy_p50']:.4f}, p90 "
+            f"{summary['final_personal_client_accuracy_p90']:.4f})"
+            if "final_personal_test_accuracy" in summary
+            else ""
+        )
     )

@@ -47,12 +47,18 @@ import jax
 import ml_collections
 
 from fedjax_sim import algorithms, checkpoint, data
-from fedjax_sim.driver.cohorts import CohortSource, eval_clients
-from fedjax_sim.driver.evaluation import Evaluator
+from fedjax_sim.driver.cohorts import eval_clients
 from fedjax_sim.driver.loop import Resume, execution_summary, run_loop
 from fedjax_sim.driver.programs import VectorProgram
 from fedjax_sim.driver.runlog import RunLog
-from fedjax_sim.simulation import build_algorithm, build_experiment, data_seed_of, kwargs_of
+from fedjax_sim.simulation import (
+    build_algorithm,
+    build_experiment,
+    cohort_source,
+    data_seed_of,
+    kwargs_of,
+    make_evaluator,
+)
 
 SEED_AXES = ("seed", "data_seed")  # vectorized for every algorithm
 # Fields that may not be swept: they name the sweep or only the driver's bookkeeping.
@@ -444,12 +450,11 @@ def _run_streams(
     exp = exps[data_seeds[0]]
     algo_spec = algorithms.get_spec(config.algorithm)
     member_streams = [_stream(c) for c in configs]
-    source = CohortSource(
-        config,
+    source = cohort_source(
+        exp,
         {d: e.data.train for d, e in exps.items()},
         list(dict.fromkeys(member_streams)),
-        slots=config.clients_per_round,
-        max_steps=max(e.num_steps for e in exps.values()),
+        max(e.num_steps for e in exps.values()),
     )
     program = VectorProgram(
         exp.algorithm,
@@ -463,13 +468,10 @@ def _run_streams(
     # Members evaluate on the test clients of their data seed: all of them, or (with
     # eval_max_clients) the sample their seed draws, as their solo runs would.
     member_eval = [(data_seed_of(c), int(c.seed) if c.eval_max_clients else -1) for c in configs]
-    tests = {
-        k: eval_clients(exps[k[0]].data.test, configs[member_eval.index(k)])
-        for k in dict.fromkeys(member_eval)
-    }
-    evaluator = Evaluator(
-        exp.task, tests, member_eval, batch_size=config.eval_batch_size, vectorized=True
-    )
+    keys = list(dict.fromkeys(member_eval))
+    tests = {k: eval_clients(exps[k[0]].data.test, configs[member_eval.index(k)]) for k in keys}
+    trains = {k: exps[k[0]].data.train for k in keys}
+    evaluator = make_evaluator(exp, tests, trains, member_eval, vectorized=True)
     labels = [label for label, _, _ in members]
     resume = Resume(ckpt_dir, every=every, keep=keep, identity={"sweep": spec, "labels": labels})
     if resume.meta is not None and resume.meta.get("labels") != labels:

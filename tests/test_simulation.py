@@ -76,7 +76,7 @@ def test_cli_smoke_run_and_overrides(tmp_path, capsys):
     "override, message",
     [
         ("--config.model.name=resnet9", "known models: .*logreg"),
-        ("--config.algorithm=fedprox9", "known: fedavg, (.*, )?fedopt, fedsgd"),
+        ("--config.algorithm=fedprox9", "known: (.*, )?fedavg, (.*, )?fedopt, (.*, )?fedsgd"),
         ("--config.client.optimizer=sgdd", "known: .*sgd"),
         ("--config.dataset.name=mnist9", "known: .*synthetic"),
         ("--config.strategy=fast", "known: auto, vmap, chunked, sequential"),

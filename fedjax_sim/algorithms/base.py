@@ -54,6 +54,15 @@ class BuildContext(NamedTuple):
     num_clients: int
 
 
+class AsyncSettings(NamedTuple):
+    """What an asynchronous algorithm asks of the driver's schedule (``driver.asynchronous``):
+    a server step every ``buffer_size`` arrived updates; updates staler than ``max_staleness``
+    server steps are discarded."""
+
+    buffer_size: int
+    max_staleness: int
+
+
 class AlgorithmSpec(NamedTuple):
     """A registry entry.
 
@@ -62,11 +71,16 @@ class AlgorithmSpec(NamedTuple):
       hparams: ``config -> {field path: value}``, the numbers ``build``'s algorithm keeps in
         ``state.hparams`` (the same names: a contract test checks it). Cheap: no data, no model.
       description: one line for listings.
+      async_schedule: ``None`` (synchronous rounds), or ``config -> AsyncSettings`` for an
+        asynchronous algorithm: the driver then runs clients on its simulated clock and every
+        round is one server step over a buffer of arrived updates, each cohort carrying
+        ``info["staleness"]``.
     """
 
     build: Callable[[Any, BuildContext], FederatedAlgorithm]
     hparams: Callable[[Any], dict[str, float]]
     description: str = ""
+    async_schedule: Callable[[Any], AsyncSettings] | None = None
 
 
 class ServerState(NamedTuple):

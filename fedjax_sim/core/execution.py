@@ -34,7 +34,8 @@ CLIENT_AXIS = "clients"
 
 # (broadcast, client_data, client_state, key) -> ClientOutput, where client_data is a dict
 # with 'batches' [steps, batch, ...], 'mask' [steps, batch], 'num_examples' [], 'client_id' []
-# (and 'examples', the shared examples, for a lazy cohort).
+# (and 'examples', the shared examples, for a lazy cohort; 'info', the client's entries of
+# ``Cohort.info``, when the driver's schedule adds them).
 ClientFn = Callable[[PyTree, dict, PyTree, PRNGKey], ClientOutput]
 
 
@@ -273,6 +274,7 @@ class Executor(NamedTuple):
                 "mask": cohort.mask,
                 "num_examples": cohort.num_examples,
                 "client_id": cohort.client_ids,
+                **({} if cohort.info is None else {"info": dict(cohort.info)}),
             },
             gather_client_states(client_states, cohort.client_ids),
             client_keys(key, cohort.client_ids),

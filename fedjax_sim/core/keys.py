@@ -22,11 +22,16 @@ NOISE_SALT = 2**31 - 3  # Gaussian noise on the aggregate (DP-FedAvg)
 # Salts folded into a client's key.
 UPDATE_SALT = 2**31 - 2  # per-client update transforms (compression, masking, ...)
 AUGMENT_SALT = 2**31 - 4  # data augmentation inside a local step (random crop and flip)
+# Salts folded into the root key.
+FINETUNE_SALT = 2**31 - 5  # fine-tuning at evaluation (personalization); clients fold their id
 
 # NumPy streams: np.random.default_rng([seed, TAG, ...]).
 SAMPLING_TAG = 0  # [seed, 0, round]: the round's cohort
 SHUFFLE_TAG = 1  # [seed, 1, round, client]: a client's local shuffles
 EVAL_SAMPLE_TAG = 2  # [seed, 2]: the evaluated test clients (eval_max_clients)
+SYSTEMS_TAG = 3  # [seed, 3, round, what]: who is online, straggles, drops out (driver.systems)
+POPULATION_TAG = 4  # [seed, 4]: clients' fixed availability, speeds and links
+ASYNC_TAG = 5  # [seed, 5]: the asynchronous schedule's dropouts (driver.asynchronous)
 
 
 def round_key(root: PRNGKey, round_num) -> PRNGKey:

@@ -31,6 +31,9 @@ class Cohort(NamedTuple):
         (``pack_cohort_indices``) and each local step gathers its own batch, so the padded
         ``[clients, steps, batch, ...]`` cohort is never materialized. Only algorithms with
         ``lazy_examples`` accept such cohorts.
+      info: ``None``, or per-client facts the driver's schedule adds, each ``[clients]``
+        (``{"staleness": int32}``: server steps since an asynchronous client started). Every
+        client reads them as ``data["info"]``.
     """
 
     batches: Mapping[str, Array]
@@ -38,6 +41,7 @@ class Cohort(NamedTuple):
     num_examples: Array
     client_ids: Array
     examples: Mapping[str, Array] | None = None
+    info: Mapping[str, Array] | None = None
 
     @property
     def num_clients(self) -> int:

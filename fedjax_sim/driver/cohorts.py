@@ -16,13 +16,22 @@ import numpy as np
 from fedjax_sim import data
 from fedjax_sim.core.keys import EVAL_SAMPLE_TAG, SAMPLING_TAG
 from fedjax_sim.core.types import Cohort
+from fedjax_sim.driver.asynchronous import AsyncSchedule, AsyncSettings
+from fedjax_sim.driver.systems import (
+    Population,
+    apply_systems,
+    local_examples,
+    round_seconds,
+    systems_of,
+)
 
 # The training examples go to the device (``data_on_device="auto"``) when they take at most this.
 DEVICE_DATA_BUDGET = 1 << 30
 
 
 def sample_clients(seed: int, round_num: int, num_clients: int, cohort_size: int) -> np.ndarray:
-    """Uniform sampling without replacement, a pure function of (seed, round)."""
+    """Uniform sampling without replacement, a pure function of (seed, round) (the draw of
+    ``systems.Population.sample`` when every client is online)."""
     rng = np.random.default_rng([seed, SAMPLING_TAG, round_num])
     return rng.choice(num_clients, size=cohort_size, replace=False)
 
@@ -100,14 +109,42 @@ class CohortSource:
         *,
         slots: int,
         max_steps: int,
+        model_bytes: int = 0,
+        slot_multiple: int = 1,
+        async_settings: AsyncSettings | None = None,
     ):
         self.streams = streams
         self.trains = trains
         self.cohort_size = config.clients_per_round
         self.slots = slots  # packed clients per cohort (>= cohort_size: padded for devices)
+        self.slot_multiple = slot_multiple  # slots stay a multiple of the device count
         self.pack_kw = packing_of(config)
         self.bucket_steps = {d: step_bucketer(config, t, max_steps) for d, t in trains.items()}
         self.real_slots = self.total_slots = 0
+        self.systems = systems_of(config)
+        self.populations = [
+            Population(self.systems, trains[d].sizes, s, self.cohort_size, model_bytes)
+            for s, d in streams
+        ]
+        self.clock = [0.0] * len(streams)  # simulated seconds after the last round, per stream
+        self.schedules = None
+        if async_settings is not None:
+            if self.systems.straggler_fraction > 0 or self.systems.scheme == "poisson":
+                raise ValueError(
+                    "an asynchronous algorithm (FedBuff) has no rounds to straggle in or to "
+                    "Poisson-sample: set systems.straggler_fraction = 0 and sampling.scheme to "
+                    "uniform or weighted."
+                )
+            self.schedules = [
+                AsyncSchedule(
+                    pop,
+                    local_examples(trains[d].sizes, **self.pack_kw),
+                    concurrency=self.cohort_size,
+                    settings=async_settings,
+                    dropout=self.systems.dropout,
+                )
+                for pop, (_, d) in zip(self.populations, streams, strict=True)
+            ]
         seeds = sorted(trains)
         self.examples, self.row_maps = None, {}
         if data_on_device(config.data_on_device, trains[seeds[0]]):
@@ -129,14 +166,26 @@ class CohortSource:
 
     def cohorts(self, round_num: int) -> list[Cohort]:
         """Every stream's packed cohort for ``round_num``, all with one step count."""
-        ids = [
-            sample_clients(s, round_num, self.trains[d].num_clients, self.cohort_size)
-            for s, d in self.streams
-        ]
-        steps = max(self.bucket_steps[d](i) for (_, d), i in zip(self.streams, ids, strict=True))
+        if self.schedules is not None:
+            steps_ = [sched.step(round_num) for sched in self.schedules]
+            ids = [st.clients for st in steps_]
+        else:
+            ids = [pop.sample(round_num) for pop in self.populations]
+        biggest = max(len(i) for i in ids)
+        if biggest > self.slots:  # a large Poisson draw: room grows (the round recompiles)
+            m = self.slot_multiple
+            self.slots = -(-biggest // m) * m
+        steps = max(
+            (
+                self.bucket_steps[d](i)
+                for (_, d), i in zip(self.streams, ids, strict=True)
+                if len(i)
+            ),
+            default=1,
+        )
         pack = data.packing.pack_cohort_indices if self.on_device else data.pack_cohort
         out = []
-        for (s, d), i in zip(self.streams, ids, strict=True):
+        for j, ((s, d), i) in enumerate(zip(self.streams, ids, strict=True)):
             c = pack(
                 self.trains[d],
                 i,
@@ -146,10 +195,37 @@ class CohortSource:
                 round_num=round_num,
                 **self.pack_kw,
             )
-            self.real_slots += int(c.mask.sum())
+            n = self.trains[d].num_clients
+            if self.schedules is not None:
+                stale = np.zeros((self.slots,), np.int32)
+                stale[: len(i)] = steps_[j].staleness
+                c = c._replace(info={"staleness": stale})
+                self.clock[j] = steps_[j].time
+            else:
+                if self.systems.alters_cohorts:
+                    c, _ = apply_systems(c, self.systems, s, round_num, n)
+                self.clock[j] += round_seconds(self.populations[j], c, n)
+            self.real_slots += int(np.asarray(c.mask).sum())
             self.total_slots += c.mask.size
             out.append(data.packing.remap_cohort(c, self.row_maps[d]) if self.row_maps else c)
         return out
+
+    def bookkeeping(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the source (the rest is recomputed from the seeds)."""
+        return {
+            "real_slots": self.real_slots,
+            "total_slots": self.total_slots,
+            "clock": list(self.clock),
+            "slots": self.slots,
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        self.real_slots, self.total_slots = saved["real_slots"], saved["total_slots"]
+        self.clock, self.slots = list(saved["clock"]), int(saved["slots"])
+
+    def extras(self, stream: int) -> dict[str, float]:
+        """Fields of a stream's evaluation records: the simulated clock."""
+        return {"sim_time_s": round(self.clock[stream], 6)}
 
     @property
     def padding_waste(self) -> float:

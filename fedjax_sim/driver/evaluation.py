@@ -1,15 +1,55 @@
-"""The evaluator: every member's global model on its test clients, one pass per test set."""
+"""The evaluator: every member's global model on its test clients, one pass per test set;
+and, where asked, each test client's personalized model (``Personalization``)."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from fedjax_sim import data
-from fedjax_sim.core.task import Task
+from fedjax_sim.algorithms.base import with_optimizer_hparams
+from fedjax_sim.core.client import local_train
+from fedjax_sim.core.execution import map_clients
+from fedjax_sim.core.keys import FINETUNE_SALT, client_keys
+from fedjax_sim.core.task import Task, mean_loss_fn
 from fedjax_sim.metrics import make_client_evaluator, make_evaluator, summarize_eval
+
+PERSONAL_PREFIX = "personal_"
+
+
+class Personalization(NamedTuple):
+    """How test clients' personalized models are made at each evaluation.
+
+    Each test client whose id is also a training client's starts from that client's
+    personalized model (``FederatedAlgorithm.personalize``; the global model for algorithms
+    without one) and, with ``finetune_steps`` > 0, fine-tunes it for that many local steps on
+    that training client's data (batches of ``batch_size``, a fixed shuffle, the client
+    optimizer with the member's hyperparameters), then is scored on its own test data.
+
+    Attributes:
+      finetune_steps: local fine-tuning steps (0: none).
+      optimizer: the fine-tuning optimizer (the config's client optimizer, injected).
+      batch_size: fine-tuning batch size.
+      seed: the run's seed (fixes the fine-tuning shuffles and keys).
+      personalize: the algorithm's ``personalize`` or ``None``.
+      strategy: how clients are mapped (a resolved client strategy).
+    """
+
+    finetune_steps: int
+    optimizer: optax.GradientTransformation
+    batch_size: int
+    seed: int
+    personalize: Callable | None
+    strategy: str
+
+    @property
+    def enabled(self) -> bool:
+        return self.finetune_steps > 0 or self.personalize is not None
 
 
 class Evaluator:
@@ -32,6 +72,8 @@ class Evaluator:
         *,
         batch_size: int,
         vectorized: bool,
+        train_sets: dict[Hashable, data.FederatedDataset] | None = None,
+        personalization: Personalization | None = None,
     ):
         self.vectorized = vectorized
         self.device = jax.local_devices()[0]
@@ -49,17 +91,46 @@ class Evaluator:
         }
         self.num_members = len(member_sets)
         self.task, self.test_sets, self.batch_size = task, test_sets, batch_size
+        self.member_sets = list(member_sets)
         self._per_client = {}
+        self.personalization = None
+        if personalization is not None and personalization.enabled:
+            self.personalization = personalization
+            self._personal = {
+                k: _personal_clients(test_sets[k], train_sets[k], personalization, batch_size)
+                for k in test_sets
+            }
+            self._finetune = jax.jit(_finetuner(task, personalization))
 
-    def client_models(self, key: Hashable, client_params) -> dict[str, float]:
+    def personal(self, program, states) -> list[dict[str, float]]:
+        """Each member's personalized metrics (``personal_*`` fields; ``{}`` when off)."""
+        if self.personalization is None:
+            return [{} for _ in range(self.num_members)]
+        out = []
+        for m, k in enumerate(self.member_sets):
+            state = program.member_state(states, m)
+            rows, train_ids, batches, mask, test_packed = self._personal[k]
+            ids = jnp.asarray(train_ids, jnp.int32)
+            start = self._start(state, ids)
+            params = self._finetune(start, state.hparams, ids, batches, mask)
+            ev = self.client_models(("personal", k), params, packed=test_packed)
+            out.append({PERSONAL_PREFIX + name: v for name, v in ev.items()})
+        return out
+
+    def _start(self, state, ids):
+        fn = self.personalization.personalize
+        if fn is not None:
+            return fn(state, ids)
+        return jax.tree.map(lambda p: jnp.broadcast_to(p, (len(ids), *p.shape)), state.params)
+
+    def client_models(self, key: Hashable, client_params, packed=None) -> dict[str, float]:
         """Metrics of per-client models on test set ``key``: client ``c`` of the set (in its
         order) is scored by ``client_params``' row ``c`` (personalization: each test client's
-        own or fine-tuned model). Same fields as a global evaluation."""
+        own or fine-tuned model). Same fields as a global evaluation. ``packed``: the test
+        clients' packed data (default: every client of the set)."""
         if key not in self._per_client:
-            test = self.test_sets[key]
-            packed = data.pack_cohort(
-                test, range(test.num_clients), batch_size=self.batch_size, seed=0, round_num=0
-            )
+            if packed is None:
+                packed = _pack_test(self.test_sets[key], self.batch_size)
             self._per_client[key] = (make_client_evaluator(self.task), packed)
         fn, packed = self._per_client[key]
         return summarize_eval(*fn(client_params, dict(packed.batches), packed.mask))
@@ -79,3 +150,59 @@ class Evaluator:
             for j, m in enumerate(idx):
                 out[m] = summarize_eval(*(a[j] for a in sums))
         return out
+
+
+def _pack_test(test: data.FederatedDataset, batch_size: int):
+    return data.pack_cohort(
+        test, range(test.num_clients), batch_size=batch_size, seed=0, round_num=0
+    )
+
+
+def _personal_clients(test, train, personalization: Personalization, batch_size: int):
+    """The test clients that are also training clients, their training indices, their
+    fine-tuning batches (round 0's shuffle: training rounds count from 1) and test data."""
+    where = {cid: i for i, cid in enumerate(train.client_ids)}
+    rows = [r for r, cid in enumerate(test.client_ids) if cid in where]
+    if not rows:
+        raise ValueError(
+            f"personalized evaluation (eval.finetune_steps, or a personalizing algorithm) "
+            f"scores each test client by the model of the training client with its id, but "
+            f"no test client of {test.name} is a training client; set eval.finetune_steps = 0 "
+            "or use a dataset whose clients have both splits."
+        )
+    train_ids = np.asarray([where[test.client_ids[r]] for r in rows], np.int32)
+    k = max(personalization.finetune_steps, 1)
+    tune = data.pack_cohort(
+        train,
+        train_ids.tolist(),
+        batch_size=personalization.batch_size,
+        local_epochs=k,
+        max_local_steps=k,
+        num_steps=k,
+        seed=personalization.seed,
+        round_num=0,
+    )
+    packed = _pack_test(test.subset(rows), batch_size)
+    return rows, train_ids, dict(tune.batches), tune.mask, packed
+
+
+def _finetuner(task: Task, p: Personalization):
+    """``(start params [k, ...], hparams, train ids, batches, mask) -> fine-tuned params``."""
+    loss_fn = mean_loss_fn(task, train=True)
+    root = jax.random.fold_in(jax.random.key(p.seed), FINETUNE_SALT)
+
+    def finetune(start, hparams, ids, batches, mask):
+        if p.finetune_steps == 0:
+            return start
+        keys = client_keys(root, ids)
+
+        def one(args):
+            params, b, m, key = args
+            opt_state = with_optimizer_hparams(p.optimizer.init(params), hparams, "client")
+            return local_train(
+                params, b, m, key, loss_fn=loss_fn, optimizer=p.optimizer, opt_state=opt_state
+            ).params
+
+        return map_clients(one, (start, batches, mask, keys), strategy=p.strategy)
+
+    return finetune

@@ -30,7 +30,7 @@ class TrainingDiverged(RuntimeError):
 
 
 # Bumped when the checkpoint's tree or meta changes shape; older checkpoints are refused.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 
 
 class Resume:
@@ -201,7 +201,7 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
             (rr, jnp.asarray(lo, jnp.float32), jnp.asarray(al, bool))
             for rr, lo, al in meta["pending"]
         ]
-        source.real_slots, source.total_slots = meta["real_slots"], meta["total_slots"]
+        source.restore(meta["source"])
         t_start -= meta["wall_s"]
         if m_count == 1:
             print(f"fedjax-sim: resuming {logs[0].workdir} after round {start}", file=sys.stderr)
@@ -216,8 +216,7 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
                 "pending": [  # a host sync, only when saving
                     [rr, np.asarray(lo).tolist(), np.asarray(al).tolist()] for rr, lo, al in pending
                 ],
-                "real_slots": source.real_slots,
-                "total_slots": source.total_slots,
+                "source": source.bookkeeping(),
                 "wall_s": time.perf_counter() - t_start,
             },
         )
@@ -235,7 +234,7 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
             if r % eval_every == 0 or r == num_rounds:
                 alive = _evaluate(
                     r, program, states, alive, pending, evaluator, logs, diverged, raise_,
-                    time.perf_counter() - t_start, bar,
+                    time.perf_counter() - t_start, bar, source,
                 )  # fmt: skip
                 pending.clear()
             if resume.due(r, num_rounds):
@@ -245,7 +244,9 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
     return LoopResult(states, alive, diverged, time.perf_counter() - t_start)
 
 
-def _evaluate(r, program, states, alive, pending, evaluator, logs, diverged, raise_, wall, bar):
+def _evaluate(
+    r, program, states, alive, pending, evaluator, logs, diverged, raise_, wall, bar, source
+):
     """The evaluation of round ``r``: one host sync for the pending train losses."""
     m_count = program.num_members
     rounds = [rr for rr, _, _ in pending]
@@ -262,6 +263,7 @@ def _evaluate(r, program, states, alive, pending, evaluator, logs, diverged, rai
                     "or server learning rate, or clip updates."
                 )
     evals = evaluator(program.params(states))
+    personal = evaluator.personal(program, states)
     records: list[dict | None] = [None] * m_count
     newly_dead = []
     for m in range(m_count):
@@ -278,6 +280,7 @@ def _evaluate(r, program, states, alive, pending, evaluator, logs, diverged, rai
             diverged[m] = r
             newly_dead.append(m)
             continue
+        ev = {**ev, **personal[m], **source.extras(program.member_streams[m])}
         records[m] = logs[m].record(r, loss_rows[:, m].mean(), ev, wall)
     if newly_dead:
         alive = alive.at[jnp.asarray(newly_dead)].set(False)

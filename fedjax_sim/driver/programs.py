@@ -53,6 +53,10 @@ class _Program:
     def params(self, states):
         return states.params
 
+    def member_state(self, states, m: int):
+        """Member ``m``'s state (a vectorized program's states are stacked over members)."""
+        return jax.tree.map(lambda a: a[m], states) if self.vectorized else states
+
     @property
     def num_devices(self) -> int:
         return 1 if self.mesh is None else self.mesh.size
@@ -67,6 +71,7 @@ class SoloProgram(_Program):
 
     num_members = 1
     vectorized = False
+    member_streams = (0,)  # each member's stream (index into the source's streams)
 
     def __init__(self, algorithm, model, seed: int, mesh, examples):
         self.algorithm, self.model, self.mesh = algorithm, model, mesh
@@ -124,6 +129,7 @@ class VectorProgram(_Program):
         if [streams[i // per_stream] for i in range(m_count)] != member_streams:
             raise AssertionError(f"members are not a stream-major grid: {member_streams}")
         self.streams = streams
+        self.member_streams = [streams.index(ms) for ms in member_streams]
         self.roots = jax.vmap(jax.random.key)(
             jnp.asarray([s for s, _ in member_streams], jnp.uint32)
         )

@@ -8,6 +8,15 @@ from typing import Any
 
 from fedjax_sim import checkpoint
 
+# Personalized fields of the last evaluation that the summary repeats (as final_<name>).
+PERSONAL_SUMMARY = (
+    "personal_test_accuracy",
+    "personal_client_accuracy_mean",
+    "personal_client_accuracy_p10",
+    "personal_client_accuracy_p50",
+    "personal_client_accuracy_p90",
+)
+
 
 class RunLog:
     """Evaluation records of one member: ``metrics.jsonl``, TensorBoard events and summary.
@@ -64,6 +73,8 @@ class RunLog:
             "best_test_accuracy": best.get("test_accuracy"),
             "best_round": best.get("round"),
             "client_accuracy_p10": last.get("client_accuracy_p10"),
+            **{f"final_{k}": last[k] for k in PERSONAL_SUMMARY if k in last},
+            **({"sim_time_s": last["sim_time_s"]} if "sim_time_s" in last else {}),
             "wall_s": round(wall_s, 3),
             "rounds_per_s": round(num_rounds / wall_s, 2),
             **extra,
