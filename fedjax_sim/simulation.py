@@ -167,17 +167,24 @@ def cohort_source(exp: Experiment, trains: dict, streams: list[tuple[int, int]],
 
 
 def make_evaluator(
-    exp: Experiment, tests: dict, trains: dict, member_sets: list, *, vectorized: bool
+    exp: Experiment,
+    tests: dict,
+    trains: dict,
+    member_sets: list,
+    *,
+    vectorized: bool,
+    data_seeds: dict | None = None,
 ) -> Evaluator:
     """The evaluator of ``exp``'s members: ``tests`` and ``trains`` (the training clients
     whose data fine-tunes personalized models) keyed like ``member_sets``' entries; with
-    personalization where the config or the algorithm asks for it."""
+    personalization where the config or the algorithm asks for it (fine-tuning shuffled by
+    each test set's data seed, ``data_seeds``, default the config's)."""
     config = exp.config
     personalization = Personalization(
         finetune_steps=finetune_steps_of(config),
         optimizer=optimizer_from_config(config.client),
         batch_size=config.client.batch_size,
-        seed=int(config.seed),
+        seed=data_seed_of(config),
         personalize=exp.algorithm.personalize,
         strategy=exp.executor.resolved(),
     )
@@ -189,6 +196,7 @@ def make_evaluator(
         vectorized=vectorized,
         train_sets=trains,
         personalization=personalization,
+        finetune_seeds=data_seeds,
     )
 
 

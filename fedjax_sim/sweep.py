@@ -471,7 +471,9 @@ def _run_streams(
     keys = list(dict.fromkeys(member_eval))
     tests = {k: eval_clients(exps[k[0]].data.test, configs[member_eval.index(k)]) for k in keys}
     trains = {k: exps[k[0]].data.train for k in keys}
-    evaluator = make_evaluator(exp, tests, trains, member_eval, vectorized=True)
+    evaluator = make_evaluator(
+        exp, tests, trains, member_eval, vectorized=True, data_seeds={k: k[0] for k in keys}
+    )
     labels = [label for label, _, _ in members]
     resume = Resume(ckpt_dir, every=every, keep=keep, identity={"sweep": spec, "labels": labels})
     if resume.meta is not None and resume.meta.get("labels") != labels:

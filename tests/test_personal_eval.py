@@ -29,7 +29,7 @@ def test_finetuned_accuracy_matches_sgd_by_hand(tmp_path):
         assert test.client_ids[i] == train.client_ids[i]  # the same client's two splits
         tune = pack_cohort(
             train, [i], batch_size=config.client.batch_size, local_epochs=3, max_local_steps=3,
-            num_steps=3, seed=config.seed, round_num=0,
+            num_steps=3, seed=config.seed, round_num=0,  # the data seed (= seed here)
         )  # fmt: skip
         (p,) = train_clients_by_hand(out["params"], tune, grad, config.client.learning_rate)
         c = test.client(i)

@@ -591,3 +591,21 @@ def test_string_values_for_optimizer_arguments_are_refused_up_front(tmp_path, sy
             federated_data=synthetic,
         )  # fmt: skip
     assert not (tmp_path / "s").exists()
+
+
+def test_systems_fedbuff_and_personalization_members_equal_solo_runs(tmp_path, synthetic):
+    # Each seed is a stream with its own population, clock and asynchronous schedule; the
+    # personalized (fine-tuned) metrics come from each member's own model and hyperparameters.
+    base = smoke(algorithm="fedbuff")
+    base.algorithm_kwargs.buffer_size = 5
+    base.systems.speed_sigma = 0.5
+    base.systems.dropout = 0.1
+    base.eval.finetune_steps = 2
+    axes = {"seed": [0, 1], "client.learning_rate": [0.01, 0.03]}
+    out = sweep.run_sweep(base, axes, tmp_path / "s", federated_data=synthetic)
+    assert out["groups"] == 1
+    members = out["members"]
+    for m in (members[0], members[3]):
+        solo = assert_equals_solo_run(tmp_path, base, m, federated_data=synthetic)
+        assert "personal_client_accuracy_p10" in solo["history"][-1]
+        assert solo["history"][-1]["sim_time_s"] > 0

@@ -157,7 +157,7 @@ def _settings(config) -> dict:
     kw = config.algorithm_kwargs
     c = int(config.clients_per_round)
     out = {
-        "buffer_size": int(kw.get("buffer_size", 0)) or max(1, c // 2),
+        "buffer_size": int(kw.get("buffer_size", 0)) or c,
         "max_staleness": int(kw.get("max_staleness", 10)),
         "staleness_exponent": float(kw.get("staleness_exponent", 0.5)),
     }
@@ -187,7 +187,7 @@ def hparams_of_config(config) -> dict[str, float]:
 
 
 def build(config, ctx: BuildContext) -> FederatedAlgorithm:
-    """``fedbuff`` from a config: ``algorithm_kwargs.buffer_size`` (K, default half of
+    """``fedbuff`` from a config: ``algorithm_kwargs.buffer_size`` (K, default (0):
     ``clients_per_round``, the clients training at once), ``max_staleness`` (default 10),
     ``staleness_exponent`` (default 0.5), the ``client.*``/``server.*`` optimizers and
     ``weighting``."""

@@ -35,7 +35,9 @@ class Personalization(NamedTuple):
       finetune_steps: local fine-tuning steps (0: none).
       optimizer: the fine-tuning optimizer (the config's client optimizer, injected).
       batch_size: fine-tuning batch size.
-      seed: the run's seed (fixes the fine-tuning shuffles and keys).
+      seed: fixes the fine-tuning shuffles and keys: the data seed (``Evaluator``'s
+        ``finetune_seeds`` gives one per test set), so that members of a sweep on one
+        dataset fine-tune exactly as their solo runs do.
       personalize: the algorithm's ``personalize`` or ``None``.
       strategy: how clients are mapped (a resolved client strategy).
     """
@@ -74,6 +76,7 @@ class Evaluator:
         vectorized: bool,
         train_sets: dict[Hashable, data.FederatedDataset] | None = None,
         personalization: Personalization | None = None,
+        finetune_seeds: dict[Hashable, int] | None = None,
     ):
         self.vectorized = vectorized
         self.device = jax.local_devices()[0]
@@ -96,8 +99,14 @@ class Evaluator:
         self.personalization = None
         if personalization is not None and personalization.enabled:
             self.personalization = personalization
+            seeds = finetune_seeds or {}
             self._personal = {
-                k: _personal_clients(test_sets[k], train_sets[k], personalization, batch_size)
+                k: _personal_clients(
+                    test_sets[k],
+                    train_sets[k],
+                    personalization._replace(seed=int(seeds.get(k, personalization.seed))),
+                    batch_size,
+                )
                 for k in test_sets
             }
             self._finetune = jax.jit(_finetuner(task, personalization))
@@ -109,10 +118,10 @@ class Evaluator:
         out = []
         for m, k in enumerate(self.member_sets):
             state = program.member_state(states, m)
-            rows, train_ids, batches, mask, test_packed = self._personal[k]
+            rows, train_ids, batches, mask, test_packed, root = self._personal[k]
             ids = jnp.asarray(train_ids, jnp.int32)
             start = self._start(state, ids)
-            params = self._finetune(start, state.hparams, ids, batches, mask)
+            params = self._finetune(start, state.hparams, ids, batches, mask, root)
             ev = self.client_models(("personal", k), params, packed=test_packed)
             out.append({PERSONAL_PREFIX + name: v for name, v in ev.items()})
         return out
@@ -183,15 +192,16 @@ def _personal_clients(test, train, personalization: Personalization, batch_size:
         round_num=0,
     )
     packed = _pack_test(test.subset(rows), batch_size)
-    return rows, train_ids, dict(tune.batches), tune.mask, packed
+    root = jax.random.fold_in(jax.random.key(personalization.seed), FINETUNE_SALT)
+    return rows, train_ids, dict(tune.batches), tune.mask, packed, root
 
 
 def _finetuner(task: Task, p: Personalization):
-    """``(start params [k, ...], hparams, train ids, batches, mask) -> fine-tuned params``."""
+    """``(start params [k, ...], hparams, train ids, batches, mask, root key) -> fine-tuned
+    params``."""
     loss_fn = mean_loss_fn(task, train=True)
-    root = jax.random.fold_in(jax.random.key(p.seed), FINETUNE_SALT)
 
-    def finetune(start, hparams, ids, batches, mask):
+    def finetune(start, hparams, ids, batches, mask, root):
         if p.finetune_steps == 0:
             return start
         keys = client_keys(root, ids)
