@@ -1,0 +1,261 @@
+"""FedDyn (Acar et al. 2021, "Federated Learning Based on Dynamic Regularization")."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_sim.aggregators import aggregate, weighted_mean
+from fedjax_sim.algorithms.base import (
+    AlgorithmSpec,
+    BuildContext,
+    as_hparams,
+    config_optimizer_hparams,
+    optimizer_hparams,
+    select_hparams,
+    weighted_client_metrics,
+    with_optimizer_hparams,
+)
+from fedjax_sim.algorithms.fedavg import UNROLL_STEPS
+from fedjax_sim.core.client import local_train, num_real_steps, tree_sub
+from fedjax_sim.core.execution import Executor
+from fedjax_sim.core.task import as_task, mean_loss_fn
+from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Params
+from fedjax_sim.optimizers import optimizer_from_config
+
+ALPHA = "algorithm_kwargs.alpha"
+# The official code's examples (github.com/alpemreacar/FedDyn) use alpha_coef = 1e-2; the
+# paper reports alpha from {1e-1, 1e-2, 1e-3}.
+DEFAULT_ALPHA = 0.01
+
+
+class FedDynState(NamedTuple):
+    """FedDyn's state between rounds.
+
+    Attributes:
+      params: the server model theta^t (what the driver evaluates and broadcasts).
+      h: the server state h^t (shaped like the params; starts at 0).
+      round: rounds applied so far (int32).
+      hparams: ``algorithm_kwargs.alpha`` and the client optimizer's injected numbers.
+      client_states: every client's gradient memory grad L_k(theta_k^t) (shaped like the
+        params, with a leading ``[num_clients]`` axis; starts at 0).
+    """
+
+    params: Params
+    h: Params
+    round: jax.Array
+    hparams: Mapping[str, jax.Array]
+    client_states: Params
+
+
+def feddyn(
+    model,
+    client_optimizer: optax.GradientTransformation,
+    *,
+    num_clients: int,
+    alpha: float = DEFAULT_ALPHA,
+    executor: Executor | None = None,
+    hparams: Mapping[str, float] | None = None,
+) -> FederatedAlgorithm:
+    """FedDyn (Acar et al. 2021, "Federated Learning Based on Dynamic Regularization",
+    Algorithm 1).
+
+    Each sampled client ``k`` of ``P_t`` starts from the server model ``theta^{t-1}`` and runs
+    its local steps on ``L_k(theta) - <grad L_k(theta_k^{t-1}), theta> + alpha/2 *
+    ||theta - theta^{t-1}||^2`` (the gradient ``alpha (theta - theta^{t-1}) - grad L_k`` of the
+    two extra terms is added to every step's gradient), then updates its gradient memory
+    ``grad L_k <- grad L_k - alpha (theta_k^t - theta^{t-1})``. The server updates
+    ``h <- h - alpha/m * sum_{k in P_t} (theta_k^t - theta^{t-1})`` with ``m = num_clients``
+    (the whole population, not the cohort) and sets ``theta^t = mean_{k in P_t} theta_k^t -
+    h / alpha``: a uniform mean over the cohort, as in the paper, whatever the clients' sizes.
+    There is no server learning rate (the paper has none). Hence ``h^t = 1/m * sum_k grad
+    L_k`` over all clients at every round.
+
+    A cohort member that ran no local step (a padded slot, or a client whose mask a straggler
+    cut to nothing) sent no model: it is left out of ``P_t`` and its memory is unchanged. A
+    round without any participant leaves the state as it was (but for ``round``).
+
+    Departures from the authors' code, on purpose: their clients use ``alpha / w_k`` with
+    ``w_k`` the client's size over the mean size (here every client uses ``alpha``, as
+    Algorithm 1 writes), and they evaluate the mean of the cohort's models while
+    ``state.params`` here is the paper's ``theta^t``.
+
+    Args:
+      model: a ``Model`` (classification) or a ``Task``.
+      client_optimizer: the local optimizer (the paper: SGD), re-initialized every round;
+        build it with ``fs.get_optimizer(..., inject=True)`` to sweep its numbers.
+      num_clients: the training population ``m`` (the per-client memory table's size).
+      alpha: the dynamic regularization coefficient (> 0); ``state.hparams`` keeps it as
+        ``algorithm_kwargs.alpha``.
+      executor: how clients run (default ``Executor()``).
+      hparams: the hyperparameters ``state.hparams`` keeps (default: ``alpha`` and every
+        injected client optimizer hyperparameter), a subset with their values; ``alpha`` is
+        always kept.
+
+    Returns:
+      A ``FederatedAlgorithm`` whose state is a ``FedDynState``.
+    """
+    _check_alpha(alpha)
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+        raise ValueError(f"num_clients must be a positive int (the population), got {num_clients}.")
+    task = as_task(model)
+    executor = (executor or Executor()).check()
+    loss_fn = mean_loss_fn(task, train=True)
+    known = {ALPHA: float(alpha), **optimizer_hparams(client_optimizer, "client")}
+    hparams = {ALPHA: float(alpha), **select_hparams(known, hparams)}
+    _check_alpha(hparams[ALPHA])
+    mean = weighted_mean()
+
+    def init(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        memory = jax.tree.map(lambda p: jnp.zeros((num_clients, *p.shape), p.dtype), params)
+        return FedDynState(
+            params=params,
+            h=zeros,
+            round=jnp.zeros((), jnp.int32),
+            hparams=as_hparams(hparams),
+            client_states=memory,
+        )
+
+    def apply(state, cohort, key):
+        few_steps = cohort.num_steps <= UNROLL_STEPS
+
+        def client_fn(server_params, data, grad_memory, ckey):
+            hp = data["hparams"]
+            a = hp[ALPHA]
+
+            def dynamic_regularizer(grads, params):
+                # d/dtheta [-<grad L_k, theta> + alpha/2 ||theta - theta^{t-1}||^2]
+                return jax.tree.map(
+                    lambda g, p, s, m: g + a.astype(g.dtype) * (p - s) - m,
+                    grads,
+                    params,
+                    server_params,
+                    grad_memory,
+                )
+
+            local = local_train(
+                server_params,
+                data["batches"],
+                data["mask"],
+                ckey,
+                loss_fn=loss_fn,
+                optimizer=client_optimizer,
+                opt_state=with_optimizer_hparams(
+                    client_optimizer.init(server_params), hp, "client"
+                ),
+                grad_transform=dynamic_regularizer,
+                static_loop=executor.resolved() != "sequential" or few_steps,
+                unroll=few_steps,
+                examples=data.get("examples"),
+            )
+            delta = tree_sub(server_params, local.params)  # theta^{t-1} - theta_k^t
+            # grad L_k <- grad L_k - alpha (theta_k^t - theta^{t-1})
+            new_memory = jax.tree.map(lambda m, d: m + a.astype(d.dtype) * d, grad_memory, delta)
+            took_part = num_real_steps(data["mask"]) > 0
+            return ClientOutput(
+                update=delta,
+                weight=took_part.astype(jnp.float32),
+                metrics={"loss_sum": local.loss_sum, "num_seen": local.num_seen},
+                client_state=new_memory,
+            )
+
+        outputs, client_states = executor.run(
+            client_fn,
+            cohort,
+            key,
+            broadcast=state.params,
+            client_states=state.client_states,
+            hparams=state.hparams,
+            sum_weighted_updates=True,
+        )
+        # Weights are 1 for P_t, 0 otherwise: the sums are over P_t and count |P_t|.
+        delta_sum, participants = outputs.update
+        mean_delta, _ = aggregate(mean, (), outputs, key)
+        a = state.hparams[ALPHA]
+        # h^t = h^{t-1} - alpha/m sum_{P_t} (theta_k^t - theta^{t-1})
+        h = jax.tree.map(lambda h, s: h + (a / num_clients).astype(s.dtype) * s, state.h, delta_sum)
+        # theta^t = mean_{P_t} theta_k^t - h^t / alpha
+        new_params = jax.tree.map(
+            lambda p, d, h: p - d - h / a.astype(h.dtype), state.params, mean_delta, h
+        )
+        anyone = participants > 0
+        new_params = jax.tree.map(lambda n, p: jnp.where(anyone, n, p), new_params, state.params)
+        new_state = state._replace(
+            params=new_params,
+            h=h,
+            round=state.round + 1,
+            client_states=client_states,
+        )
+        return new_state, weighted_client_metrics(outputs)
+
+    return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
+
+
+def _check_alpha(alpha) -> None:
+    ok = isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
+    if not (ok and math.isfinite(float(alpha)) and float(alpha) > 0):
+        raise ValueError(
+            f"FedDyn's alpha must be a finite number > 0 (theta^t subtracts h / alpha), got "
+            f"{alpha!r}; the paper uses 0.1, 0.01 or 0.001 (set algorithm_kwargs.alpha)."
+        )
+
+
+def hparams_of_config(config) -> dict[str, float]:
+    """``feddyn``'s hyperparameters for ``config``: ``algorithm_kwargs.alpha`` and the client
+    optimizer's numbers (see ``AlgorithmSpec.hparams``)."""
+    return {
+        ALPHA: float(config.algorithm_kwargs.get("alpha", DEFAULT_ALPHA)),
+        **config_optimizer_hparams(config.client, "client"),
+    }
+
+
+def _check_config(config) -> None:
+    """Refuses settings FedDyn would otherwise ignore silently."""
+    problems = []
+    if config.get("aggregator", "mean") != "mean":
+        problems.append(
+            f"aggregator={config.aggregator!r} (FedDyn takes the plain mean over the cohort)"
+        )
+    if float(config.client.get("proximal_mu", 0.0)) != 0.0:
+        problems.append("client.proximal_mu != 0 (FedDyn's own alpha term is the proximal one)")
+    if "dp" in config and (config.dp.clip_norm or config.dp.noise_multiplier):
+        problems.append("dp.clip_norm / dp.noise_multiplier (not implemented for FedDyn)")
+    server = config.server
+    server_kwargs = server.kwargs.to_dict() if server.get("kwargs") is not None else {}
+    if server.optimizer != "sgd" or float(server.learning_rate) != 1.0 or server_kwargs:
+        problems.append(
+            "a server optimizer (FedDyn's Algorithm 1 has none: leave server.optimizer='sgd', "
+            "server.learning_rate=1.0, server.kwargs empty)"
+        )
+    if problems:
+        raise ValueError("feddyn does not support " + "; ".join(problems) + ".")
+
+
+def build(config, ctx: BuildContext) -> FederatedAlgorithm:
+    """``feddyn`` from a config: the ``client.*`` optimizer (injected) and
+    ``algorithm_kwargs.alpha``; the population is ``ctx.num_clients``. ``config.weighting`` is
+    not read: Algorithm 1 averages the cohort's models uniformly."""
+    _check_config(config)
+    hp = hparams_of_config(config)
+    return feddyn(
+        ctx.task,
+        optimizer_from_config(config.client),
+        num_clients=ctx.num_clients,
+        alpha=hp[ALPHA],
+        executor=ctx.executor,
+        hparams=hp,
+    )
+
+
+SPEC = AlgorithmSpec(
+    build=build,
+    hparams=hparams_of_config,
+    description="FedDyn: dynamic regularization with per-client gradient memory (Acar et al. 2021)",
+)
