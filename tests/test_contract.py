@@ -102,6 +102,14 @@ def _registered_config(name, strategy, devices):
     config.client.kwargs.momentum = 0.5  # a client hyperparameter besides the learning rate
     if name == "fedopt":
         config.server.optimizer, config.server.learning_rate = "fedadam", 0.03
+    if name in ("fedadam", "fedyogi", "fedadagrad", "fedavgm"):
+        # Reddi et al.'s names refuse client momentum (their clients run plain SGD).
+        config.client.kwargs.momentum = 0.0
+        config.server.learning_rate = 0.5 if name == "fedavgm" else 0.03
+    if name in ("fedper", "fedrep"):
+        config.model.name = "mlp"  # a shared body below the personal head (logreg has none)
+    if name == "fedrep":
+        config.algorithm_kwargs.head_epochs = 2.0  # the sweep check halves it to 1.0
     return config
 
 

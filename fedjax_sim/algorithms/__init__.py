@@ -5,16 +5,47 @@ and ``SPEC = AlgorithmSpec(build, hparams)`` for configs (``config.algorithm = N
 ``algorithms/base.py`` for the protocol and README "Architecture" for a walk-through.
 """
 
+from fedjax_sim.algorithms import adaptive as _adaptive
+from fedjax_sim.algorithms import ditto as _ditto
 from fedjax_sim.algorithms import fedavg as _fedavg
+from fedjax_sim.algorithms import fedbuff as _fedbuff
+from fedjax_sim.algorithms import feddyn as _feddyn
+from fedjax_sim.algorithms import fednova as _fednova
+from fedjax_sim.algorithms import fedper as _fedper
+from fedjax_sim.algorithms import fedrep as _fedrep
 from fedjax_sim.algorithms import fedsgd as _fedsgd
+from fedjax_sim.algorithms import mime as _mime
+from fedjax_sim.algorithms import scaffold as _scaffold
+from fedjax_sim.algorithms.adaptive import fedadagrad, fedadam, fedavgm, fedyogi
 from fedjax_sim.algorithms.base import AlgorithmSpec, BuildContext, ServerState
+from fedjax_sim.algorithms.ditto import ditto
 from fedjax_sim.algorithms.fedavg import fedavg, fedopt
+from fedjax_sim.algorithms.fedbuff import fedbuff
+from fedjax_sim.algorithms.feddyn import feddyn
+from fedjax_sim.algorithms.fednova import fednova
+from fedjax_sim.algorithms.fedper import fedper
+from fedjax_sim.algorithms.fedrep import fedrep
 from fedjax_sim.algorithms.fedsgd import fedsgd
+from fedjax_sim.algorithms.mime import mime, mimelite
+from fedjax_sim.algorithms.scaffold import scaffold
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
+    "ditto": _ditto.SPEC,
+    "fedadagrad": _adaptive.FEDADAGRAD_SPEC,
+    "fedadam": _adaptive.FEDADAM_SPEC,
     "fedavg": _fedavg.SPEC,
+    "fedavgm": _adaptive.FEDAVGM_SPEC,
+    "fedbuff": _fedbuff.SPEC,
+    "feddyn": _feddyn.SPEC,
+    "fednova": _fednova.SPEC,
+    "fedper": _fedper.SPEC,
+    "fedrep": _fedrep.SPEC,
     "fedopt": _fedavg.SPEC,
     "fedsgd": _fedsgd.SPEC,
+    "fedyogi": _adaptive.FEDYOGI_SPEC,
+    "mime": _mime.SPEC,
+    "mimelite": _mime.LITE_SPEC,
+    "scaffold": _scaffold.SPEC,
 }
 
 
@@ -39,9 +70,22 @@ __all__ = [
     "AlgorithmSpec",
     "BuildContext",
     "ServerState",
+    "ditto",
+    "fedadagrad",
+    "fedadam",
     "fedavg",
+    "fedbuff",
+    "fedavgm",
+    "feddyn",
+    "fednova",
     "fedopt",
+    "fedper",
+    "fedrep",
     "fedsgd",
+    "fedyogi",
     "get_spec",
+    "mime",
+    "mimelite",
     "register",
+    "scaffold",
 ]
