@@ -194,7 +194,7 @@ def test_bad_arguments_are_refused():
     "field, value, message",
     [
         ("algorithm_kwargs.alpha", 0.0, "alpha must be a finite number > 0"),
-        ("aggregator", "median", "aggregator='median'"),
+        ("aggregator", "median", "aggregator 'median' is not supported"),
         ("client.proximal_mu", 0.1, "proximal_mu"),
         ("dp.clip_norm", 1.0, "dp.clip_norm"),
         ("server.learning_rate", 0.5, "has none"),

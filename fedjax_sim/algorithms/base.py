@@ -26,6 +26,7 @@ import optax
 
 from fedjax_sim.aggregators import Aggregator, aggregate
 from fedjax_sim.aggregators.transforms import AggregationTransform, ClientContext, ServerContext
+from fedjax_sim.core.client import LocalResult, local_train
 from fedjax_sim.core.execution import ClientFn, Executor
 from fedjax_sim.core.keys import AGGREGATE_SALT, UPDATE_SALT
 from fedjax_sim.core.task import Task
@@ -38,6 +39,8 @@ from fedjax_sim.optimizers import (
 )
 
 WEIGHTINGS = ("num_examples", "uniform")
+# Local loops of at most this many packed steps are unrolled (measured: scripts/bench.py).
+UNROLL_STEPS = 4
 
 
 class BuildContext(NamedTuple):
@@ -336,3 +339,94 @@ def federated_round(
         client_states=client_states,
     )
     return new_state, weighted_client_metrics(outputs)
+
+
+# ---------------------------------------------------------------- pieces of client work
+
+
+def local_update(
+    start: Params,
+    data: dict,
+    key: jax.Array,
+    *,
+    loss_fn,
+    optimizer: optax.GradientTransformation,
+    executor: Executor,
+    opt_state: PyTree | None = None,
+    grad_transform=None,
+) -> LocalResult:
+    """A client's local training as every algorithm runs it (``local_train`` on its data).
+
+    The optimizer starts from ``opt_state`` (default: fresh) with the round's client
+    hyperparameters (``data["hparams"]``, ``client.*``) swapped in; the loop is a static scan
+    under ``vmap``/``chunked`` (a batched dynamic loop would select the whole state every
+    step), the client's own step count under ``sequential``, and unrolled for a few packed
+    steps; a lazy cohort's steps gather their batches from ``data["examples"]``.
+
+    Args:
+      start: the parameters local training starts from.
+      data: the client's data as ``Executor.run`` hands it over.
+      key: the client's key.
+      loss_fn: ``(params, batch, mask, key) -> (mean loss, units)``.
+      optimizer: the local optimizer.
+      executor: the round's executor (its strategy picks the loop form).
+      opt_state: a starting optimizer state (Mime: the server's).
+      grad_transform: optional ``(grads, params) -> grads``.
+
+    Returns:
+      The ``LocalResult``.
+    """
+    if opt_state is None:
+        opt_state = optimizer.init(start)
+    opt_state = with_optimizer_hparams(opt_state, data["hparams"], "client")
+    mask = data["mask"]
+    few_steps = mask.shape[0] <= UNROLL_STEPS
+    return local_train(
+        start,
+        data["batches"],
+        mask,
+        key,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        opt_state=opt_state,
+        grad_transform=grad_transform,
+        static_loop=executor.resolved() != "sequential" or few_steps,
+        unroll=few_steps,
+        examples=data.get("examples"),
+    )
+
+
+def proximal_gradient(grads: Params, params: Params, *, mu, anchor: Params) -> Params:
+    """``grads`` plus the gradient of ``mu/2 * ||params - anchor||^2`` (FedProx's term; Ditto's
+    pull of a personal model towards the global one)."""
+    return jax.tree.map(lambda g, p, a: g + mu * (p - a), grads, params, anchor)
+
+
+def refuse_fedopt_options(
+    config, name: str, *, allow_proximal: bool = False, allow_aggregator: bool = False
+) -> None:
+    """Refuses, before any compute, the fedavg/fedopt options an algorithm with its own
+    aggregation does not implement: FedProx's ``client.proximal_mu`` (unless
+    ``allow_proximal``), the DP-FedAvg mechanism (``dp.*``) and a robust aggregator (unless
+    ``allow_aggregator``), instead of ignoring them silently."""
+    dp = config.get("dp")
+    used = [
+        path
+        for path, value in (
+            ("client.proximal_mu", 0.0 if allow_proximal else config.client.get("proximal_mu", 0)),
+            ("dp.clip_norm", dp.clip_norm if dp is not None else 0.0),
+            ("dp.noise_multiplier", dp.noise_multiplier if dp is not None else 0.0),
+        )
+        if float(value)
+    ]
+    if used:
+        raise ValueError(
+            f"{name} takes no {', '.join(used)} (FedProx and DP-FedAvg are fedavg/fedopt "
+            "options); set them to 0 or use algorithm='fedavg'."
+        )
+    aggregator = config.get("aggregator", "mean")
+    if not allow_aggregator and aggregator != "mean":
+        raise ValueError(
+            f"{name} averages the clients' updates itself; aggregator {aggregator!r} is not "
+            "supported (use aggregator='mean')."
+        )

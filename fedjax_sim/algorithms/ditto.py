@@ -12,13 +12,13 @@ from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     BuildContext,
     as_hparams,
-    with_optimizer_hparams,
+    local_update,
+    proximal_gradient,
 )
-from fedjax_sim.algorithms.fedavg import _proximal, fedavg
 from fedjax_sim.algorithms.fedavg import build as fedopt_build
+from fedjax_sim.algorithms.fedavg import fedavg
 from fedjax_sim.algorithms.fedavg import hparams_of_config as fedopt_hparams_of_config
-from fedjax_sim.algorithms.heads import check_algorithm_kwargs, loop_options
-from fedjax_sim.core.client import local_train
+from fedjax_sim.algorithms.heads import check_algorithm_kwargs
 from fedjax_sim.core.execution import Executor, gather_client_states
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model
@@ -108,18 +108,15 @@ def ditto(
     def apply(state, cohort, key):
         def personal_fn(w, data, v, ckey):
             hp = data["hparams"]
-            local = local_train(
+            local = local_update(
                 v,
-                data["batches"],
-                data["mask"],
+                data,
                 ckey,
                 loss_fn=loss_fn,
                 optimizer=client_optimizer,
-                opt_state=with_optimizer_hparams(client_optimizer.init(v), hp, "client"),
+                executor=executor,
                 # grad F_k(v) + lambda (v - w^t): FedProx's proximal gradient, anchored at w^t.
-                grad_transform=partial(_proximal, mu=hp[LAMBDA], anchor=w),
-                examples=data.get("examples"),
-                **loop_options(executor, data["mask"]),
+                grad_transform=partial(proximal_gradient, mu=hp[LAMBDA], anchor=w),
             )
             return ClientOutput(
                 update=(),

@@ -12,25 +12,25 @@ from fedjax_sim import aggregators
 from fedjax_sim.aggregators import Aggregator, weighted_mean
 from fedjax_sim.aggregators.transforms import AggregationTransform, chain
 from fedjax_sim.algorithms.base import (
+    UNROLL_STEPS,  # noqa: F401 (re-exported: its old home)
     AlgorithmSpec,
     BuildContext,
     ServerSide,
     client_weight,
     config_optimizer_hparams,
+    local_update,
     optimizer_hparams,
+    proximal_gradient,
     select_hparams,
-    with_optimizer_hparams,
 )
-from fedjax_sim.core.client import local_train, tree_sub
+from fedjax_sim.core.client import tree_sub
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
-from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model, Params
+from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model
 from fedjax_sim.optimizers import optimizer_from_config
 from fedjax_sim.privacy import CLIP_NORM, NOISE_MULTIPLIER, clip_updates, gaussian_noise
 
 PROXIMAL_MU = "client.proximal_mu"
-# Local loops of at most this many packed steps are unrolled (measured: scripts/bench.py).
-UNROLL_STEPS = 4
 
 
 def fedopt(
@@ -113,25 +113,16 @@ def fedopt(
         return server.init(params, hparams)
 
     def apply(state, cohort, key):
-        few_steps = cohort.num_steps <= UNROLL_STEPS
-
         def client_fn(broadcast, data, client_state, ckey):
-            hp = data["hparams"]
-            opt_state = with_optimizer_hparams(client_optimizer.init(broadcast), hp, "client")
-            prox = partial(_proximal, mu=hp[PROXIMAL_MU], anchor=broadcast)
-            local = local_train(
+            prox = partial(proximal_gradient, mu=data["hparams"][PROXIMAL_MU], anchor=broadcast)
+            local = local_update(
                 broadcast,
-                data["batches"],
-                data["mask"],
+                data,
                 ckey,
                 loss_fn=loss_fn,
                 optimizer=client_optimizer,
-                opt_state=opt_state,
+                executor=executor,
                 grad_transform=prox if proximal_mu else None,
-                # A few steps unroll best; many ragged ones want the dynamic loop.
-                static_loop=executor.resolved() != "sequential" or few_steps,
-                unroll=few_steps,
-                examples=data.get("examples"),
             )
             return ClientOutput(
                 update=tree_sub(broadcast, local.params),
@@ -143,11 +134,6 @@ def fedopt(
         return server.round(state, cohort, key, client_fn, executor)
 
     return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
-
-
-def _proximal(grads: Params, params: Params, *, mu, anchor: Params) -> Params:
-    """FedProx: the gradient of ``mu/2 * ||params - anchor||^2`` added to ``grads``."""
-    return jax.tree.map(lambda g, p, a: g + mu * (p - a), grads, params, anchor)
 
 
 def _check_numbers(proximal_mu, clip_norm, noise_multiplier, weighting, aggregator) -> None:

@@ -18,11 +18,11 @@ from fedjax_sim.algorithms.base import (
     ServerSide,
     client_weight,
     config_optimizer_hparams,
+    local_update,
     optimizer_hparams,
     select_hparams,
-    with_optimizer_hparams,
 )
-from fedjax_sim.core.client import local_train, tree_sub
+from fedjax_sim.core.client import tree_sub
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Params, PyTree
@@ -124,17 +124,13 @@ def fedbuff(
             stale = data["info"]["staleness"] if "info" in data else jnp.zeros((), jnp.int32)
             stale = jnp.clip(stale, 0, depth - 1)
             start = jax.tree.map(lambda h: h[stale], history)
-            opt_state = with_optimizer_hparams(client_optimizer.init(start), hp, "client")
-            local = local_train(
+            local = local_update(
                 start,
-                data["batches"],
-                data["mask"],
+                data,
                 ckey,
                 loss_fn=loss_fn,
                 optimizer=client_optimizer,
-                opt_state=opt_state,
-                static_loop=executor.resolved() != "sequential",
-                examples=data.get("examples"),
+                executor=executor,
             )
             scale = staleness_weight(stale, hp.get(STALENESS_EXPONENT, staleness_exponent))
             return ClientOutput(

@@ -17,13 +17,13 @@ from fedjax_sim.algorithms.base import (
     BuildContext,
     as_hparams,
     config_optimizer_hparams,
+    local_update,
     optimizer_hparams,
+    refuse_fedopt_options,
     select_hparams,
     weighted_client_metrics,
-    with_optimizer_hparams,
 )
-from fedjax_sim.algorithms.fedavg import UNROLL_STEPS
-from fedjax_sim.core.client import local_train, num_real_steps, tree_sub
+from fedjax_sim.core.client import num_real_steps, tree_sub
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Params
@@ -124,8 +124,6 @@ def feddyn(
         )
 
     def apply(state, cohort, key):
-        few_steps = cohort.num_steps <= UNROLL_STEPS
-
         def client_fn(server_params, data, grad_memory, ckey):
             hp = data["hparams"]
             a = hp[ALPHA]
@@ -140,20 +138,14 @@ def feddyn(
                     grad_memory,
                 )
 
-            local = local_train(
+            local = local_update(
                 server_params,
-                data["batches"],
-                data["mask"],
+                data,
                 ckey,
                 loss_fn=loss_fn,
                 optimizer=client_optimizer,
-                opt_state=with_optimizer_hparams(
-                    client_optimizer.init(server_params), hp, "client"
-                ),
+                executor=executor,
                 grad_transform=dynamic_regularizer,
-                static_loop=executor.resolved() != "sequential" or few_steps,
-                unroll=few_steps,
-                examples=data.get("examples"),
             )
             delta = tree_sub(server_params, local.params)  # theta^{t-1} - theta_k^t
             # grad L_k <- grad L_k - alpha (theta_k^t - theta^{t-1})
@@ -218,15 +210,8 @@ def hparams_of_config(config) -> dict[str, float]:
 
 def _check_config(config) -> None:
     """Refuses settings FedDyn would otherwise ignore silently."""
+    refuse_fedopt_options(config, "feddyn")  # its own alpha term is the proximal one
     problems = []
-    if config.get("aggregator", "mean") != "mean":
-        problems.append(
-            f"aggregator={config.aggregator!r} (FedDyn takes the plain mean over the cohort)"
-        )
-    if float(config.client.get("proximal_mu", 0.0)) != 0.0:
-        problems.append("client.proximal_mu != 0 (FedDyn's own alpha term is the proximal one)")
-    if "dp" in config and (config.dp.clip_norm or config.dp.noise_multiplier):
-        problems.append("dp.clip_norm / dp.noise_multiplier (not implemented for FedDyn)")
     server = config.server
     server_kwargs = server.kwargs.to_dict() if server.get("kwargs") is not None else {}
     if server.optimizer != "sgd" or float(server.learning_rate) != 1.0 or server_kwargs:

@@ -22,14 +22,15 @@ from fedjax_sim.algorithms.base import (
     as_hparams,
     client_weight,
     config_optimizer_hparams,
+    local_update,
     optimizer_hparams,
+    refuse_fedopt_options,
     select_hparams,
     weighted_client_metrics,
     with_optimizer_hparams,
 )
-from fedjax_sim.algorithms.fedavg import PROXIMAL_MU, UNROLL_STEPS
-from fedjax_sim.algorithms.scaffold import check_plain_config
-from fedjax_sim.core.client import local_train, num_real_steps, tree_sub
+from fedjax_sim.algorithms.fedavg import PROXIMAL_MU
+from fedjax_sim.core.client import num_real_steps, tree_sub
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import Array, ClientOutput, FederatedAlgorithm
@@ -134,8 +135,6 @@ def fednova(
         )
 
     def apply(state, cohort, key):
-        few_steps = cohort.num_steps <= UNROLL_STEPS
-
         def client_fn(x, data, client_state, ckey):
             hp = data["hparams"]
             opt_state = with_optimizer_hparams(client_optimizer.init(x), hp, "client")
@@ -147,19 +146,16 @@ def fednova(
             def prox(g, p):
                 return jax.tree.map(lambda g, p, a: g + mu.astype(g.dtype) * (p - a), g, p, x)
 
-            local = local_train(
+            local = local_update(
                 x,
-                data["batches"],
-                data["mask"],
+                data,
                 ckey,
                 loss_fn=loss_fn,
                 optimizer=client_optimizer,
+                executor=executor,
                 opt_state=opt_state,
                 # A built-in 0 leaves the term out; a sweep over it builds it in.
                 grad_transform=prox if proximal_mu else None,
-                static_loop=executor.resolved() != "sequential" or few_steps,
-                unroll=few_steps,
-                examples=data.get("examples"),
             )
             tau = num_real_steps(data["mask"]).astype(jnp.float32)
             a = accumulation_norm(tau, rho, lr * mu, cohort.num_steps)
@@ -273,7 +269,7 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
         )
     momentum = kwargs.get("momentum", 0.9 if spec.optimizer == "momentum" else None)
     hp = hparams_of_config(config)
-    check_plain_config(config, "fednova", allow_proximal=True)
+    refuse_fedopt_options(config, "fednova", allow_proximal=True)
     return fednova(
         ctx.task,
         float(spec.learning_rate),

@@ -12,18 +12,16 @@ from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     BuildContext,
     config_optimizer_hparams,
+    local_update,
     optimizer_hparams,
     select_hparams,
-    with_optimizer_hparams,
 )
 from fedjax_sim.algorithms.heads import (
     check_algorithm_kwargs,
     choose_head,
-    loop_options,
     personal_head_algorithm,
     refuse_unsupported,
 )
-from fedjax_sim.core.client import local_train
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import FederatedAlgorithm, Model
@@ -89,17 +87,13 @@ def fedper(
 
     def client_update(body, head, data, ckey):
         params = split.merge(body, head)
-        opt_state = client_optimizer.init(params)
-        local = local_train(
+        local = local_update(
             params,
-            data["batches"],
-            data["mask"],
+            data,
             ckey,
             loss_fn=loss_fn,
             optimizer=client_optimizer,
-            opt_state=with_optimizer_hparams(opt_state, data["hparams"], "client"),
-            examples=data.get("examples"),
-            **loop_options(executor, data["mask"]),
+            executor=executor,
         )
         new_body, new_head = split.split(local.params)
         return new_body, new_head, local.loss_sum, local.num_seen

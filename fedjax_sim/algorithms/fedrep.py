@@ -15,6 +15,7 @@ from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     BuildContext,
     config_optimizer_hparams,
+    local_update,
     optimizer_hparams,
     select_hparams,
     with_optimizer_hparams,
@@ -23,11 +24,10 @@ from fedjax_sim.algorithms.heads import (
     check_algorithm_kwargs,
     choose_head,
     is_count,
-    loop_options,
     personal_head_algorithm,
     refuse_unsupported,
 )
-from fedjax_sim.core.client import local_train, match_vma, num_real_steps, step_batch
+from fedjax_sim.core.client import match_vma, num_real_steps, step_batch
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import FederatedAlgorithm, Model
@@ -132,17 +132,13 @@ def fedrep(
     def client_update(body, head, data, ckey):
         head_key, body_key = jax.random.split(ckey)
         head = train_head(head, body, data, head_key)
-        opt_state = client_optimizer.init(body)
-        local = local_train(
+        local = local_update(
             body,
-            data["batches"],
-            data["mask"],
+            data,
             body_key,
             loss_fn=lambda b, batch, m, k: loss_fn(split.merge(b, head), batch, m, k),
             optimizer=client_optimizer,
-            opt_state=with_optimizer_hparams(opt_state, data["hparams"], "client"),
-            examples=data.get("examples"),
-            **loop_options(executor, data["mask"]),
+            executor=executor,
         )
         return local.params, head, local.loss_sum, local.num_seen
 

@@ -20,8 +20,7 @@ import optax
 
 from fedjax_sim.aggregators import Aggregator, weighted_mean
 from fedjax_sim.aggregators.transforms import chain
-from fedjax_sim.algorithms.base import ServerSide, ServerState, client_weight
-from fedjax_sim.algorithms.fedavg import UNROLL_STEPS
+from fedjax_sim.algorithms.base import ServerSide, ServerState, client_weight, refuse_fedopt_options
 from fedjax_sim.core.client import tree_sub
 from fedjax_sim.core.execution import Executor, gather_client_states
 from fedjax_sim.core.task import as_task
@@ -211,13 +210,6 @@ def personal_head_algorithm(
     )
 
 
-def loop_options(executor: Executor, mask: Array) -> dict:
-    """``local_train``'s loop settings as fedopt chooses them: a few packed steps unroll, many
-    ragged ones want the dynamic loop under the sequential strategy."""
-    few_steps = mask.shape[0] <= UNROLL_STEPS
-    return {"static_loop": executor.resolved() != "sequential" or few_steps, "unroll": few_steps}
-
-
 def check_algorithm_kwargs(config, known: tuple[str, ...], algorithm: str) -> None:
     """Refuses ``algorithm_kwargs`` this algorithm does not read (a typo would be ignored)."""
     unknown = sorted(set(config.algorithm_kwargs.to_dict()) - set(known))
@@ -230,13 +222,6 @@ def check_algorithm_kwargs(config, known: tuple[str, ...], algorithm: str) -> No
 
 def refuse_unsupported(config, algorithm: str) -> None:
     """Refuses config settings a body/head algorithm does not implement (before any compute):
-    FedProx's proximal term and the DP-FedAvg mechanism act on the whole model."""
-    if float(config.client.get("proximal_mu", 0.0)):
-        raise ValueError(
-            f"{algorithm} does not implement client.proximal_mu; set it to 0 (or use fedavg)."
-        )
-    if "dp" in config and (float(config.dp.clip_norm) or float(config.dp.noise_multiplier)):
-        raise ValueError(
-            f"{algorithm} does not implement the DP-FedAvg mechanism; set dp.clip_norm and "
-            "dp.noise_multiplier to 0 (or use fedavg)."
-        )
+    FedProx's proximal term and the DP-FedAvg mechanism act on the whole model (the body goes
+    through the configured aggregator)."""
+    refuse_fedopt_options(config, algorithm, allow_aggregator=True)

@@ -26,13 +26,14 @@ from fedjax_sim.algorithms.base import (
     as_hparams,
     client_weight,
     config_optimizer_hparams,
+    local_update,
     optimizer_hparams,
+    refuse_fedopt_options,
     select_hparams,
     weighted_client_metrics,
     with_optimizer_hparams,
 )
-from fedjax_sim.algorithms.fedavg import UNROLL_STEPS
-from fedjax_sim.core.client import local_train, match_vma, num_real_steps, step_batch, tree_sub
+from fedjax_sim.core.client import match_vma, num_real_steps, step_batch, tree_sub
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Params
@@ -191,24 +192,19 @@ def _mime_family(
     def apply(state, cohort, key):
         hp = state.hparams
         sequential = executor.resolved() == "sequential"
-        few_steps = cohort.num_steps <= UNROLL_STEPS
 
         def full_batch_grad(params, data, ckey):
             return _full_batch_grad(loss_fn, params, data, ckey, all_steps=not sequential)
 
         def train(x, s, data, ckey, local_loss):
-            opt_state = with_optimizer_hparams(s, data["hparams"], "client")
-            return local_train(
+            return local_update(
                 x,
-                data["batches"],
-                data["mask"],
+                data,
                 ckey,
                 loss_fn=local_loss,
                 optimizer=fixed_state,
-                opt_state=opt_state,
-                static_loop=not sequential or few_steps,
-                unroll=few_steps,
-                examples=data.get("examples"),
+                executor=executor,
+                opt_state=s,  # the server's state, held fixed (fixed_state discards updates)
             )
 
         def output(update, local, data):
@@ -330,25 +326,7 @@ def _from_config(config, ctx: BuildContext, factory) -> FederatedAlgorithm:
             "optimizer (momentum, Adam, ...) is config.client.optimizer. Set "
             f"server.optimizer='sgd' without server.kwargs (got {config.server.optimizer!r})."
         )
-    used = [
-        path
-        for path, value in (
-            ("client.proximal_mu", config.client.get("proximal_mu", 0.0)),
-            ("dp.clip_norm", config.dp.clip_norm if "dp" in config else 0.0),
-            ("dp.noise_multiplier", config.dp.noise_multiplier if "dp" in config else 0.0),
-        )
-        if value
-    ]
-    if used:
-        raise ValueError(
-            f"{name} takes no {', '.join(used)} (FedProx and DP-FedAvg are fedavg/fedopt "
-            "options); set them to 0 or use algorithm='fedavg'."
-        )
-    if config.aggregator != "mean":
-        raise ValueError(
-            f"{name} averages the clients' deltas and gradients; aggregator "
-            f"{config.aggregator!r} is not supported (use aggregator='mean')."
-        )
+    refuse_fedopt_options(config, name)
     hp = hparams_of_config(config)
     return factory(
         ctx.task,

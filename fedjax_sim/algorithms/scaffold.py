@@ -21,13 +21,14 @@ from fedjax_sim.algorithms.base import (
     as_hparams,
     client_weight,
     config_optimizer_hparams,
+    local_update,
     optimizer_hparams,
+    refuse_fedopt_options,
     select_hparams,
     weighted_client_metrics,
     with_optimizer_hparams,
 )
-from fedjax_sim.algorithms.fedavg import PROXIMAL_MU, UNROLL_STEPS
-from fedjax_sim.core.client import local_train, num_real_steps, tree_sub
+from fedjax_sim.core.client import num_real_steps, tree_sub
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import Array, ClientOutput, FederatedAlgorithm, Params, PyTree
@@ -165,25 +166,20 @@ def scaffold(
         )
 
     def apply(state, cohort, key):
-        few_steps = cohort.num_steps <= UNROLL_STEPS
-
         def client_fn(shared, data, c_i, ckey):
             x, c = shared
             opt_state = with_optimizer_hparams(client_optimizer.init(x), data["hparams"], "client")
             lr = injected_hyperparams(opt_state)["learning_rate"]
             correction = tree_sub(c, c_i)  # g - c_i + c
-            local = local_train(
+            local = local_update(
                 x,
-                data["batches"],
-                data["mask"],
+                data,
                 ckey,
                 loss_fn=loss_fn,
                 optimizer=client_optimizer,
+                executor=executor,
                 opt_state=opt_state,
                 grad_transform=lambda g, p: jax.tree.map(jnp.add, g, correction),
-                static_loop=executor.resolved() != "sequential" or few_steps,
-                unroll=few_steps,
-                examples=data.get("examples"),
             )
             k = num_real_steps(data["mask"]).astype(jnp.float32)
             real = k > 0
@@ -246,35 +242,11 @@ def hparams_of_config(config) -> dict[str, float]:
     }
 
 
-def check_plain_config(config, name: str, *, allow_proximal: bool = False) -> None:
-    """Refuses FedProx's (unless ``allow_proximal``), DP-FedAvg's and robust aggregators'
-    settings, which ``name`` (an algorithm with its own aggregation) does not implement."""
-    used = [
-        path
-        for path, value in (
-            (PROXIMAL_MU, 0.0 if allow_proximal else config.client.get("proximal_mu", 0.0)),
-            ("dp.clip_norm", config.dp.clip_norm if "dp" in config else 0.0),
-            ("dp.noise_multiplier", config.dp.noise_multiplier if "dp" in config else 0.0),
-        )
-        if value
-    ]
-    if used:
-        raise ValueError(
-            f"{name} takes no {', '.join(used)} (FedProx and DP-FedAvg are fedavg/fedopt "
-            "options); set them to 0 or use algorithm='fedavg'."
-        )
-    if config.aggregator != "mean":
-        raise ValueError(
-            f"{name} averages the clients' updates itself; aggregator {config.aggregator!r} is "
-            "not supported (use aggregator='mean')."
-        )
-
-
 def build(config, ctx: BuildContext) -> FederatedAlgorithm:
     """``scaffold`` from a config: ``client.*`` and ``server.*`` optimizers (injected, so their
     numbers are sweepable) and ``weighting`` (``configs/default.py`` says ``num_examples``; set
     ``weighting='uniform'`` for the paper's means)."""
-    check_plain_config(config, "scaffold")
+    refuse_fedopt_options(config, "scaffold")
     return scaffold(
         ctx.task,
         optimizer_from_config(config.client),
