@@ -16,19 +16,32 @@ checks that every strategy's round gives the reference's params (within ``--tole
     python scripts/bench.py --out bench.json --quick
     python scripts/bench.py --out bench.json                      # full: ~10 min on 2 cores
     python scripts/bench.py --out b.json --models mlp --cohorts 100,1000
+    python scripts/bench.py --out b.json --quick --algorithms fedavg,scaffold,fednova
+
+``--algorithms`` adds SCAFFOLD (option II, ``fs.scaffold`` with injected client SGD) and
+FedNova (``fs.fednova``, plain client SGD), each timed with the strategy ``auto`` resolves to
+(``--algorithm_strategies`` for more) against a Python-loop reference of that algorithm in the
+same FedJAX style (``scaffold_reference_runner``, ``fednova_reference_runner``), in the same
+interleaved loop as FedAvg's programs. SCAFFOLD's round starts from nonzero control variates
+(``--control_scale``), so its correction is active in the round timed and checked; its new
+control variates (server ``c`` and every ``c_i``) are checked against the reference's too.
 
 Timing: the cohort is packed and put on the device once; compile time is the time of
-``jax.jit(algo.apply).lower(...).compile()``; each program then runs one warmup round and the
-best of N timed rounds (``jax.block_until_ready`` of the round). Repetitions are interleaved
-across the strategies and the reference, so that load from other processes hits all of them
-alike. Per-client data of the reference is sliced on the host and put on the device before
-timing.
+``jax.jit(algo.apply, donate_argnums=0).lower(...).compile()``; each program then runs one
+warmup round and the best of N timed rounds (``jax.block_until_ready`` of the round), the
+state donated and each round's new state fed to the next, as the driver runs it (the checked
+params are the first round's). Repetitions are interleaved across the algorithms, strategies
+and references, in a fresh seeded random order each pass, so that load from other processes
+hits all of them alike and no program always follows its twin. Per-client data of
+the reference is sliced on the host and put on the device before timing.
 
 Checks (exit status 1 when one fails, unless ``--no-check``):
 
 - ``auto`` reaches 5x the reference's clients/s for logreg with 1000 clients (when run);
 - ``auto`` is never below 0.9x the best strategy, for any model and cohort;
-- every strategy's params match the reference's.
+- every strategy's params match the reference's (SCAFFOLD: and its control variates);
+- with ``--algorithms``: each further algorithm's ``auto`` speedup over its own reference is
+  within 20% of FedAvg's in the same case (``ratio(scaffold) within 20% of ratio(fedavg)``).
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ import json
 import math
 import os
 import platform
+import random
 import resource
 import sys
 import time
@@ -58,6 +72,11 @@ from fedjax_sim.core.keys import client_keys
 from fedjax_sim.core.task import mean_loss_fn
 
 STRATEGIES = ("vmap", "chunked", "sequential", "auto")
+ALGORITHMS = ("fedavg", "scaffold", "fednova")
+SCAFFOLD_WEIGHTING = "uniform"  # the paper's means (the factory's default)
+FEDNOVA_WEIGHTING = "num_examples"  # the paper's p_i = n_i / n (the factory's default)
+# Each further algorithm's speedup over its reference is within this of FedAvg's.
+RATIO_TOLERANCE = 0.2
 REFERENCE = "reference"  # FedJAX's default backend: Python loops over clients and batches
 FUSED = "fused_loop"  # a stronger baseline: Python loop over clients, whole client jitted
 MODELS = ("logreg", "mlp", "cnn_emnist")
@@ -201,85 +220,144 @@ def make_cohort(num_clients: int, args) -> fs.Cohort:
 
 
 class Runner:
-    """One way of running the round: a zero-argument ``call`` returning the new params."""
+    """One way of running the round: a zero-argument ``call`` returning the new params (or
+    ``(params, aux)`` with ``has_aux``: further state to check, such as control variates).
 
-    def __init__(self, name: str, call: Callable[[], Any], compile_s: float, memory, extra=None):
+    ``params`` (and ``aux``) keep a host copy of the first round's result, the one checked
+    against the reference: a runner that threads a donated state through its rounds returns
+    later rounds' params after that.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        call: Callable[[], Any],
+        compile_s: float,
+        memory,
+        extra=None,
+        *,
+        algorithm: str = "fedavg",
+        has_aux: bool = False,
+    ):
         self.name = name
         self.call = call
         self.compile_s = compile_s
         self.memory = memory
         self.extra = dict(extra or {})
+        self.algorithm = algorithm
+        self.has_aux = has_aux
         self.times: list[float] = []
         self.first_s = math.nan
         self.params = None
+        self.aux = None
         self.reps = 0
 
     def run_once(self) -> float:
         t0 = time.perf_counter()
         out = jax.block_until_ready(self.call())
         dt = time.perf_counter() - t0
-        self.params = out
+        if self.params is None:
+            params, aux = out if self.has_aux else (out, None)
+            self.params = jax.tree.map(np.asarray, params)
+            self.aux = None if aux is None else jax.tree.map(np.asarray, aux)
         return dt
 
 
-def strategy_runner(strategy, model, params, cohort, key, args, mesh) -> Runner:
-    algo = fs.fedavg(
-        model,
-        optax.sgd(args.learning_rate),
-        server_learning_rate=args.server_learning_rate,
-        executor=fs.Executor(strategy, args.chunk_size, mesh),
+def build_algorithm(algorithm: str, model, executor: fs.Executor, num_clients: int, args):
+    """The public factory of ``algorithm``: client SGD at ``--learning_rate``, server SGD at
+    ``--server_learning_rate``, no momentum."""
+    if algorithm == "fedavg":
+        return fs.fedavg(
+            model,
+            optax.sgd(args.learning_rate),
+            server_learning_rate=args.server_learning_rate,
+            executor=executor,
+        )
+    if algorithm == "scaffold":
+        return fs.scaffold(
+            model,
+            fs.get_optimizer("sgd", args.learning_rate, inject=True),
+            optax.sgd(args.server_learning_rate),
+            num_clients=num_clients,
+            weighting=SCAFFOLD_WEIGHTING,
+            executor=executor,
+        )
+    if algorithm == "fednova":
+        return fs.fednova(
+            model,
+            args.learning_rate,
+            server_optimizer=optax.sgd(args.server_learning_rate),
+            weighting=FEDNOVA_WEIGHTING,
+            executor=executor,
+        )
+    raise ValueError(f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+
+
+def initial_controls(params, num_clients: int, args) -> tuple[Any, Any]:
+    """SCAFFOLD's starting control variates ``(c, [c_i])``, as host arrays: ``c_i`` drawn
+    from ``N(0, control_scale^2)`` and ``c = mean_i c_i`` (the invariant the server keeps),
+    so the correction ``c - c_i`` is active in the round timed (0: all zeros, the first
+    round of a run, where the correction vanishes)."""
+    rng = np.random.default_rng(args.seed + 2)
+    table = jax.tree.map(
+        lambda p: (args.control_scale * rng.standard_normal((num_clients, *p.shape))).astype(
+            p.dtype
+        ),
+        params,
     )
-    state = replicate(algo.init(params), mesh)
+    control = jax.tree.map(lambda t: t.mean(axis=0, dtype=np.float64).astype(t.dtype), table)
+    return control, table
+
+
+def algorithm_state(algorithm: str, algo, params, num_clients: int, args):
+    """The state the timed round starts from, in fresh buffers (the round donates it)."""
+    state = algo.init(jax.tree.map(np.asarray, params))
+    if algorithm == "scaffold":
+        control, table = initial_controls(params, num_clients, args)
+        state = state._replace(control=control, client_states=table)
+    return jax.tree.map(lambda a: jnp.array(a, copy=True), state)
+
+
+def strategy_runner(
+    strategy, model, params, cohort, key, args, mesh, algorithm: str = "fedavg"
+) -> Runner:
+    """``algorithm``'s whole round, one compiled program, run as the driver runs it: the
+    state is donated and each round's new state feeds the next."""
+    executor = fs.Executor(strategy, args.chunk_size, mesh)
+    algo = build_algorithm(algorithm, model, executor, cohort.num_clients, args)
+    state = replicate(algorithm_state(algorithm, algo, params, cohort.num_clients, args), mesh)
     if mesh is not None:  # the cohort arrives split over the devices, as the driver sends it
         cohort = jax.device_put(cohort, NamedSharding(mesh, PartitionSpec(CLIENT_AXIS)))
     t0 = time.perf_counter()
-    compiled = jax.jit(algo.apply).lower(state, cohort, key).compile()
+    compiled = jax.jit(algo.apply, donate_argnums=0).lower(state, cohort, key).compile()
     compile_s = time.perf_counter() - t0
     extra = {}
     if strategy == "auto":
         extra["resolved"] = fs.resolve_strategy("auto")
+    held = [state]
+
+    def call():
+        new_state, _ = compiled(held[0], cohort, key)
+        held[0] = new_state
+        if algorithm == "scaffold":
+            return new_state.params, (new_state.control, new_state.client_states)
+        return new_state.params
+
     return Runner(
         strategy,
-        lambda: compiled(state, cohort, key)[0].params,
+        call,
         compile_s,
         compiled_memory(compiled),
         extra,
+        algorithm=algorithm,
+        has_aux=algorithm == "scaffold",
     )
 
 
-def fedjax_reference_runner(model, params, cohort_np: fs.Cohort, key, args) -> Runner:
-    """FedAvg as FedJAX's default ``ForEachClientJitBackend`` runs it.
-
-    ``client_init``, ``client_step`` and ``client_final`` are jitted separately; Python loops
-    over the clients and, inside each, over its (padded, masked) batches, which come from
-    host NumPy arrays as FedJAX's client datasets hand them out; a jitted add accumulates
-    the weighted deltas; a jitted server step ends the round.
-    """
-    loss_fn = mean_loss_fn(model, train=True)
-    client_opt = optax.sgd(args.learning_rate)
-    server_lr = args.server_learning_rate
-    grad_fn = jax.grad(loss_fn, has_aux=True)
-
-    def client_init(shared, client_key):
-        return shared, client_opt.init(shared), client_key, jnp.zeros((), jnp.int32)
-
-    def client_step(state, batch, mask):
-        p, opt_state, k, i = state
-        g, _ = grad_fn(p, batch, mask, jax.random.fold_in(k, i))
-        updates, opt_state = client_opt.update(g, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, k, i + 1
-
-    def client_final(shared, state):
-        return tree_sub(shared, state[0])
-
-    def accumulate(acc, delta, weight):
-        return jax.tree.map(lambda a, d: a + weight * d, acc, delta)
-
-    def server_update(params, acc, total_weight):
-        return jax.tree.map(lambda p, a: p - server_lr * (a / total_weight), params, acc)
-
+def reference_inputs(cohort_np: fs.Cohort, key) -> tuple[list, list, list[np.float32], list]:
+    """Per-client keys, host batches (real steps only, as FedJAX's client datasets hand them
+    out), host weights and real step counts of the reference loops."""
     num_clients = cohort_np.num_clients
-    params = jax.device_put(params)
     keys = client_keys(key, jnp.asarray(cohort_np.client_ids))
     client_key = [keys[c] for c in range(num_clients)]
     steps = [int(np.any(cohort_np.mask[c], -1).sum()) for c in range(num_clients)]
@@ -291,20 +369,73 @@ def fedjax_reference_runner(model, params, cohort_np: fs.Cohort, key, args) -> R
         for c in range(num_clients)
     ]
     weights = [np.float32(w) for w in cohort_np.num_examples]
-    acc0 = jax.tree.map(jnp.zeros_like, params)
+    return client_key, host_batches, weights, steps
 
+
+def fedjax_sgd_client(model, args):
+    """FedJAX's ``client_init`` / ``client_step`` for plain client SGD: the state is
+    ``(params, opt_state, key, step)``; step ``i`` uses ``fold_in(key, i)``."""
+    loss_fn = mean_loss_fn(model, train=True)
+    client_opt = optax.sgd(args.learning_rate)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def client_init(shared, client_key):
+        return shared, client_opt.init(shared), client_key, jnp.zeros((), jnp.int32)
+
+    def client_step(state, batch, mask):
+        p, opt_state, k, i = state
+        g, _ = grad_fn(p, batch, mask, jax.random.fold_in(k, i))
+        updates, opt_state = client_opt.update(g, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, k, i + 1
+
+    return client_init, client_step
+
+
+def fedjax_reference_runner(model, params, cohort_np: fs.Cohort, key, args) -> Runner:
+    """FedAvg as FedJAX's default ``ForEachClientJitBackend`` runs it.
+
+    ``client_init``, ``client_step`` and ``client_final`` are jitted separately; Python loops
+    over the clients and, inside each, over its (padded, masked) batches, which come from
+    host NumPy arrays as FedJAX's client datasets hand them out; a jitted add accumulates
+    the weighted deltas; a jitted server step ends the round.
+    """
+    client_init, client_step = fedjax_sgd_client(model, args)
+    server_lr = args.server_learning_rate
+
+    def client_final(shared, state):
+        return tree_sub(shared, state[0])
+
+    def accumulate(acc, delta, weight):
+        return jax.tree.map(lambda a, d: a + weight * d, acc, delta)
+
+    def server_update(params, acc, total_weight):
+        return jax.tree.map(lambda p, a: p - server_lr * (a / total_weight), params, acc)
+
+    params = jax.device_put(params)
+    client_key, host_batches, weights, _ = reference_inputs(cohort_np, key)
+    acc0 = jax.tree.map(jnp.zeros_like, params)
+    fns = (client_init, client_step, client_final, accumulate, server_update)
+    return python_loop_runner(fns, params, client_key, host_batches, weights, acc0, "fedavg")
+
+
+def python_loop_runner(fns, params, client_key, host_batches, weights, acc0, algorithm):
+    """The FedJAX-style round: ``fns = (client_init, client_step, client_final, accumulate,
+    server_update)`` jitted separately, Python loops over the clients and their host batches,
+    the weighted accumulation, then the server step."""
+    client_init, client_step, client_final, accumulate, server_update = fns
     t0 = time.perf_counter()
     init_c = jax.jit(client_init).lower(params, client_key[0]).compile()
     state0 = init_c(params, client_key[0])
     step_c = jax.jit(client_step).lower(state0, *host_batches[0][0]).compile()
     final_c = jax.jit(client_final).lower(params, state0).compile()
-    add_c = jax.jit(accumulate).lower(acc0, acc0, weights[0]).compile()
+    out0 = jax.eval_shape(client_final, params, state0)
+    add_c = jax.jit(accumulate).lower(acc0, out0, weights[0]).compile()
     server_c = jax.jit(server_update).lower(params, acc0, np.float32(1)).compile()
     compile_s = time.perf_counter() - t0
 
     def round_():
         acc, total = acc0, np.float32(0)
-        for c in range(num_clients):
+        for c in range(len(host_batches)):
             state = init_c(params, client_key[c])
             for batch, mask in host_batches[c]:
                 state = step_c(state, batch, mask)
@@ -312,7 +443,140 @@ def fedjax_reference_runner(model, params, cohort_np: fs.Cohort, key, args) -> R
             total += weights[c]
         return server_c(params, acc, total)
 
-    return Runner(REFERENCE, round_, compile_s, None)
+    return Runner(REFERENCE, round_, compile_s, None, algorithm=algorithm)
+
+
+def scaffold_reference_runner(model, params, cohort_np: fs.Cohort, key, args) -> Runner:
+    """SCAFFOLD (option II, plain SGD) in the same FedJAX style as the FedAvg reference.
+
+    The per-client control variates ``c_i`` live in a Python list of device arrays (a
+    stateful FedJAX algorithm keeps a dict keyed by client id); they start where our round
+    starts (``initial_controls``). ``client_init`` takes ``(x, c)`` and ``c_i`` and carries
+    the correction ``c - c_i``; the jitted ``client_step`` adds it to every gradient
+    (``g - c_i + c``); ``client_final`` returns ``x - y``, ``c_i+ - c_i`` and ``c_i+ = c_i - c
+    + (x - y) / (K_i eta_l)`` (``K_i`` the step counter); a jitted add accumulates the
+    weighted deltas and the control changes; the server steps ``x`` by the mean delta and
+    ``c`` by ``sum (c_i+ - c_i) / N``. The round returns ``(x, (c, [c_i+]))``.
+    """
+    loss_fn = mean_loss_fn(model, train=True)
+    client_opt = optax.sgd(args.learning_rate)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    lr, server_lr = args.learning_rate, args.server_learning_rate
+    num_clients = cohort_np.num_clients
+
+    def client_init(shared, c_i, client_key):
+        x, c = shared
+        correction = jax.tree.map(lambda cc, ci: cc - ci, c, c_i)
+        return x, client_opt.init(x), client_key, jnp.zeros((), jnp.int32), correction
+
+    def client_step(state, batch, mask):
+        p, opt_state, k, i, correction = state
+        g, _ = grad_fn(p, batch, mask, jax.random.fold_in(k, i))
+        g = jax.tree.map(jnp.add, g, correction)  # g - c_i + c
+        updates, opt_state = client_opt.update(g, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, k, i + 1, correction
+
+    def client_final(shared, c_i, state):
+        x, c = shared
+        y, k = state[0], state[3].astype(jnp.float32)
+        delta = tree_sub(x, y)
+        inv = jnp.where(k > 0, 1.0 / (jnp.maximum(k, 1.0) * lr), 0.0)
+        new_ci = jax.tree.map(
+            lambda ci, cc, d: jnp.where(k > 0, ci - cc + d * inv, ci), c_i, c, delta
+        )
+        return delta, tree_sub(new_ci, c_i), new_ci
+
+    def accumulate(acc, delta, dc, weight):
+        acc_d, acc_c = acc
+        return (
+            jax.tree.map(lambda a, d: a + weight * d, acc_d, delta),
+            jax.tree.map(jnp.add, acc_c, dc),
+        )
+
+    def server_update(shared, acc, total_weight):
+        x, c = shared
+        acc_d, acc_c = acc
+        scale = jnp.where(total_weight > 0, 1.0 / jnp.maximum(total_weight, 1e-30), 0.0)
+        x = jax.tree.map(lambda p, a: p - server_lr * (a * scale), x, acc_d)
+        c = jax.tree.map(lambda cc, a: cc + a / num_clients, c, acc_c)
+        return x, c
+
+    control, table = initial_controls(params, num_clients, args)
+    shared = jax.device_put((params, control))
+    c_list = [jax.device_put(jax.tree.map(lambda t: t[c], table)) for c in range(num_clients)]
+    client_key, host_batches, _, steps = reference_inputs(cohort_np, key)
+    # The paper's uniform mean over the clients that ran (SCAFFOLD_WEIGHTING).
+    weights = [np.float32(s > 0) for s in steps]
+    zeros = jax.tree.map(jnp.zeros_like, shared[0])
+    acc0 = (zeros, zeros)
+
+    t0 = time.perf_counter()
+    init_c = jax.jit(client_init).lower(shared, c_list[0], client_key[0]).compile()
+    state0 = init_c(shared, c_list[0], client_key[0])
+    step_c = jax.jit(client_step).lower(state0, *host_batches[0][0]).compile()
+    final_c = jax.jit(client_final).lower(shared, c_list[0], state0).compile()
+    add_c = jax.jit(accumulate).lower(acc0, zeros, zeros, weights[0]).compile()
+    server_c = jax.jit(server_update).lower(shared, acc0, np.float32(1)).compile()
+    compile_s = time.perf_counter() - t0
+
+    def round_():
+        acc, total = acc0, np.float32(0)
+        new_c = []
+        for c in range(num_clients):
+            state = init_c(shared, c_list[c], client_key[c])
+            for batch, mask in host_batches[c]:
+                state = step_c(state, batch, mask)
+            delta, dc, c_plus = final_c(shared, c_list[c], state)
+            acc = add_c(acc, delta, dc, weights[c])
+            total += weights[c]
+            new_c.append(c_plus)
+        x, c = server_c(shared, acc, total)
+        return x, (c, new_c)
+
+    return Runner(REFERENCE, round_, compile_s, None, algorithm="scaffold", has_aux=True)
+
+
+def fednova_reference_runner(model, params, cohort_np: fs.Cohort, key, args) -> Runner:
+    """FedNova (plain client SGD) in the same FedJAX style as the FedAvg reference.
+
+    ``client_init`` and ``client_step`` are FedAvg's; ``client_final`` returns the
+    normalized update ``eta d_i = (x - y_i) / tau_i`` (``tau_i`` the step counter) and
+    ``tau_i``; a jitted add accumulates ``w_i eta d_i`` and ``w_i tau_i``; the jitted server
+    step is ``x - eta_g tau_eff sum_i p_i eta d_i`` with ``p_i = w_i / sum w`` and
+    ``tau_eff = sum_i p_i tau_i``.
+    """
+    client_init, client_step = fedjax_sgd_client(model, args)
+    server_lr = args.server_learning_rate
+
+    def client_final(shared, state):
+        tau = state[3].astype(jnp.float32)
+        inv = jnp.where(tau > 0, 1.0 / jnp.maximum(tau, 1.0), 0.0)
+        return jax.tree.map(lambda d: d * inv, tree_sub(shared, state[0])), tau
+
+    def accumulate(acc, out, weight):
+        (acc_d, acc_tau), (d, tau) = acc, out
+        return jax.tree.map(lambda a, x: a + weight * x, acc_d, d), acc_tau + weight * tau
+
+    def server_update(params, acc, total_weight):
+        acc_d, acc_tau = acc
+        tau_eff = acc_tau / total_weight
+        return jax.tree.map(
+            lambda p, a: p - server_lr * tau_eff * (a / total_weight), params, acc_d
+        )
+
+    params = jax.device_put(params)
+    client_key, host_batches, weights, steps = reference_inputs(cohort_np, key)
+    weights = [w if s > 0 else np.float32(0) for w, s in zip(weights, steps)]
+    acc0 = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+    fns = (client_init, client_step, client_final, accumulate, server_update)
+    return python_loop_runner(fns, params, client_key, host_batches, weights, acc0, "fednova")
+
+
+REFERENCE_RUNNERS = {
+    "fedavg": fedjax_reference_runner,
+    "scaffold": scaffold_reference_runner,
+    "fednova": fednova_reference_runner,
+}
 
 
 def fused_runner(model, params, cohort_np: fs.Cohort, key, args) -> Runner:
@@ -381,10 +645,21 @@ def fused_runner(model, params, cohort_np: fs.Cohort, key, args) -> Runner:
 # One case: a model and a cohort size
 
 
-def time_interleaved(runners: Sequence[Runner], rounds: int) -> None:
-    """``rounds`` more passes; each pass times every runner that still wants repetitions."""
+def time_interleaved(
+    runners: Sequence[Runner], rounds: int, rng: random.Random | None = None
+) -> None:
+    """``rounds`` more passes; each pass times every runner that still wants repetitions.
+
+    With ``rng`` each pass runs them in a fresh random order: a round right after a Python
+    loop (idle XLA worker threads, cold caches) measured up to 1.6x slower than the same
+    round right after a similar compiled round (logreg C=10: 2.5 vs 1.6 ms), so a fixed
+    order favours whichever program follows its twin; shuffled, the best of N sees both.
+    """
     for _ in range(rounds):
-        for r in runners:
+        order = list(runners)
+        if rng is not None:
+            rng.shuffle(order)
+        for r in order:
             if len(r.times) < r.reps:
                 r.times.append(r.run_once())
 
@@ -403,15 +678,25 @@ def run_case(model_name: str, num_clients: int, args, peak_flops: float) -> list
     # The most devices (up to --num_devices) that split the cohort evenly.
     available = args.num_devices or len(jax.local_devices())
     mesh = fs.client_mesh(max(d for d in range(1, available + 1) if num_clients % d == 0))
-    runners: list[Runner] = []
-    for strategy in STRATEGIES:
-        log(f"[{model_name} C={num_clients}] compiling {strategy}")
-        runners.append(strategy_runner(strategy, model, params, cohort, key, args, mesh))
     with_reference = not (is_conv and num_clients > REFERENCE_CONV_MAX_CLIENTS)
-    if with_reference:
-        log(f"[{model_name} C={num_clients}] compiling {REFERENCE} and {FUSED}")
-        runners.append(fedjax_reference_runner(model, params, cohort_np, key, args))
-        runners.append(fused_runner(model, params, cohort_np, key, args))
+    runners: list[Runner] = []
+    for algorithm in args.algorithm_list:
+        tag = f"[{model_name} C={num_clients}]" + ("" if algorithm == "fedavg" else f" {algorithm}")
+        strategies = STRATEGIES if algorithm == "fedavg" else args.algorithm_strategy_list
+        for strategy in strategies:
+            log(f"{tag} compiling {strategy}")
+            runners.append(
+                strategy_runner(strategy, model, params, cohort, key, args, mesh, algorithm)
+            )
+        if with_reference:
+            log(f"{tag} compiling {REFERENCE}" + (f" and {FUSED}" if algorithm == "fedavg" else ""))
+            runners.append(REFERENCE_RUNNERS[algorithm](model, params, cohort_np, key, args))
+            if algorithm == "fedavg":
+                runners.append(fused_runner(model, params, cohort_np, key, args))
+
+    def label(r: Runner) -> str:
+        tag = f"[{model_name} C={num_clients}]"
+        return f"{tag} {r.name}" if r.algorithm == "fedavg" else f"{tag} {r.algorithm} {r.name}"
 
     # Warmup (first run allocates; the RSS high-water growth is charged to that runner).
     for r in runners:
@@ -425,78 +710,127 @@ def run_case(model_name: str, num_clients: int, args, peak_flops: float) -> list
         per_round = max(r.first_s, 1e-6)
         reps = max(1, min(args.repeats, int(args.max_seconds // per_round)))
         reps = max(reps, min(10 * args.repeats, int(args.min_seconds // per_round)))
+        if len(args.algorithm_list) > 1 and r.name in ("auto", REFERENCE):
+            # The ratio checks divide four such minima: more rounds for them, within budget.
+            budget = max(1, int(2 * args.max_seconds // per_round))
+            reps = max(reps, min(args.ratio_repeats, budget))
         r.reps = reps
-        log(f"[{model_name} C={num_clients}] {r.name}: first round {r.first_s:.3f}s, {reps} reps")
-    time_interleaved(runners, max(r.reps for r in runners))
+        log(f"{label(r)}: first round {r.first_s:.3f}s, {reps} reps")
+    # Every algorithm's programs and references in one interleaved loop: load from other
+    # processes hits all of them alike, so their ratios compare.
+    rng = random.Random(args.seed)
+    time_interleaved(runners, max(r.reps for r in runners), rng)
 
     # auto and the strategy it resolves to run the same program: when they differ by more
     # than noise should allow, time the two (and the best) head to head once more.
-    by_name = {r.name: r for r in runners}
-    best_strategy = min((by_name[s] for s in STRATEGIES), key=lambda r: min(r.times))
-    auto = by_name["auto"]
-    remeasured: list[Runner] = []
-    if best_strategy is not auto and min(best_strategy.times) / min(auto.times) < 0.95:
+    extra_rounds: dict[Runner, int] = {}
+    for algorithm in args.algorithm_list:
+        by_name = {r.name: r for r in runners if r.algorithm == algorithm}
+        timed = [by_name[s] for s in STRATEGIES if s in by_name]
+        best_strategy = min(timed, key=lambda r: min(r.times))
+        auto = by_name.get("auto")
+        if auto is None or best_strategy is auto:
+            continue
+        if min(best_strategy.times) / min(auto.times) >= 0.95:
+            continue
         contenders = [auto, best_strategy]
         resolved = by_name.get(auto.extra["resolved"])
         if resolved is not None and resolved not in contenders:
             contenders.append(resolved)
-        log(f"[{model_name} C={num_clients}] re-timing {', '.join(r.name for r in contenders)}")
+        log(f"[{model_name} C={num_clients}] re-timing {', '.join(label(r) for r in contenders)}")
         # Best of more rounds: under load from other processes the minimum converges.
         per_round = max(min(auto.times), 1e-6)
         extra = max(2 * args.repeats, min(20 * args.repeats, int(2 * args.min_seconds / per_round)))
         if per_round * extra > 2 * args.max_seconds:
             extra = max(1, args.repeats // 2)
         for r in contenders:
+            extra_rounds[r] = max(extra_rounds.get(r, 0), extra)
+    if extra_rounds and len(args.algorithm_list) > 1:
+        # The ratio checks compare every algorithm's auto and reference: more rounds for one
+        # algorithm's auto alone would favour its ratio (the minimum of more samples under
+        # load), so all of them get as many more (within --max_seconds each).
+        most = max(extra_rounds.values())
+        for r in runners:
+            if r.name in ("auto", REFERENCE) and r not in extra_rounds:
+                budget = max(1, int(2 * args.max_seconds / max(min(r.times), 1e-6)))
+                extra_rounds[r] = min(most, budget)
+        log(f"[{model_name} C={num_clients}] re-timing every algorithm's auto and reference too")
+    remeasured = list(extra_rounds)
+    if remeasured:
+        for r, extra in extra_rounds.items():
             r.reps = len(r.times) + extra
-        time_interleaved(contenders, extra)
-        remeasured = contenders
+        time_interleaved(remeasured, max(extra_rounds.values()), rng)
 
-    reference_params = by_name[REFERENCE].params if with_reference else None
     rows = []
-    for r in runners:
-        best = min(r.times)
-        row = {
-            "model": model_name,
-            "num_clients": num_clients,
-            "devices": 1 if mesh is None or r.name in (REFERENCE, FUSED) else mesh.size,
-            "strategy": r.name,
-            "resolved": r.extra.get("resolved"),
-            "examples_per_round": examples,
-            "best_s": best,
-            "first_s": r.first_s,
-            "times_s": r.times,
-            "clients_per_s": num_clients / best,
-            "examples_per_s": examples / best,
-            "model_flops_per_round": round_flops,
-            "gflops_per_s": round_flops / best / 1e9,
-            "mfu": round_flops / best / peak_flops,
-            "flops_source": flops_source,
-            "compile_s": r.compile_s,
-            "memory": r.memory,
-            "mem_mib": r.memory["total_mib"] if r.memory else None,
-            "rss_hwm_growth_mib": r.extra.get("rss_hwm_growth_mib"),
-            "device_peak_mib": r.extra.get("device_peak_mib"),
-            "remeasured": r in remeasured,
-        }
-        if reference_params is not None:
-            row["params_rel_err"] = rel_err(r.params, reference_params)
-            row["update_rel_err"] = rel_err(
-                jax.tree.map(lambda a, p: a - p, r.params, params),
-                jax.tree.map(lambda a, p: a - p, reference_params, params),
-            )
-            row["match"] = row["params_rel_err"] <= args.tolerance
-        else:
-            row["params_rel_err"] = row["update_rel_err"] = row["match"] = None
-        rows.append(row)
+    for algorithm in args.algorithm_list:
+        group = [r for r in runners if r.algorithm == algorithm]
+        reference = next((r for r in group if r.name == REFERENCE), None)
+        group_rows = []
+        for r in group:
+            best = min(r.times)
+            row = {
+                "model": model_name,
+                "num_clients": num_clients,
+                "algorithm": algorithm,
+                "devices": 1 if mesh is None or r.name in (REFERENCE, FUSED) else mesh.size,
+                "strategy": r.name,
+                "resolved": r.extra.get("resolved"),
+                "examples_per_round": examples,
+                "best_s": best,
+                "median_s": float(np.median(r.times)),
+                "first_s": r.first_s,
+                "times_s": r.times,
+                "clients_per_s": num_clients / best,
+                "examples_per_s": examples / best,
+                "model_flops_per_round": round_flops,
+                "gflops_per_s": round_flops / best / 1e9,
+                "mfu": round_flops / best / peak_flops,
+                "flops_source": flops_source,
+                "compile_s": r.compile_s,
+                "memory": r.memory,
+                "mem_mib": r.memory["total_mib"] if r.memory else None,
+                "rss_hwm_growth_mib": r.extra.get("rss_hwm_growth_mib"),
+                "device_peak_mib": r.extra.get("device_peak_mib"),
+                "remeasured": r in remeasured,
+            }
+            if reference is not None:
+                row["params_rel_err"] = rel_err(r.params, reference.params)
+                row["update_rel_err"] = rel_err(
+                    jax.tree.map(lambda a, p: a - p, r.params, params),
+                    jax.tree.map(lambda a, p: a - p, reference.params, params),
+                )
+                row["match"] = row["params_rel_err"] <= args.tolerance
+                if r.aux is not None and reference.aux is not None:
+                    # SCAFFOLD: the new server and client control variates match too.
+                    row["controls_rel_err"] = rel_err(
+                        controls_of(r.aux), controls_of(reference.aux)
+                    )
+                    row["match"] = row["match"] and row["controls_rel_err"] <= args.tolerance
+            else:
+                row["params_rel_err"] = row["update_rel_err"] = row["match"] = None
+            group_rows.append(row)
 
-    best_cps = max(r["clients_per_s"] for r in rows if r["strategy"] in STRATEGIES)
-    ref_cps = next((r["clients_per_s"] for r in rows if r["strategy"] == REFERENCE), None)
-    fused_cps = next((r["clients_per_s"] for r in rows if r["strategy"] == FUSED), None)
-    for row in rows:
-        row["x_best"] = row["clients_per_s"] / best_cps
-        row["x_ref"] = row["clients_per_s"] / ref_cps if ref_cps else None
-        row["x_fused"] = row["clients_per_s"] / fused_cps if fused_cps else None
+        best_cps = max(r["clients_per_s"] for r in group_rows if r["strategy"] in STRATEGIES)
+        ref_cps = next((r["clients_per_s"] for r in group_rows if r["strategy"] == REFERENCE), None)
+        fused_cps = next((r["clients_per_s"] for r in group_rows if r["strategy"] == FUSED), None)
+        ref_median = next((r["median_s"] for r in group_rows if r["strategy"] == REFERENCE), None)
+        for row in group_rows:
+            row["x_best"] = row["clients_per_s"] / best_cps
+            row["x_ref"] = row["clients_per_s"] / ref_cps if ref_cps else None
+            row["x_fused"] = row["clients_per_s"] / fused_cps if fused_cps else None
+            # The same ratio from median rounds: a second opinion on noisy minima.
+            row["x_ref_median"] = ref_median / row["median_s"] if ref_median else None
+        rows.extend(group_rows)
     return rows
+
+
+def controls_of(aux) -> tuple[Any, Any]:
+    """SCAFFOLD's ``(c, table of c_i)`` from our ``(c, table)`` or the reference's
+    ``(c, [c_i])``."""
+    control, clients = aux
+    if isinstance(clients, list):
+        clients = jax.tree.map(lambda *xs: np.stack(xs), *clients)
+    return control, clients
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,6 +840,7 @@ def run_case(model_name: str, num_clients: int, args, peak_flops: float) -> list
 COLUMNS = (
     ("model", 10, "{}"),
     ("C", 5, "{}"),
+    ("algo", 8, "{}"),
     ("strategy", 17, "{}"),
     ("clients/s", 10, "{:.1f}"),
     ("examples/s", 11, "{:.0f}"),
@@ -530,12 +865,16 @@ def table_row(row: dict) -> str:
         strategy = f"auto->{row['resolved']}"
     notes = []
     if row["match"] is False:
-        notes.append(f"WARNING params differ from reference (rel {row['params_rel_err']:.1e})")
+        err = f"rel {row['params_rel_err']:.1e}"
+        if row.get("controls_rel_err") is not None:
+            err += f", controls rel {row['controls_rel_err']:.1e}"
+        notes.append(f"WARNING params differ from reference ({err})")
     if row["remeasured"]:
         notes.append("re-timed")
     values = (
         row["model"],
         row["num_clients"],
+        row.get("algorithm", "fedavg"),
         strategy,
         row["clients_per_s"],
         row["examples_per_s"],
@@ -556,12 +895,23 @@ def table_row(row: dict) -> str:
 
 def run_checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     """``(name, passed or None when not applicable, detail)`` for each check."""
+
+    def algo(r: dict) -> str:
+        return r.get("algorithm", "fedavg")
+
+    def where(r: dict) -> str:
+        suffix = "" if algo(r) == "fedavg" else f" {algo(r)}"
+        return f"{r['model']} C={r['num_clients']}{suffix}"
+
     checks = []
     target = next(
         (
             r
             for r in rows
-            if r["model"] == "logreg" and r["num_clients"] == 1000 and r["strategy"] == "auto"
+            if r["model"] == "logreg"
+            and r["num_clients"] == 1000
+            and r["strategy"] == "auto"
+            and algo(r) == "fedavg"
         ),
         None,
     )
@@ -584,12 +934,13 @@ def run_checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                 for r in rows
                 if r["model"] == worst["model"]
                 and r["num_clients"] == worst["num_clients"]
+                and algo(r) == algo(worst)
                 and r["strategy"] in STRATEGIES
             ),
             key=lambda r: r["clients_per_s"],
         )
         detail = (
-            f"worst case {worst['model']} C={worst['num_clients']}: {worst['x_best']:.2f}x, "
+            f"worst case {where(worst)}: {worst['x_best']:.2f}x, "
             f"auto->{worst['resolved']} vs best {best['strategy']}"
         )
         checks.append((name, worst["x_best"] >= AUTO_VS_BEST_TARGET, detail))
@@ -602,11 +953,48 @@ def run_checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     else:
         worst_err = max(r["params_rel_err"] for r in compared)
         detail = f"worst rel err {worst_err:.1e}"
+        controls = [
+            r["controls_rel_err"] for r in compared if r.get("controls_rel_err") is not None
+        ]
+        if controls:
+            detail += f" (SCAFFOLD control variates {max(controls):.1e})"
         if bad:
-            detail += "; mismatches: " + ", ".join(
-                f"{r['model']} C={r['num_clients']} {r['strategy']}" for r in bad
-            )
+            detail += "; mismatches: " + ", ".join(f"{where(r)} {r['strategy']}" for r in bad)
         checks.append((name, not bad, detail))
+
+    # Each further algorithm's speedup over its own Python-loop reference, against FedAvg's
+    # in the same case (the same run, interleaved): ratio(algo) / ratio(fedavg) in 1 +- tol.
+    fedavg_auto = {
+        (r["model"], r["num_clients"]): r
+        for r in autos
+        if algo(r) == "fedavg" and r["x_ref"] is not None
+    }
+    others = list(dict.fromkeys(algo(r) for r in rows if algo(r) != "fedavg"))
+    for other in others:
+        name = f"ratio({other}) within {RATIO_TOLERANCE:.0%} of ratio(fedavg)"
+        pairs = [
+            (r, fedavg_auto[(r["model"], r["num_clients"])])
+            for r in autos
+            if algo(r) == other
+            and r["x_ref"] is not None
+            and (r["model"], r["num_clients"]) in fedavg_auto
+        ]
+        if not pairs:
+            checks.append((name, None, "no case with both references run"))
+            continue
+        parts, ok = [], True
+        for r, f in pairs:
+            q = r["x_ref"] / f["x_ref"]
+            inside = abs(q - 1.0) <= RATIO_TOLERANCE
+            ok = ok and inside
+            median = ""
+            if r.get("x_ref_median") and f.get("x_ref_median"):
+                median = f", medians {r['x_ref_median'] / f['x_ref_median']:.2f}"
+            parts.append(
+                f"{r['model']} C={r['num_clients']} {r['x_ref']:.2f}x vs {f['x_ref']:.2f}x "
+                f"({q:.2f}{'' if inside else ' OUT'}{median})"
+            )
+        checks.append((name, ok, "; ".join(parts)))
     return checks
 
 
@@ -647,6 +1035,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="more repetitions (up to 10x --repeats) for rounds shorter than this / repeats",
     )
     p.add_argument("--tolerance", type=float, default=1e-4, help="params rel err vs reference")
+    p.add_argument(
+        "--algorithms",
+        default="fedavg",
+        help=f"comma-separated subset of {ALGORITHMS}, each timed against its own Python-loop "
+        "reference (fedavg alone: the default)",
+    )
+    p.add_argument(
+        "--algorithm_strategies",
+        default="auto",
+        help="strategies timed for the algorithms other than fedavg (comma-separated, or all; "
+        "fedavg always runs all four)",
+    )
+    p.add_argument(
+        "--ratio_repeats",
+        type=int,
+        default=10,
+        help="with several --algorithms: at least this many timed rounds of every auto and "
+        "reference program (within 2 x --max_seconds each), whose minima the ratio checks use",
+    )
+    p.add_argument(
+        "--control_scale",
+        type=float,
+        default=0.01,
+        help="SCAFFOLD's starting c_i ~ N(0, scale^2), c = mean c_i (0: zeros, no correction)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-check", dest="check", action="store_false", help="always exit 0")
     args = p.parse_args(argv)
@@ -656,6 +1069,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.max_seconds = 8.0 if args.quick else 20.0
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    args.algorithm_list = tuple(dict.fromkeys(a.strip() for a in args.algorithms.split(",")))
+    args.algorithm_list = tuple(a for a in args.algorithm_list if a)
+    unknown = [a for a in args.algorithm_list if a not in ALGORITHMS]
+    if unknown or not args.algorithm_list:
+        p.error(f"--algorithms: unknown {unknown}; known: {', '.join(ALGORITHMS)}")
+    if args.algorithm_strategies.strip() == "all":
+        args.algorithm_strategy_list = STRATEGIES
+    else:
+        chosen = {t.strip() for t in args.algorithm_strategies.split(",") if t.strip()}
+        bad = sorted(chosen - set(STRATEGIES))
+        if bad or not chosen:
+            p.error(f"--algorithm_strategies: unknown {bad}; known: {', '.join(STRATEGIES)}, all")
+        args.algorithm_strategy_list = tuple(t for t in STRATEGIES if t in chosen)
     return args
 
 
@@ -706,6 +1132,13 @@ def metadata(args, peak_start: float, peak_end: float) -> dict:
         "peak_gflops_end": peak_end / 1e9,
         "peak_method": "best of 10 float32 jnp.dot 1024x1024 (2*n^3 FLOPs), start and end",
         "auto_rule": "fedjax_sim.core.execution.resolve_strategy",
+        "algorithms": list(args.algorithm_list),
+        "round_state": "donated; each timed round's new state feeds the next (as the driver "
+        "runs it); params are checked after the first round",
+        "scaffold_initial_controls": (
+            f"c_i ~ N(0, {args.control_scale:g}^2) per client, c = mean_i c_i; num_clients = "
+            "the cohort; weighting uniform"
+        ),
         "args": vars(args),
     }
 
@@ -751,7 +1184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"\nmatmul peak {peak / 1e9:.1f} GFLOP/s (start {peak_start / 1e9:.1f}, end "
         f"{peak_end / 1e9:.1f}); total {time.perf_counter() - t_start:.0f}s; mem = compiled "
-        "temp+argument+output (reference: per-client program + add + cohort data)"
+        "temp+argument+output (fused: per-client program + add + cohort data); x ref, x best: "
+        "against the same algorithm's reference, best strategy"
     )
 
     checks = run_checks(rows)
