@@ -41,7 +41,9 @@ Checks (exit status 1 when one fails, unless ``--no-check``):
 - ``auto`` is never below 0.9x the best strategy, for any model and cohort;
 - every strategy's params match the reference's (SCAFFOLD: and its control variates);
 - with ``--algorithms``: each further algorithm's ``auto`` speedup over its own reference is
-  within 20% of FedAvg's in the same case (``ratio(scaffold) within 20% of ratio(fedavg)``).
+  at least 80% of FedAvg's in the same case (``ratio(scaffold) >= 80% of ratio(fedavg)``).
+  One-sided: a larger speedup than FedAvg's (SCAFFOLD's reference pays more Python per client
+  for its control variates) loses nothing of what the compiled round is for.
 """
 
 from __future__ import annotations
@@ -963,7 +965,7 @@ def run_checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
         checks.append((name, not bad, detail))
 
     # Each further algorithm's speedup over its own Python-loop reference, against FedAvg's
-    # in the same case (the same run, interleaved): ratio(algo) / ratio(fedavg) in 1 +- tol.
+    # in the same case (the same run, interleaved): ratio(algo) / ratio(fedavg) >= 1 - tol.
     fedavg_auto = {
         (r["model"], r["num_clients"]): r
         for r in autos
@@ -971,7 +973,7 @@ def run_checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     }
     others = list(dict.fromkeys(algo(r) for r in rows if algo(r) != "fedavg"))
     for other in others:
-        name = f"ratio({other}) within {RATIO_TOLERANCE:.0%} of ratio(fedavg)"
+        name = f"ratio({other}) >= {1 - RATIO_TOLERANCE:.0%} of ratio(fedavg)"
         pairs = [
             (r, fedavg_auto[(r["model"], r["num_clients"])])
             for r in autos
@@ -985,7 +987,7 @@ def run_checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
         parts, ok = [], True
         for r, f in pairs:
             q = r["x_ref"] / f["x_ref"]
-            inside = abs(q - 1.0) <= RATIO_TOLERANCE
+            inside = q >= 1.0 - RATIO_TOLERANCE
             ok = ok and inside
             median = ""
             if r.get("x_ref_median") and f.get("x_ref_median"):

@@ -40,7 +40,7 @@ def test_bench_algorithms_tiny_case_rows_match_their_references(tmp_path, capsys
     checks = {c["name"]: c["passed"] for c in result["checks"]}
     assert checks["every strategy's params match the reference"] is True
     for algo in ("scaffold", "fednova"):
-        assert checks[f"ratio({algo}) within 20% of ratio(fedavg)"] in (True, False)
+        assert checks[f"ratio({algo}) >= 80% of ratio(fedavg)"] in (True, False)
     assert result["meta"]["algorithms"] == ["fedavg", "scaffold", "fednova"]
     printed = capsys.readouterr().out
     assert "scaffold" in printed and "ratio(fednova)" in printed

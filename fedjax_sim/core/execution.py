@@ -268,14 +268,24 @@ class Executor(NamedTuple):
             def client_fn(shared, data, client_state, ckey):
                 return inner(shared, {**data, "examples": examples}, client_state, ckey)
 
+        data = {
+            "batches": dict(cohort.batches),
+            "mask": cohort.mask,
+            "num_examples": cohort.num_examples,
+            "client_id": cohort.client_ids,
+            **({} if cohort.info is None else {"info": dict(cohort.info)}),
+        }
+        mesh = self.mesh
+        if (
+            strategy == "sequential"
+            and (mesh is None or mesh.size == 1)
+            and jax.tree.leaves(client_states)
+        ):
+            return self._run_in_place(
+                client_fn, data, key, broadcast, client_states, hparams, sum_weighted_updates
+            )
         per_client = (
-            {
-                "batches": dict(cohort.batches),
-                "mask": cohort.mask,
-                "num_examples": cohort.num_examples,
-                "client_id": cohort.client_ids,
-                **({} if cohort.info is None else {"info": dict(cohort.info)}),
-            },
+            data,
             gather_client_states(client_states, cohort.client_ids),
             client_keys(key, cohort.client_ids),
         )
@@ -305,7 +315,6 @@ class Executor(NamedTuple):
             )
             return (), outputs
 
-        mesh = self.mesh
         if mesh is None or mesh.size == 1:
             sums, outputs = run((broadcast, hparams), per_client)
         else:
@@ -333,3 +342,67 @@ class Executor(NamedTuple):
             outputs = outputs._replace(update=sums)
         new_states = scatter_client_states(client_states, cohort.client_ids, outputs.client_state)
         return outputs, new_states
+
+    def _run_in_place(
+        self, client_fn, data, key, broadcast, client_states, hparams, sum_weighted_updates
+    ):
+        """``run`` for the sequential strategy on one device with per-client state: the state
+        table rides in the client loop's carry, each client reads its row and its new row is
+        written in place. Gathering the cohort's rows into a block, stacking the new rows out
+        of the loop and scattering them back each cost a pass over ``cohort x state`` of
+        memory (SCAFFOLD's control variates, ``scripts/bench.py --algorithms``). Cohort
+        members are distinct clients, so each reads its own row before any write to it.
+
+        A client's new row is written at the start of the next client's iteration, not in its
+        own: XLA's CPU backend copies the whole table every iteration when the old row is
+        still used (SCAFFOLD's ``c_i+ - c_i``) after the in-place write (measured on a
+        ``[100, 210k]`` table: 2.3 s a loop written directly, 0.034 s deferred).
+        """
+        ids = data["client_id"]
+        per_client = (data, client_keys(key, ids))
+        num = jax.tree.leaves(client_states)[0].shape[0]
+        write = lambda table, rows, at: jax.tree.map(
+            lambda t, r: lax.dynamic_update_index_in_dim(t, r.astype(t.dtype), at, 0),
+            table,
+            rows,
+        )
+        read = lambda table, at: jax.tree.map(
+            lambda t: lax.dynamic_index_in_dim(t, at, keepdims=False), table
+        )
+
+        def one(carry, args):
+            table, pending, pending_at = carry
+            table = write(table, pending, pending_at)
+            d, ckey = args
+            cid = d["client_id"]
+            # A padded (out-of-range) id reads zeros and writes its clamped row back unchanged.
+            valid = (cid >= 0) & (cid < num)
+            at = jnp.clip(cid, 0, num - 1).astype(jnp.int32)
+            old = read(table, at)
+            mine = jax.tree.map(lambda r: jnp.where(valid, r, jnp.zeros_like(r)), old)
+            out = client_fn(broadcast, {**d, "hparams": hparams}, mine, ckey)
+            rows = jax.tree.map(
+                lambda r, n: jnp.where(valid, n.astype(r.dtype), r), old, out.client_state
+            )
+            return (table, rows, at), out._replace(client_state=())
+
+        def summed(out):
+            w = out.weight
+            return jax.tree.map(lambda u: u * w.astype(u.dtype), out.update), w
+
+        def body(carry, args):
+            total, inner = carry
+            inner, out = one(inner, args)
+            total = jax.tree.map(jnp.add, total, summed(out))
+            return (total, inner), out._replace(update=())
+
+        start = (client_states, read(client_states, jnp.int32(0)), jnp.int32(0))
+        if sum_weighted_updates:
+            first = jax.tree.map(lambda a: a[0], per_client)
+            sum_shape = jax.eval_shape(lambda a: summed(one(start, a)[1]), first)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sum_shape)
+            (sums, (table, pending, at)), outputs = lax.scan(body, (zeros, start), per_client)
+            outputs = outputs._replace(update=sums)
+        else:
+            (table, pending, at), outputs = lax.scan(one, start, per_client)
+        return outputs, write(table, pending, at)
