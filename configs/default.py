@@ -51,7 +51,15 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # padding tokens masked out of loss and accuracy).
     config.task = "classification"
     config.weighting = "num_examples"  # num_examples | uniform
-    config.aggregator = "mean"  # mean | median
+    # mean | median | trimmed_mean | krum | multi_krum | geometric_median | norm_bounding |
+    # centered_clipping | secure (fedjax_sim/aggregators), with its arguments.
+    config.aggregator = "mean"
+    config.aggregator_kwargs = ml_collections.ConfigDict()
+    # Malicious clients (fedjax_sim/aggregators/adversary.py): a fixed fraction of the
+    # population runs the attack: none | label_flip | sign_flip | scaling | gaussian | alie | ipm.
+    config.attack = ml_collections.ConfigDict(
+        {"name": "none", "fraction": 0.0, "kwargs": ml_collections.ConfigDict()}
+    )
 
     config.client = ml_collections.ConfigDict()
     config.client.optimizer = "sgd"
@@ -68,10 +76,23 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
     # The DP-FedAvg mechanism (McMahan et al. 2018): clip each client's update to L2 norm
     # clip_norm (0: off) and add Gaussian noise of std noise_multiplier * clip_norm / cohort
-    # size to their mean (needs weighting = "uniform"). No privacy accounting yet.
+    # size to their mean (needs weighting = "uniform"; with Poisson sampling the mean divides
+    # by the expected cohort size). With noise, every record carries the epsilon spent at
+    # delta (dp_accounting's rdp | pld accountant, for the run's uniform or poisson sampling);
+    # target_epsilon > 0 ends the run after the last round within it.
     config.dp = ml_collections.ConfigDict()
     config.dp.clip_norm = 0.0
     config.dp.noise_multiplier = 0.0
+    config.dp.delta = 1e-5
+    config.dp.accountant = "rdp"
+    config.dp.target_epsilon = 0.0
+    # Adaptive clipping (Andrew et al. 2021): clip_norm is then the initial clip norm, moved
+    # each round towards the target_quantile of the update norms at clip_learning_rate, from a
+    # count noised with std clipped_count_stddev (0: expected clients / 20, the paper's).
+    config.dp.adaptive = False
+    config.dp.target_quantile = 0.5
+    config.dp.clip_learning_rate = 0.2
+    config.dp.clipped_count_stddev = 0.0
 
     config.server = ml_collections.ConfigDict()
     config.server.optimizer = "sgd"

@@ -197,6 +197,18 @@ def _sweep(config, axes: dict, args) -> int:
     return 0
 
 
+def _switch_algorithm(config, name: str) -> None:
+    """``--config.algorithm=NAME``: the algorithm and the settings it needs, reported."""
+    from fedjax_sim import algorithms
+
+    for dotted, (old, new) in algorithms.switch_algorithm(config, name).items():
+        print(
+            f"fedjax-sim: algorithm={name} sets {dotted}={new!r} (was {old!r}; pass "
+            f"--config.{dotted}=VALUE to choose)",
+            file=sys.stderr,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = _split_overrides(argv)
@@ -225,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             axes = _pop_sweep_axes(config)
         reference = config_lib.load_config(None)
         config_lib.check_known_fields(config, reference)
+        if "algorithm" in overrides:
+            _switch_algorithm(config, overrides.pop("algorithm"))
         config_lib.apply_overrides(config, overrides)
     except (FileNotFoundError, KeyError, ValueError, AttributeError, TypeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

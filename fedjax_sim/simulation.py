@@ -7,6 +7,7 @@ parts to ``driver.run_loop`` with a ``SoloProgram``: one member, no vmap.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,6 +21,7 @@ from fedjax_sim.algorithms.base import AsyncSettings, BuildContext
 from fedjax_sim.core.execution import Executor, client_mesh
 from fedjax_sim.core.task import Task, get_task
 from fedjax_sim.core.types import FederatedAlgorithm, Model
+from fedjax_sim.driver import privacy
 from fedjax_sim.driver.cohorts import (
     CohortSource,
     data_on_device,
@@ -271,6 +273,9 @@ def simulate(
                 "--workdir or pass --overwrite to replace them."
             )
         exp = build_experiment(config, federated_data)
+        accountant = privacy.accountant_of(config, exp.data.train.num_clients)
+        last_round = privacy.rounds_within_budget(config, accountant, config.num_rounds)
+        log.accountant = accountant
         source = cohort_source(
             exp,
             {data_seed_of(config): exp.data.train},
@@ -289,20 +294,30 @@ def simulate(
         resume.close()
         raise
     (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
+    stop = {}
+    if last_round < config.num_rounds:
+        target = privacy.dp_group(config)["target_epsilon"]
+        print(
+            f"fedjax-sim: stopping after round {last_round} of {config.num_rounds}: round "
+            f"{last_round + 1} would spend epsilon {accountant.epsilon(last_round + 1):.4f} > "
+            f"dp.target_epsilon={target}",
+            file=sys.stderr,
+        )
+        stop = {"stopped_by": "dp.target_epsilon", "planned_rounds": config.num_rounds}
     out = run_loop(
         program,
         source,
         evaluator,
         [log],
         resume,
-        num_rounds=config.num_rounds,
+        num_rounds=last_round,
         eval_every=config.eval_every,
         raise_on_divergence=True,
         progress=progress,
         wall_start=t_start,
     )
     summary = log.summary(
-        config.num_rounds, out.wall_s, **execution_summary(exp.strategy, program, source)
+        last_round, out.wall_s, **execution_summary(exp.strategy, program, source), **stop
     )
     return {**summary, "params": out.states.params, "history": log.history}
 
@@ -323,6 +338,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{summary['final_personal_client_accuracy_p50']:.4f}, p90 "
             f"{summary['final_personal_client_accuracy_p90']:.4f})"
             if "final_personal_test_accuracy" in summary
+            else ""
+        )
+        + (
+            f"\n  privacy: epsilon {summary['epsilon']:.4f} at delta {summary['delta']:g}"
+            if "epsilon" in summary
             else ""
         )
     )

@@ -47,6 +47,7 @@ import jax
 import ml_collections
 
 from fedjax_sim import algorithms, checkpoint, data
+from fedjax_sim.driver import privacy
 from fedjax_sim.driver.cohorts import eval_clients
 from fedjax_sim.driver.loop import Resume, execution_summary, run_loop
 from fedjax_sim.driver.programs import VectorProgram
@@ -482,19 +483,33 @@ def _run_streams(
             f"{resume.ckpt.directory} holds a checkpoint of members {resume.meta.get('labels')}, "
             f"not {labels}; pass --overwrite to start afresh."
         )
+    population = exp.data.train.num_clients
+    accountants = [privacy.accountant_of(c, population) for c in configs]
+    limits = {
+        privacy.rounds_within_budget(c, a, config.num_rounds)
+        for c, a in zip(configs, accountants, strict=True)
+    }
+    if len(limits) > 1:
+        resume.close()
+        raise ValueError(
+            f"dp.target_epsilon stops these sweep members after different rounds "
+            f"({sorted(limits)}); one program trains them together: sweep the noise "
+            "multiplier without a target, or run each member alone."
+        )
+    num_rounds = limits.pop()
     logs = []
-    for (label, _, _), cfg in zip(members, configs, strict=True):
+    for (label, _, _), cfg, acct in zip(members, configs, accountants, strict=True):
         d = workdir / label
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(cfg.to_json(indent=2) + "\n")
-        logs.append(RunLog(d))
+        logs.append(RunLog(d, accountant=acct))
     out = run_loop(
         program,
         source,
         evaluator,
         logs,
         resume,
-        num_rounds=config.num_rounds,
+        num_rounds=num_rounds,
         eval_every=config.eval_every,
         raise_on_divergence=False,
         progress=progress,
@@ -504,7 +519,7 @@ def _run_streams(
     params = jax.device_get(out.states.params)
     for m, (label, values, _) in enumerate(members):
         summary = logs[m].summary(
-            config.num_rounds,
+            num_rounds,
             out.wall_s,
             **execution_summary(exp.strategy, program, source),
             sweep_members=program.num_members,

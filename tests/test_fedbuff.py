@@ -54,6 +54,8 @@ def test_slow_clients_arrive_stale_and_too_stale_ones_are_discarded():
     steps = [sched.step(r) for r in range(1, 41)]
     stale = np.concatenate([s.staleness for s in steps])
     assert stale.max() <= 3 and stale.max() > 0 and sched.discarded > 0
+    discarded = [s.discarded for s in steps]  # each step carries the count so far
+    assert discarded == sorted(discarded) and 0 < discarded[-1] <= sched.discarded
     times = [s.time for s in steps]
     assert times == sorted(times)
     again = _schedule([10] * 40, concurrency=8, k=2, max_staleness=3, speed_sigma=1.5)
@@ -137,6 +139,7 @@ def test_a_fedbuff_run_resumes_exactly(tmp_path):
     config.algorithm = "fedbuff"
     config.algorithm_kwargs.buffer_size = 4
     config.systems.speed_sigma = 1.0
+    config.algorithm_kwargs.max_staleness = 1  # some slow clients arrive too stale
     config.num_rounds, config.eval_every, config.checkpoint_every = 8, 2, 4
     config.client.local_epochs = 1
     full = fs.simulate(config, tmp_path / "full", progress=False)
@@ -150,3 +153,6 @@ def test_a_fedbuff_run_resumes_exactly(tmp_path):
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
     times = [h["sim_time_s"] for h in full["history"]]
     assert times == sorted(times) and times[0] > 0
+    discarded = [h["async_discarded"] for h in full["history"]]  # replayed on resume too
+    assert discarded == sorted(discarded) and discarded[-1] > 0
+    assert full["async_discarded"] == discarded[-1]

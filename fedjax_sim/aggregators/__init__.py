@@ -81,7 +81,20 @@ def coordinate_median() -> Aggregator:
 AGGREGATORS = {"mean": weighted_mean, "median": coordinate_median}
 
 
-def get_aggregator(name: str) -> Aggregator:
-    if name not in AGGREGATORS:
-        raise ValueError(f"unknown aggregator {name!r}; known: {', '.join(sorted(AGGREGATORS))}.")
-    return AGGREGATORS[name]()
+def registry() -> dict[str, Callable[..., Aggregator]]:
+    """Every aggregator by its config name: the mean and median here, the robust ones
+    (``aggregators.robust``) and simulated secure aggregation (``secure``)."""
+    from fedjax_sim.aggregators import robust, secure
+
+    return {**AGGREGATORS, **robust.ROBUST_AGGREGATORS, "secure": secure.secure_mean}
+
+
+def get_aggregator(name: str, **kwargs) -> Aggregator:
+    """The aggregator ``name`` built with ``kwargs`` (the config's ``aggregator_kwargs``)."""
+    known = registry()
+    if name not in known:
+        raise ValueError(f"unknown aggregator {name!r}; known: {', '.join(sorted(known))}.")
+    try:
+        return known[name](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"aggregator {name!r}: bad aggregator_kwargs {kwargs}: {err}") from err

@@ -24,12 +24,15 @@ class ClientContext(NamedTuple):
       weight: its aggregation weight (0 for a padded client).
       key: the client's key for update transforms (``fold_in(client_key, UPDATE_SALT)``).
       hparams: the algorithm's hyperparameters this round (``state.hparams``).
+      state: the transform's own state as the round starts (adaptive clipping's clip norm);
+        read-only on the clients.
     """
 
     client_id: Array
     weight: Array
     key: PRNGKey
     hparams: Mapping[str, Array]
+    state: PyTree = ()
 
 
 class ServerContext(NamedTuple):
@@ -75,11 +78,12 @@ def chain(*transforms: AggregationTransform) -> AggregationTransform:
     def init(params):
         return tuple(t.init(params) for t in transforms)
 
-    clients = [t.client for t in transforms if t.client is not None]
+    clients = [i for i, t in enumerate(transforms) if t.client is not None]
 
     def client(update, ctx):
-        for fn in clients:
-            update = fn(update, ctx)
+        states = ctx.state
+        for i in clients:
+            update = transforms[i].client(update, ctx._replace(state=states[i]))
         return update
 
     def server(aggregate, state, ctx):

@@ -65,6 +65,34 @@ def get_spec(name: str) -> AlgorithmSpec:
     return ALGORITHMS[name]
 
 
+def switch_algorithm(config, name: str) -> dict:
+    """Sets ``config.algorithm = name`` and the settings ``name``'s spec needs
+    (``AlgorithmSpec.config_defaults``), in place: what ``--config.algorithm=NAME`` does before
+    the command line's other overrides (which then win).
+
+    Args:
+      config: an experiment config (``configs/default.py``'s fields).
+      name: a registered algorithm name.
+
+    Returns:
+      ``{field path: (old value, new value)}`` for each field the defaults changed.
+    """
+    spec = get_spec(name)
+    config.algorithm = name
+    changed = {}
+    for dotted, value in (spec.config_defaults(config) if spec.config_defaults else {}).items():
+        *groups, leaf = dotted.split(".")
+        node = config
+        for g in groups:
+            node = node[g]
+        if leaf not in node:
+            raise KeyError(f"algorithm {name!r} sets config field {dotted!r}, which is absent.")
+        if node[leaf] != value:
+            changed[dotted] = (node[leaf], value)
+            node[leaf] = value
+    return changed
+
+
 __all__ = [
     "ALGORITHMS",
     "AlgorithmSpec",
@@ -88,4 +116,5 @@ __all__ = [
     "mimelite",
     "register",
     "scaffold",
+    "switch_algorithm",
 ]

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from fedjax_sim.aggregators import Aggregator, aggregate
+from fedjax_sim.aggregators.adversary import FRACTION, Adversary
 from fedjax_sim.aggregators.transforms import AggregationTransform, ClientContext, ServerContext
 from fedjax_sim.core.client import LocalResult, local_train
 from fedjax_sim.core.execution import ClientFn, Executor
@@ -78,12 +79,19 @@ class AlgorithmSpec(NamedTuple):
         asynchronous algorithm: the driver then runs clients on its simulated clock and every
         round is one server step over a buffer of arrived updates, each cohort carrying
         ``info["staleness"]``.
+      config_defaults: ``None``, or ``config -> {field path: value}``: the settings this
+        algorithm needs where a config chosen for another algorithm has them otherwise (a
+        server step size, a cap on local steps, a model with a head). Applied by
+        ``fedjax_sim.algorithms.switch_algorithm`` (the CLI's ``--config.algorithm=NAME``)
+        before the command line's other overrides, which win; a config file that names the
+        algorithm itself sets its own numbers.
     """
 
     build: Callable[[Any, BuildContext], FederatedAlgorithm]
     hparams: Callable[[Any], dict[str, float]]
     description: str = ""
     async_schedule: Callable[[Any], AsyncSettings] | None = None
+    config_defaults: Callable[[Any], dict[str, Any]] | None = None
 
 
 class ServerState(NamedTuple):
@@ -227,11 +235,14 @@ class ServerSide(NamedTuple):
       server_optimizer: applied to the transformed aggregate (the pseudo-gradient).
       aggregator: reduces the clients' transformed updates.
       transforms: client stages on each update, server stages on the aggregate.
+      adversary: malicious clients (``aggregators.adversary``; their fraction is the
+        hyperparameter ``attack.fraction``), or ``None``.
     """
 
     server_optimizer: optax.GradientTransformation
     aggregator: Aggregator
     transforms: AggregationTransform
+    adversary: Adversary | None = None
 
     def init(
         self, params: Params, hparams: Mapping[str, float], client_states: PyTree = ()
@@ -306,9 +317,21 @@ def federated_round(
                 out.weight,
                 jax.random.fold_in(ckey, UPDATE_SALT),
                 data["hparams"],
+                transform_state,
             )
             return out._replace(update=per_client(out.update, ctx))
 
+    adversary = server.adversary
+    if adversary is not None and adversary.data_attack is not None:
+        trains = client_fn
+
+        def client_fn(shared, data, client_state, ckey):
+            return trains(
+                shared, adversary.poison(data, data["hparams"][FRACTION]), client_state, ckey
+            )
+
+    # A model-poisoning attack needs every client's update: no running sums then.
+    attacked = adversary is not None and adversary.update_attack is not None
     outputs, client_states = executor.run(
         client_fn,
         cohort,
@@ -316,10 +339,16 @@ def federated_round(
         broadcast=state.params if broadcast is None else broadcast,
         client_states=state.client_states,
         hparams=hp,
-        sum_weighted_updates=aggregator.from_sums is not None,
+        sum_weighted_updates=aggregator.from_sums is not None and not attacked,
     )
     agg_key = jax.random.fold_in(key, AGGREGATE_SALT)
-    pseudo_grad, agg_state = aggregate(aggregator, agg_state, outputs, agg_key)
+    if attacked:
+        updates = adversary.attack_updates(
+            outputs.update, cohort.client_ids, outputs.weight, hp[FRACTION], key
+        )
+        pseudo_grad, agg_state = aggregator.apply(agg_state, updates, outputs.weight, agg_key)
+    else:
+        pseudo_grad, agg_state = aggregate(aggregator, agg_state, outputs, agg_key)
     if transforms.server is not None:
         ctx = ServerContext(
             key=key,

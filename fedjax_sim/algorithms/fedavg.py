@@ -10,6 +10,8 @@ import optax
 
 from fedjax_sim import aggregators
 from fedjax_sim.aggregators import Aggregator, weighted_mean
+from fedjax_sim.aggregators.adversary import FRACTION, Adversary, check_fraction
+from fedjax_sim.aggregators.adversary import adversary as make_adversary
 from fedjax_sim.aggregators.transforms import AggregationTransform, chain
 from fedjax_sim.algorithms.base import (
     UNROLL_STEPS,  # noqa: F401 (re-exported: its old home)
@@ -28,7 +30,15 @@ from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model
 from fedjax_sim.optimizers import optimizer_from_config
-from fedjax_sim.privacy import CLIP_NORM, NOISE_MULTIPLIER, clip_updates, gaussian_noise
+from fedjax_sim.privacy import (
+    CLIP_NORM,
+    NOISE_MULTIPLIER,
+    accounting,
+    clip_updates,
+    fixed_denominator,
+    gaussian_noise,
+)
+from fedjax_sim.privacy import adaptive as privacy_adaptive
 
 PROXIMAL_MU = "client.proximal_mu"
 
@@ -44,6 +54,10 @@ def fedopt(
     proximal_mu: float = 0.0,
     clip_norm: float = 0.0,
     noise_multiplier: float = 0.0,
+    expected_clients: float | None = None,
+    adaptive_clipping: Mapping[str, float] | None = None,
+    adversary: Adversary | None = None,
+    attack_fraction: float = 0.0,
     executor: Executor | None = None,
     hparams: Mapping[str, float] | None = None,
 ) -> FederatedAlgorithm:
@@ -79,6 +93,14 @@ def fedopt(
       clip_norm: bound on each client's delta norm (0: no clipping).
       noise_multiplier: Gaussian noise on the aggregate, in units of ``clip_norm / n`` (0:
         none); needs ``clip_norm`` > 0, ``weighting="uniform"`` and the mean aggregator.
+      expected_clients: with noise under Poisson sampling, the expected cohort size ``q N``:
+        the aggregate is the sum of the clipped updates over it and the noise std
+        ``z S / (q N)`` (McMahan et al. 2018); ``None``: the mean over the real clients.
+      adaptive_clipping: ``{"target_quantile", "clip_learning_rate", "clipped_count_stddev"}``
+        to clip adaptively (Andrew et al. 2021, ``privacy.adaptive``): ``clip_norm`` is the
+        initial clip norm and ``noise_multiplier`` the total ``z`` the accountant sees.
+      adversary: malicious clients (``aggregators.adversary``), a fraction
+        ``attack_fraction`` of the population (hyperparameter ``attack.fraction``).
       executor: how clients run (default ``Executor()``: strategy ``auto``, one device).
       hparams: the hyperparameters ``state.hparams`` keeps (default: the three numbers above
         and every injected optimizer hyperparameter); a subset of those, with their values.
@@ -93,21 +115,34 @@ def fedopt(
     _check_numbers(proximal_mu, clip_norm, noise_multiplier, weighting, aggregator)
     aggregator = aggregator or weighted_mean()
     loss_fn = mean_loss_fn(task, train=True)
-    pipeline = chain(
-        *([clip_updates()] if clip_norm else []),
-        *transforms,
-        *([gaussian_noise()] if noise_multiplier else []),
+    if adaptive_clipping is not None:
+        _check_adaptive(clip_norm, noise_multiplier, transforms, adaptive_clipping)
+        pipeline = chain(privacy_adaptive.adaptive_clipping(clip_norm, expected_clients))
+        clip_norm_piece = noise_piece = False
+    else:
+        clip_norm_piece, noise_piece = bool(clip_norm), bool(noise_multiplier)
+    pipeline = (
+        pipeline
+        if adaptive_clipping is not None
+        else chain(
+            *([clip_updates()] if clip_norm_piece else []),
+            *transforms,
+            *([fixed_denominator(expected_clients)] if noise_piece and expected_clients else []),
+            *([gaussian_noise(expected_clients=expected_clients)] if noise_piece else []),
+        )
     )
     known = {
         PROXIMAL_MU: float(proximal_mu),
         CLIP_NORM: float(clip_norm),
         NOISE_MULTIPLIER: float(noise_multiplier),
+        **({FRACTION: float(attack_fraction)} if adversary is not None else {}),
+        **{f"dp.{k}": float(v) for k, v in (adaptive_clipping or {}).items()},
         **optimizer_hparams(client_optimizer, "client"),
         **optimizer_hparams(server_optimizer, "server"),
     }
     hparams = select_hparams(known, hparams)
 
-    server = ServerSide(server_optimizer, aggregator, pipeline)
+    server = ServerSide(server_optimizer, aggregator, pipeline, adversary)
 
     def init(params):
         return server.init(params, hparams)
@@ -134,6 +169,26 @@ def fedopt(
         return server.round(state, cohort, key, client_fn, executor)
 
     return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
+
+
+def _check_adaptive(clip_norm, noise_multiplier, transforms, settings) -> None:
+    known = {"target_quantile", "clip_learning_rate", "clipped_count_stddev"}
+    if set(settings) != known:
+        raise ValueError(
+            f"adaptive_clipping needs exactly {sorted(known)}, got {sorted(settings)}."
+        )
+    if not 0.0 < settings["target_quantile"] < 1.0:
+        raise ValueError(
+            f"dp.target_quantile must be in (0, 1), got {settings['target_quantile']}."
+        )
+    if settings["clip_learning_rate"] < 0 or settings["clipped_count_stddev"] < 0:
+        raise ValueError("dp.clip_learning_rate and dp.clipped_count_stddev must be >= 0.")
+    if clip_norm <= 0:
+        raise ValueError("adaptive clipping starts from dp.clip_norm > 0 (Andrew et al.: 0.1).")
+    if transforms:
+        raise ValueError("adaptive clipping is the only aggregation transform it supports.")
+    if noise_multiplier > 0:  # the count's noise must leave budget for the update's
+        accounting.split_noise_multiplier(noise_multiplier, settings["clipped_count_stddev"])
 
 
 def _check_numbers(proximal_mu, clip_norm, noise_multiplier, weighting, aggregator) -> None:
@@ -183,10 +238,13 @@ def fedavg(
 
 def hparams_of_config(config) -> dict[str, float]:
     """``fedopt``'s hyperparameters for ``config`` (see ``AlgorithmSpec.hparams``)."""
+    adaptive = adaptive_of(config)
     return {
         PROXIMAL_MU: float(config.client.get("proximal_mu", 0.0)),
         CLIP_NORM: float(config.dp.clip_norm) if "dp" in config else 0.0,
         NOISE_MULTIPLIER: float(config.dp.noise_multiplier) if "dp" in config else 0.0,
+        **({FRACTION: attack_of(config)[1]} if attack_of(config) else {}),
+        **{f"dp.{k}": v for k, v in (adaptive or {}).items()},
         **config_optimizer_hparams(config.client, "client"),
         **config_optimizer_hparams(config.server, "server"),
     }
@@ -201,13 +259,71 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
         optimizer_from_config(config.client),
         optimizer_from_config(config.server),
         weighting=config.weighting,
-        aggregator=aggregators.get_aggregator(config.aggregator),
+        aggregator=aggregator_of(config),
         proximal_mu=hp[PROXIMAL_MU],
         clip_norm=hp[CLIP_NORM],
         noise_multiplier=hp[NOISE_MULTIPLIER],
+        expected_clients=expected_clients_of(config, ctx.num_clients),
+        adaptive_clipping=adaptive_of(config),
+        adversary=adversary_of(config, ctx),
+        attack_fraction=hp.get(FRACTION, 0.0),
         executor=ctx.executor,
         hparams=hp,
     )
+
+
+def aggregator_of(config) -> Aggregator:
+    """``config.aggregator`` built with ``config.aggregator_kwargs``."""
+    kwargs = config.get("aggregator_kwargs")
+    return aggregators.get_aggregator(config.aggregator, **(kwargs.to_dict() if kwargs else {}))
+
+
+def attack_of(config) -> tuple[str, float] | None:
+    """``(attack name, fraction)`` of a config with an attack, else ``None``."""
+    group = config.get("attack")
+    if group is None or group.name == "none":
+        return None
+    return group.name, check_fraction(float(group.fraction))
+
+
+def adversary_of(config, ctx: BuildContext) -> Adversary | None:
+    """The config's malicious clients, drawn from its data seed (see ``aggregators.adversary``)."""
+    attack = attack_of(config)
+    if attack is None:
+        return None
+    seed = int(config.get("data_seed", -1))
+    seed = int(config.seed) if seed < 0 else seed
+    model = ctx.task.model
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    x = jax.numpy.zeros((1, *model.input_shape), jax.numpy.float32)
+    logits = jax.eval_shape(lambda p: model.apply(p, x, train=False, key=None), shapes)
+    num_classes = int(logits.shape[-1])  # label flipping maps y to num_classes - 1 - y
+    return make_adversary(
+        attack[0], seed=seed, num_classes=num_classes, **config.attack.kwargs.to_dict()
+    )
+
+
+def adaptive_of(config) -> dict[str, float] | None:
+    """The adaptive clipping settings of a config with ``dp.adaptive``, else ``None``."""
+    dp = config.get("dp")
+    if dp is None or not dp.get("adaptive", False):
+        return None
+    stddev = float(dp.get("clipped_count_stddev", 0.0))
+    if stddev == 0:  # Andrew et al.: the expected cohort over 20
+        stddev = float(config.clients_per_round) / 20
+    return {
+        "target_quantile": float(dp.target_quantile),
+        "clip_learning_rate": float(dp.clip_learning_rate),
+        "clipped_count_stddev": stddev,
+    }
+
+
+def expected_clients_of(config, num_clients: int) -> float | None:
+    """``q N`` for a noised config under Poisson sampling (``fedopt``'s ``expected_clients``)."""
+    sampling = config.get("sampling")
+    if sampling is None or sampling.scheme != "poisson" or not config.dp.noise_multiplier:
+        return None
+    return float(sampling.rate or config.clients_per_round / num_clients) * num_clients
 
 
 SPEC = AlgorithmSpec(

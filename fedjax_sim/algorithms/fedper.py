@@ -17,6 +17,7 @@ from fedjax_sim.algorithms.base import (
     select_hparams,
 )
 from fedjax_sim.algorithms.heads import (
+    body_and_head_model,
     check_algorithm_kwargs,
     choose_head,
     personal_head_algorithm,
@@ -139,5 +140,6 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
 SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
+    config_defaults=body_and_head_model,
     description="FedPer: FedAvg of the base layers, personal head layers on every client",
 )

@@ -21,6 +21,7 @@ from fedjax_sim.algorithms.base import (
     with_optimizer_hparams,
 )
 from fedjax_sim.algorithms.heads import (
+    body_and_head_model,
     check_algorithm_kwargs,
     choose_head,
     is_count,
@@ -187,5 +188,6 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
 SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
+    config_defaults=body_and_head_model,
     description="FedRep: personal heads trained first, then the shared representation (FedAvg)",
 )

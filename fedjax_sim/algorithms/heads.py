@@ -210,6 +210,16 @@ def personal_head_algorithm(
     )
 
 
+def body_and_head_model(config) -> dict:
+    """``AlgorithmSpec.config_defaults`` of FedPer and FedRep: a config on the one-layer
+    ``logreg`` (no body to share) switches to ``mlp``, the smallest model with a body and a
+    head; any other model is kept (``choose_head`` refuses one with too few layers)."""
+    model = config.model
+    if model.name == "logreg" and not model.kwargs.to_dict():
+        return {"model.name": "mlp"}
+    return {}
+
+
 def check_algorithm_kwargs(config, known: tuple[str, ...], algorithm: str) -> None:
     """Refuses ``algorithm_kwargs`` this algorithm does not read (a typo would be ignored)."""
     unknown = sorted(set(config.algorithm_kwargs.to_dict()) - set(known))

@@ -34,6 +34,8 @@ class ServerStep(NamedTuple):
     clients: np.ndarray  # [K] client indices, in arrival order
     staleness: np.ndarray  # [K] server steps between a client's start and this step
     time: float  # simulated seconds at which the buffer filled
+    discarded: int = 0  # updates discarded as staler than max_staleness, up to this step
+    lost: int = 0  # clients that dropped out, up to this step
 
 
 class AsyncSchedule:
@@ -124,7 +126,7 @@ class AsyncSchedule:
                 if len(self._buffer) == self.settings.buffer_size:
                     clients = np.array([b[0] for b in self._buffer], np.int64)
                     stale = np.array([self.version - b[1] for b in self._buffer], np.int64)
-                    self.steps.append(ServerStep(clients, stale, t))
+                    self.steps.append(ServerStep(clients, stale, t, self.discarded, self.lost))
                     self._busy[clients] = False
                     self._buffer = []
             self._start(self.concurrency - len(self._flight))

@@ -127,6 +127,8 @@ class CohortSource:
             for s, d in streams
         ]
         self.clock = [0.0] * len(streams)  # simulated seconds after the last round, per stream
+        # Asynchronous runs: (updates discarded as too stale, clients lost to dropouts) so far.
+        self.async_counts = [(0, 0)] * len(streams)
         self.schedules = None
         if async_settings is not None:
             if self.systems.straggler_fraction > 0 or self.systems.scheme == "poisson":
@@ -201,6 +203,7 @@ class CohortSource:
                 stale[: len(i)] = steps_[j].staleness
                 c = c._replace(info={"staleness": stale})
                 self.clock[j] = steps_[j].time
+                self.async_counts[j] = (steps_[j].discarded, steps_[j].lost)
             else:
                 if self.systems.alters_cohorts:
                     c, _ = apply_systems(c, self.systems, s, round_num, n)
@@ -224,8 +227,13 @@ class CohortSource:
         self.clock, self.slots = list(saved["clock"]), int(saved["slots"])
 
     def extras(self, stream: int) -> dict[str, float]:
-        """Fields of a stream's evaluation records: the simulated clock."""
-        return {"sim_time_s": round(self.clock[stream], 6)}
+        """Fields of a stream's evaluation records: the simulated clock, and for an
+        asynchronous run the updates discarded as staler than ``max_staleness`` and the
+        clients lost to dropouts so far (recomputed on resume: the schedule is replayed)."""
+        out = {"sim_time_s": round(self.clock[stream], 6)}
+        if self.schedules is not None:
+            out["async_discarded"], out["async_dropped"] = self.async_counts[stream]
+        return out
 
     @property
     def padding_waste(self) -> float:

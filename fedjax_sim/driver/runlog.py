@@ -17,6 +17,9 @@ PERSONAL_SUMMARY = (
     "personal_client_accuracy_p90",
 )
 
+# Fields of the last evaluation that the summary repeats under their own names.
+LAST_SUMMARY = ("sim_time_s", "async_discarded", "async_dropped", "epsilon", "delta")
+
 
 class RunLog:
     """Evaluation records of one member: ``metrics.jsonl``, TensorBoard events and summary.
@@ -27,8 +30,12 @@ class RunLog:
     are dropped by TensorBoard as they are from ``metrics.jsonl``.
     """
 
-    def __init__(self, workdir: Path, history: list[dict[str, Any]] | None = None):
+    def __init__(
+        self, workdir: Path, history: list[dict[str, Any]] | None = None, *, accountant=None
+    ):
         self.workdir = Path(workdir)
+        # A privacy.accounting.Accountant: each record gets the epsilon spent up to its round.
+        self.accountant = accountant
         self.metrics_path = self.workdir / "metrics.jsonl"
         self.history: list[dict[str, Any]] = list(history or [])
         self._tb = None
@@ -47,7 +54,15 @@ class RunLog:
 
     def record(self, r: int, train_loss: float, ev: dict[str, float], wall_s: float) -> dict:
         """Appends round ``r``'s evaluation to the history, ``metrics.jsonl`` and TensorBoard."""
-        rec = {"round": r, "train_loss": float(train_loss), **ev, "wall_s": round(wall_s, 3)}
+        from fedjax_sim.driver.privacy import privacy_fields
+
+        rec = {
+            "round": r,
+            "train_loss": float(train_loss),
+            **ev,
+            **privacy_fields(self.accountant, r),
+            "wall_s": round(wall_s, 3),
+        }
         self.history.append(rec)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -74,7 +89,7 @@ class RunLog:
             "best_round": best.get("round"),
             "client_accuracy_p10": last.get("client_accuracy_p10"),
             **{f"final_{k}": last[k] for k in PERSONAL_SUMMARY if k in last},
-            **({"sim_time_s": last["sim_time_s"]} if "sim_time_s" in last else {}),
+            **{k: last[k] for k in LAST_SUMMARY if k in last},
             "wall_s": round(wall_s, 3),
             "rounds_per_s": round(num_rounds / wall_s, 2),
             **extra,

@@ -5,7 +5,8 @@ N(0, (z * S / n)^2) to the mean of the ``n`` clipped updates (the server stage):
 the mechanism of DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent
 Language Models", fixed cohort size, uniform weighting). The clip norm ``S`` and noise
 multiplier ``z`` are read from the round's hyperparameters (``dp.clip_norm``,
-``dp.noise_multiplier``), so both are sweepable. No privacy accounting is done here.
+``dp.noise_multiplier``), so both are sweepable. Accounting (host-side, with
+``dp_accounting``) is in ``privacy.accounting``; adaptive clipping in ``privacy.adaptive``.
 """
 
 from __future__ import annotations
@@ -50,13 +51,34 @@ def clip_updates(name: str = CLIP_NORM) -> AggregationTransform:
 
 
 def gaussian_noise(
-    multiplier: str = NOISE_MULTIPLIER, clip_norm: str = CLIP_NORM
+    multiplier: str = NOISE_MULTIPLIER,
+    clip_norm: str = CLIP_NORM,
+    expected_clients: float | None = None,
 ) -> AggregationTransform:
     """Adds N(0, std^2), ``std = z * S / n``, to every coordinate of the aggregate (the mean of
-    ``n`` real clients' updates clipped to ``S``); its key is ``fold_in(round_key, NOISE_SALT)``."""
+    ``n`` real clients' updates clipped to ``S``); its key is ``fold_in(round_key, NOISE_SALT)``.
+
+    With ``expected_clients`` (Poisson sampling) ``n`` is that fixed number, as for the
+    aggregate of ``fixed_denominator``; otherwise the cohort's real clients."""
 
     def server(aggregate, state, ctx):
-        std = ctx.hparams[multiplier] * ctx.hparams[clip_norm] / ctx.num_clients
+        n = ctx.num_clients if expected_clients is None else expected_clients
+        std = ctx.hparams[multiplier] * ctx.hparams[clip_norm] / n
         return add_gaussian_noise(aggregate, std, jax.random.fold_in(ctx.key, NOISE_SALT)), state
+
+    return AggregationTransform(init=lambda params: (), server=server)
+
+
+def fixed_denominator(expected_clients: float) -> AggregationTransform:
+    """Turns the (uniform) mean of the cohort's updates into their sum over
+    ``expected_clients``: McMahan et al. 2018's estimator for Poisson sampling at rate ``q``
+    (``expected_clients = q * N``). Dividing by the realized cohort size would make the
+    aggregate depend on it, which the accountant's analysis does not cover."""
+    if not expected_clients > 0:
+        raise ValueError(f"expected_clients must be > 0, got {expected_clients}.")
+
+    def server(aggregate, state, ctx):
+        scale = jnp.sum(ctx.weights) / expected_clients
+        return jax.tree.map(lambda a: a * scale.astype(a.dtype), aggregate), state
 
     return AggregationTransform(init=lambda params: (), server=server)
