@@ -94,6 +94,15 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.dp.clip_learning_rate = 0.2
     config.dp.clipped_count_stddev = 0.0
 
+    # Compression of each client's upload (fedjax_sim/aggregators/compression.py), after
+    # clipping and before noise: none | qsgd (kwargs.levels) | uniform (kwargs.bits) | top_k |
+    # random_k (kwargs.ratio) | sign. Records count bytes_up (compressed) and bytes_down.
+    # error_feedback: each client keeps what compression dropped and adds it to its next
+    # update (Stich et al. 2018; a [num_clients, params] residual table; no clipping).
+    config.compression = ml_collections.ConfigDict(
+        {"method": "none", "kwargs": ml_collections.ConfigDict(), "error_feedback": False}
+    )
+
     config.server = ml_collections.ConfigDict()
     config.server.optimizer = "sgd"
     config.server.learning_rate = 1.0

@@ -45,6 +45,7 @@ PLOTS = {
     "loss_vs_round": "Loss against rounds",
     "accuracy_vs_time": "Test accuracy against wall-clock time",
     "accuracy_vs_sim_time": "Test accuracy against simulated time (systems clock)",
+    "accuracy_vs_bytes_up": "Test accuracy against cumulative uploaded bytes",
     "personal_accuracy_vs_round": "Personalized accuracy (mean, p10, p90 over clients)",
 }
 
@@ -466,6 +467,10 @@ def write_plots(out: Path, points, target: float, over=DEFAULT_OVER) -> list[Pat
         paths.append(out / "accuracy_vs_sim_time.png")
         _plot(paths[-1], points, "test_accuracy", "sim_time_s", f"Test accuracy ({band})",
               "simulated time (s, systems clock)", "test accuracy", target=target)  # fmt: skip
+    if _has(points, "bytes_up"):
+        paths.append(out / "accuracy_vs_bytes_up.png")
+        _plot(paths[-1], points, "test_accuracy", "bytes_up", f"Test accuracy ({band})",
+              "uploaded bytes (cumulative)", "test accuracy", target=target)  # fmt: skip
     if _has(points, "personal_test_accuracy"):
         paths.append(out / "personal_accuracy_vs_round.png")
         _plot(paths[-1], points, "personal_client_accuracy_mean", "round",

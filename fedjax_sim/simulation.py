@@ -63,6 +63,7 @@ class Experiment(NamedTuple):
     cohort_slots: int  # clients per packed cohort (a multiple of the device count)
     model_bytes: int  # bytes of the model's parameters (the simulated clock's transfers)
     async_settings: AsyncSettings | None  # an asynchronous algorithm's buffer (FedBuff)
+    upload_bytes: int | None = None  # one client's upload (compressed / masked); None: model
 
     @property
     def strategy(self) -> str:
@@ -139,10 +140,42 @@ def build_experiment(
     slots = -(-capacity // n_dev) * n_dev
     shapes = jax.eval_shape(model.init, jax.random.key(0))
     model_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+    num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
+    upload = upload_bytes_of(config, num_params, model_bytes)
     return Experiment(
         config, federated_data, model, task, algorithm, num_steps, executor, slots, model_bytes,
-        async_settings,
+        async_settings, upload,
     )  # fmt: skip
+
+
+def upload_bytes_of(config, num_params: int, model_bytes: int) -> int:
+    """Bytes one client uploads: the model, its compressed update (``compression``:
+    ``aggregators.compression.bits_per_update``) or SecAgg's masked vector with its key
+    agreement and shares (``aggregator = "secure"``: ``aggregators.secure.secagg_bytes``)."""
+    from fedjax_sim.aggregators import compression, secure
+
+    if config.get("aggregator") == "secure":
+        kw = config.aggregator_kwargs.to_dict()
+        return int(
+            secure.secagg_bytes(
+                num_params,
+                int(config.clients_per_round),
+                int(kw.get("modulus_bits", 32)),
+                kw.get("neighbors"),
+            )["up"]
+        )
+    method, kw = compression_of(config)
+    if method == "none":
+        return model_bytes
+    return -(-compression.bits_per_update(method, num_params, **kw) // 8)
+
+
+def compression_of(config) -> tuple[str, dict]:
+    """``(compression.method, compression.kwargs)`` (``("none", {})`` where absent)."""
+    group = config.get("compression")
+    if group is None:
+        return "none", {}
+    return str(group.method), group.kwargs.to_dict()
 
 
 def finetune_steps_of(config) -> int:
@@ -163,6 +196,7 @@ def cohort_source(exp: Experiment, trains: dict, streams: list[tuple[int, int]],
         slots=exp.cohort_slots,
         max_steps=max_steps,
         model_bytes=exp.model_bytes,
+        upload_bytes=exp.upload_bytes,
         slot_multiple=exp.executor.num_devices,
         async_settings=exp.async_settings,
     )

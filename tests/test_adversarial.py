@@ -175,3 +175,17 @@ def test_bad_adaptive_settings_are_refused(fields, match):
             weighting="uniform",
             adaptive_clipping={**settings, **fields},
         )
+
+
+def test_malicious_fraction_and_clip_quantile_sweeps_are_vectorized(tmp_path):
+    config = fs.load_config("default:smoke")
+    config.num_rounds, config.eval_every, config.checkpoint_every = 2, 2, 0
+    config.client.local_epochs = 1
+    config.attack.name = "sign_flip"
+    config.weighting = "uniform"
+    config.dp.clip_norm, config.dp.adaptive = 0.5, True
+    axes = {"attack.fraction": [0.0, 0.5], "dp.target_quantile": [0.3, 0.7]}
+    out = fs.run_sweep(config, axes, tmp_path / "sweep")
+    assert out["groups"] == 1 and len(out["members"]) == 4
+    accs = {m["label"]: m["summary"]["final_test_accuracy"] for m in out["members"]}
+    assert len(set(accs.values())) > 1  # the members really differ

@@ -112,3 +112,16 @@ def test_poisson_dp_fedavg_divides_the_sum_by_the_expected_cohort():
     # mean over 3 = sum / 3, so params - got = (params - ref) * 3 / 4.
     expect = jax.tree.map(lambda p, r: p - (p - r) * 3 / 4, params, ref.params)
     tree_allclose(got.params, expect, rtol=1e-5, atol=1e-6)
+
+
+def test_a_noise_sweep_is_one_program_and_each_member_has_its_own_epsilon(tmp_path):
+    config = _dp_config(sampling__scheme="poisson")
+    config.num_rounds, config.eval_every = 2, 2
+    out = fs.run_sweep(config, {"dp.noise_multiplier": [0.8, 1.6]}, tmp_path / "sweep")
+    assert out["groups"] == 1  # vectorized: one compiled program
+    eps = [m["summary"]["epsilon"] for m in out["members"]]
+    for m, z in zip(out["members"], (0.8, 1.6), strict=True):
+        solo = privacy.accountant_of(_dp_config(sampling__scheme="poisson"), 30)
+        solo = type(solo)(noise_multiplier=z, sampling_rate=solo.sampling_rate, delta=1e-5)
+        assert m["summary"]["epsilon"] == pytest.approx(solo.epsilon(2), abs=1e-6)
+    assert eps[0] > eps[1]

@@ -12,6 +12,12 @@ from fedjax_sim import aggregators
 from fedjax_sim.aggregators import Aggregator, weighted_mean
 from fedjax_sim.aggregators.adversary import FRACTION, Adversary, check_fraction
 from fedjax_sim.aggregators.adversary import adversary as make_adversary
+from fedjax_sim.aggregators.compression import (
+    Compressor,
+    compress_updates,
+    compressor,
+    with_error_feedback,
+)
 from fedjax_sim.aggregators.transforms import AggregationTransform, chain
 from fedjax_sim.algorithms.base import (
     UNROLL_STEPS,  # noqa: F401 (re-exported: its old home)
@@ -40,6 +46,7 @@ from fedjax_sim.privacy import (
 )
 from fedjax_sim.privacy import adaptive as privacy_adaptive
 
+EF_SALT = 2**31 - 9  # folded into a client's key: its error-feedback compressor's randomness
 PROXIMAL_MU = "client.proximal_mu"
 
 
@@ -58,6 +65,8 @@ def fedopt(
     adaptive_clipping: Mapping[str, float] | None = None,
     adversary: Adversary | None = None,
     attack_fraction: float = 0.0,
+    error_feedback: Compressor | None = None,
+    num_clients: int | None = None,
     executor: Executor | None = None,
     hparams: Mapping[str, float] | None = None,
 ) -> FederatedAlgorithm:
@@ -101,6 +110,11 @@ def fedopt(
         initial clip norm and ``noise_multiplier`` the total ``z`` the accountant sees.
       adversary: malicious clients (``aggregators.adversary``), a fraction
         ``attack_fraction`` of the population (hyperparameter ``attack.fraction``).
+      error_feedback: a compressor ``(update, key) -> update`` applied with error feedback
+        (Stich et al. 2018; ``aggregators.compression.with_error_feedback``): each client
+        keeps what compression dropped as its residual (``state.client_states``, a
+        ``[num_clients, ...]`` table) and adds it to its next update.
+      num_clients: the population (the residual table's rows; needed with error feedback).
       executor: how clients run (default ``Executor()``: strategy ``auto``, one device).
       hparams: the hyperparameters ``state.hparams`` keeps (default: the three numbers above
         and every injected optimizer hyperparameter); a subset of those, with their values.
@@ -143,9 +157,19 @@ def fedopt(
     hparams = select_hparams(known, hparams)
 
     server = ServerSide(server_optimizer, aggregator, pipeline, adversary)
+    if error_feedback is not None:
+        if not num_clients or clip_norm:
+            raise ValueError(
+                "error feedback needs num_clients (its residual table) and no clipping after "
+                "it (dp.clip_norm = 0): the residual must be what compression dropped."
+            )
+        feedback = with_error_feedback(error_feedback)
 
     def init(params):
-        return server.init(params, hparams)
+        if error_feedback is None:
+            return server.init(params, hparams)
+        table = jax.tree.map(lambda p: jax.numpy.zeros((num_clients, *p.shape), p.dtype), params)
+        return server.init(params, hparams, client_states=table)
 
     def apply(state, cohort, key):
         def client_fn(broadcast, data, client_state, ckey):
@@ -159,9 +183,18 @@ def fedopt(
                 executor=executor,
                 grad_transform=prox if proximal_mu else None,
             )
+            update = tree_sub(broadcast, local.params)
+            weight = client_weight(data["num_examples"], weighting)
+            if error_feedback is not None:
+                ekey = jax.random.fold_in(ckey, EF_SALT)
+                update, residual = feedback(update, client_state, ekey)
+                # A client whose update does not count (no real steps) keeps its residual.
+                client_state = jax.tree.map(
+                    lambda new, old: jax.numpy.where(weight > 0, new, old), residual, client_state
+                )
             return ClientOutput(
-                update=tree_sub(broadcast, local.params),
-                weight=client_weight(data["num_examples"], weighting),
+                update=update,
+                weight=weight,
                 metrics={"loss_sum": local.loss_sum, "num_seen": local.num_seen},
                 client_state=client_state,
             )
@@ -264,12 +297,32 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
         clip_norm=hp[CLIP_NORM],
         noise_multiplier=hp[NOISE_MULTIPLIER],
         expected_clients=expected_clients_of(config, ctx.num_clients),
+        transforms=compression_transforms(config),
+        error_feedback=error_feedback_of(config),
+        num_clients=ctx.num_clients,
         adaptive_clipping=adaptive_of(config),
         adversary=adversary_of(config, ctx),
         attack_fraction=hp.get(FRACTION, 0.0),
         executor=ctx.executor,
         hparams=hp,
     )
+
+
+def compression_transforms(config) -> tuple[AggregationTransform, ...]:
+    """The upload compression of ``config.compression`` as a client-stage transform (none
+    with error feedback: ``error_feedback_of``)."""
+    group = config.get("compression")
+    if group is None or group.method == "none" or group.get("error_feedback", False):
+        return ()
+    return (compress_updates(str(group.method), **group.kwargs.to_dict()),)
+
+
+def error_feedback_of(config) -> Compressor | None:
+    """The compressor of ``config.compression`` with ``error_feedback``, else ``None``."""
+    group = config.get("compression")
+    if group is None or group.method == "none" or not group.get("error_feedback", False):
+        return None
+    return compressor(str(group.method), **group.kwargs.to_dict())
 
 
 def aggregator_of(config) -> Aggregator:

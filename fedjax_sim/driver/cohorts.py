@@ -110,6 +110,7 @@ class CohortSource:
         slots: int,
         max_steps: int,
         model_bytes: int = 0,
+        upload_bytes: int | None = None,
         slot_multiple: int = 1,
         async_settings: AsyncSettings | None = None,
     ):
@@ -123,10 +124,14 @@ class CohortSource:
         self.real_slots = self.total_slots = 0
         self.systems = systems_of(config)
         self.populations = [
-            Population(self.systems, trains[d].sizes, s, self.cohort_size, model_bytes)
+            Population(
+                self.systems, trains[d].sizes, s, self.cohort_size, model_bytes, upload_bytes
+            )
             for s, d in streams
         ]
         self.clock = [0.0] * len(streams)  # simulated seconds after the last round, per stream
+        # Bytes sent down (the model) and up (updates) by the clients that reported, so far.
+        self.bytes = [(0, 0)] * len(streams)
         # Asynchronous runs: (updates discarded as too stale, clients lost to dropouts) so far.
         self.async_counts = [(0, 0)] * len(streams)
         self.schedules = None
@@ -208,6 +213,10 @@ class CohortSource:
                 if self.systems.alters_cohorts:
                     c, _ = apply_systems(c, self.systems, s, round_num, n)
                 self.clock[j] += round_seconds(self.populations[j], c, n)
+            pop = self.populations[j]
+            reported = int((np.asarray(c.client_ids) < n).sum())
+            down, up = self.bytes[j]
+            self.bytes[j] = (down + reported * pop.model_bytes, up + reported * pop.upload_bytes)
             self.real_slots += int(np.asarray(c.mask).sum())
             self.total_slots += c.mask.size
             out.append(data.packing.remap_cohort(c, self.row_maps[d]) if self.row_maps else c)
@@ -220,17 +229,20 @@ class CohortSource:
             "total_slots": self.total_slots,
             "clock": list(self.clock),
             "slots": self.slots,
+            "bytes": [list(b) for b in self.bytes],
         }
 
     def restore(self, saved: dict[str, Any]) -> None:
         self.real_slots, self.total_slots = saved["real_slots"], saved["total_slots"]
         self.clock, self.slots = list(saved["clock"]), int(saved["slots"])
+        self.bytes = [tuple(b) for b in saved.get("bytes", [(0, 0)] * len(self.streams))]
 
     def extras(self, stream: int) -> dict[str, float]:
         """Fields of a stream's evaluation records: the simulated clock, and for an
         asynchronous run the updates discarded as staler than ``max_staleness`` and the
         clients lost to dropouts so far (recomputed on resume: the schedule is replayed)."""
         out = {"sim_time_s": round(self.clock[stream], 6)}
+        out["bytes_down"], out["bytes_up"] = self.bytes[stream]
         if self.schedules is not None:
             out["async_discarded"], out["async_dropped"] = self.async_counts[stream]
         return out

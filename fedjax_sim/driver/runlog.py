@@ -18,7 +18,15 @@ PERSONAL_SUMMARY = (
 )
 
 # Fields of the last evaluation that the summary repeats under their own names.
-LAST_SUMMARY = ("sim_time_s", "async_discarded", "async_dropped", "epsilon", "delta")
+LAST_SUMMARY = (
+    "sim_time_s",
+    "bytes_down",
+    "bytes_up",
+    "async_discarded",
+    "async_dropped",
+    "epsilon",
+    "delta",
+)
 
 
 class RunLog:

@@ -161,7 +161,8 @@ class Population:
       sizes: ``[num_clients]`` examples per training client.
       seed: the stream's seed.
       clients_per_round: the cohort size (uniform and weighted sampling; Poisson's mean).
-      model_bytes: bytes of one model (what a client downloads and uploads).
+      model_bytes: bytes of one model (what a client downloads and, uncompressed, uploads).
+      upload_bytes: bytes of one client's upload (default ``model_bytes``).
     """
 
     def __init__(
@@ -171,8 +172,11 @@ class Population:
         seed: int,
         clients_per_round: int,
         model_bytes: int,
+        upload_bytes: int | None = None,
     ):
         self.systems, self.seed = systems, int(seed)
+        # What a client uploads: the model's bytes, or its compressed / masked update's.
+        self.upload_bytes = int(model_bytes if upload_bytes is None else upload_bytes)
         self.sizes = np.asarray(sizes, np.int64)
         self.num_clients = n = len(self.sizes)
         self.cohort_size = clients_per_round
@@ -240,7 +244,7 @@ class Population:
     def client_seconds(self, ids: np.ndarray, examples: np.ndarray) -> np.ndarray:
         """Seconds each client takes: download, ``examples`` processed, upload."""
         ids = np.asarray(ids, np.int64)
-        link = self.model_bytes / self.down[ids] + self.model_bytes / self.up[ids]
+        link = self.model_bytes / self.down[ids] + self.upload_bytes / self.up[ids]
         return link + np.asarray(examples, np.float64) / self.speed[ids]
 
 

@@ -1,0 +1,114 @@
+"""Bytes accounting: every record counts what the reporting clients downloaded (the model) and
+uploaded (the model, the compressed update, or SecAgg's masked vector), by hand."""
+
+import json
+import math
+
+import pytest
+
+import fedjax_sim as fs
+from fedjax_sim.aggregators import compression, secure
+from fedjax_sim.simulation import upload_bytes_of
+
+PARAMS = 60 * 10 + 10  # default:smoke's logreg on 60 features, 10 classes
+MODEL_BYTES = 4 * PARAMS
+
+
+def _config(**fields):
+    config = fs.load_config("default:smoke")
+    config.num_rounds, config.eval_every, config.checkpoint_every = 4, 2, 0
+    config.client.local_epochs = 1
+    for k, v in fields.items():
+        node = config
+        *groups, leaf = k.split("__")
+        for g in groups:
+            node = node[g]
+        node[leaf] = v
+    return config
+
+
+@pytest.mark.parametrize(
+    "method, kwargs",
+    [("none", {}), ("qsgd", {"levels": 16}), ("top_k", {"ratio": 0.1}), ("sign", {})],
+)
+def test_records_count_bytes_down_and_up(tmp_path, method, kwargs):
+    config = _config(compression__method=method)
+    config.compression.kwargs = fs.load_config("default").compression.kwargs
+    for k, v in kwargs.items():
+        config.compression.kwargs[k] = v
+    fs.simulate(config, tmp_path / "run", progress=False)
+    recs = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    up = (
+        MODEL_BYTES
+        if method == "none"
+        else math.ceil(compression.bits_per_update(method, PARAMS, **kwargs) / 8)
+    )
+    if method == "qsgd":  # 32 bits of norm + 610 x (ceil(log2 17) = 5 level bits + 1 sign)
+        assert up == math.ceil((32 + 610 * 6) / 8) == 462
+    for rec in recs:  # 10 clients report each round (no systems effects)
+        assert rec["bytes_down"] == rec["round"] * 10 * MODEL_BYTES
+        assert rec["bytes_up"] == rec["round"] * 10 * up
+
+
+def test_dropped_clients_send_nothing(tmp_path):
+    config = _config(systems__dropout=0.5)
+    fs.simulate(config, tmp_path / "run", progress=False)
+    recs = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    sent = recs[-1]["bytes_up"] // MODEL_BYTES
+    assert recs[-1]["bytes_up"] % MODEL_BYTES == 0 and 0 < sent < 40  # 4 rounds of 10, ~half
+
+
+def test_secure_aggregation_uploads_its_masked_vector_and_protocol_messages():
+    config = _config(aggregator="secure")
+    config.aggregator_kwargs = fs.load_config("default").aggregator_kwargs
+    config.aggregator_kwargs.clip_range, config.aggregator_kwargs.bits = 1.0, 8
+    expect = secure.secagg_bytes(PARAMS, 10, 32, None)["up"]
+    assert upload_bytes_of(config, PARAMS, MODEL_BYTES) == expect
+    assert expect > PARAMS * 4  # the 32-bit masked vector plus keys and shares
+
+
+def test_compression_shortens_the_simulated_upload():
+    plain = _config(systems__bandwidth_up=1000.0)
+    packed = _config(systems__bandwidth_up=1000.0, compression__method="sign")
+    a = fs.build_experiment(plain)
+    b = fs.build_experiment(packed)
+    assert a.upload_bytes == MODEL_BYTES and b.upload_bytes == math.ceil(PARAMS / 8)
+
+
+def test_error_feedback_keeps_what_top_k_dropped_as_the_clients_residual():
+    import jax
+    import optax
+
+    from fedjax_sim.data import pack_cohort
+    from tests.helpers import linear_model, ragged_dataset, tree_allclose
+
+    model = linear_model()
+    params = model.init(jax.random.key(0))
+    ds = ragged_dataset([4, 6, 5])
+    kw = dict(weighting="uniform", executor=fs.Executor("sequential"))
+
+    def delta_of(client):  # one client alone, server lr 1: new = params - delta
+        cohort = pack_cohort(ds, [client], batch_size=2, seed=0, round_num=0)
+        algo = fs.fedavg(model, optax.sgd(0.1), **kw)
+        new, _ = algo.apply(algo.init(params), cohort, jax.random.key(1))
+        return jax.tree.map(lambda p, n: p - n, params, new.params)
+
+    top = lambda u, key: compression.top_k(u, 0.5)  # noqa: E731
+    algo = fs.fedavg(model, optax.sgd(0.1), error_feedback=top, num_clients=4, **kw)
+    cohort = pack_cohort(ds, [0, 1, 2], batch_size=2, seed=0, round_num=0, num_clients=4)
+    state, _ = algo.apply(algo.init(params), cohort, jax.random.key(1))
+    sent = []
+    for c in range(3):
+        d = delta_of(c)
+        kept = compression.top_k(d, 0.5)
+        sent.append(kept)
+        row = jax.tree.map(lambda a, c=c: a[c], state.client_states)
+        tree_allclose(row, jax.tree.map(lambda a, b: a - b, d, kept), rtol=1e-5, atol=1e-7)
+    untouched = jax.tree.map(lambda a: a[3], state.client_states)  # never sampled: zero
+    assert all(not a.any() for a in jax.tree.leaves(untouched))
+    mean_sent = jax.tree.map(lambda *a: sum(a) / 3, *sent)
+    tree_allclose(
+        state.params, jax.tree.map(lambda p, m: p - m, params, mean_sent), rtol=1e-5, atol=1e-7
+    )
+    with pytest.raises(ValueError, match="error feedback needs num_clients"):
+        fs.fedavg(model, optax.sgd(0.1), error_feedback=top, **kw)
