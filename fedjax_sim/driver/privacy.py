@@ -53,6 +53,7 @@ def accountant_of(config, num_clients: int):
                 "noise no epsilon is finite. Set dp.noise_multiplier (and dp.clip_norm) > 0."
             )
         return None
+    from fedjax_sim.driver.systems import poisson_rate, systems_of
     from fedjax_sim.privacy.accounting import Accountant
 
     sampling = config.get("sampling")
@@ -64,7 +65,7 @@ def accountant_of(config, num_clients: int):
         )
     cohort = int(config.clients_per_round)
     if scheme == "poisson":
-        rate = float(sampling.rate) or cohort / num_clients
+        rate = poisson_rate(systems_of(config), num_clients, cohort)
         return Accountant(
             noise_multiplier=dp["noise_multiplier"],
             sampling_rate=rate,

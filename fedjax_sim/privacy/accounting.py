@@ -59,7 +59,8 @@ def _dpa():
 # Input checks. Each message names the argument, the value and what to do.
 
 
-def _check_noise(noise_multiplier: float) -> float:
+def check_noise_multiplier(noise_multiplier: float) -> float:
+    """``noise_multiplier`` as a float, refused unless finite and >= 0."""
     z = float(noise_multiplier)
     if not (math.isfinite(z) and z >= 0):
         raise ValueError(
@@ -195,7 +196,7 @@ def dp_event(
       ``SelfComposedDpEvent(one_round, rounds)``, or ``NoOpDpEvent`` / ``NonPrivateDpEvent``
       in the edge cases above.
     """
-    z = _check_noise(noise_multiplier)
+    z = check_noise_multiplier(noise_multiplier)
     rounds = _check_rounds(rounds)
     q, cohort_size, population = _sampling_params(sampling, sampling_rate, cohort_size, population)
     round_event = _round_event(z, q, sampling, cohort_size, population) if z > 0 else None
@@ -327,37 +328,63 @@ def noise_multiplier_for_epsilon(
     Raises:
       ValueError: bad inputs, or no noise multiplier up to about 2^30 meets the target.
     """
-    dpa = _dpa()
-    eps = float(target_epsilon)
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"target_epsilon must be a finite number > 0; got {target_epsilon!r}")
-    delta = _check_delta(delta)
-    accountant = _check_accountant(accountant)
-    _check_pld_sampling(accountant, sampling)
+    _check_pld_sampling(_check_accountant(accountant), sampling)
     rounds = _check_rounds(rounds)
     q, cohort_size, population = _sampling_params(sampling, sampling_rate, cohort_size, population)
-    if not (math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be a finite number > 0; got {tol!r}")
-    if rounds == 0:
-        return 0.0
 
     def make_event(z):
         round_event = _round_event(z, q, sampling, cohort_size, population) if z > 0 else None
         return _compose(round_event, z, rounds)
 
+    if rounds == 0:
+        _check_calibration(target_epsilon, delta, accountant, tol)
+        return 0.0
+    return calibrate_noise_multiplier(
+        make_event,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        accountant=accountant,
+        tol=tol,
+        what=f"over {rounds} rounds; raise the target or delta, or use fewer rounds",
+    )
+
+
+def _check_calibration(target_epsilon, delta, accountant, tol) -> tuple[float, float, str]:
+    eps = float(target_epsilon)
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"target_epsilon must be a finite number > 0; got {target_epsilon!r}")
+    delta = _check_delta(delta)
+    accountant = _check_accountant(accountant)
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a finite number > 0; got {tol!r}")
+    return eps, delta, accountant
+
+
+def calibrate_noise_multiplier(
+    make_event, *, target_epsilon: float, delta: float, accountant: str, tol: float, what: str
+) -> float:
+    """The smallest ``z`` whose ``make_event(z)`` costs at most ``target_epsilon`` at
+    ``delta``: ``dp_accounting.calibrate_dp_mechanism`` with the accountant (and neighbouring
+    relation) that supports the event. Shared by DP-FedAvg's and DP-FTRL's inverses.
+
+    Args:
+      make_event: ``z -> DpEvent``.
+      target_epsilon, delta, accountant, tol: as in ``noise_multiplier_for_epsilon``.
+      what: the end of the error message when no ``z`` meets the target (say what to change).
+
+    Raises:
+      ValueError: bad inputs, or no noise multiplier up to about 2^30 meets the target.
+    """
+    dpa = _dpa()
+    eps, delta, accountant = _check_calibration(target_epsilon, delta, accountant, tol)
     relation = _relation_for(accountant, make_event(1.0))
     try:
         z = dpa.calibrate_dp_mechanism(
-            lambda: _make_accountant(accountant, relation),
-            make_event,
-            eps,
-            delta,
-            tol=tol,
+            lambda: _make_accountant(accountant, relation), make_event, eps, delta, tol=tol
         )
     except dpa.mechanism_calibration.NoBracketIntervalFoundError as err:
         raise ValueError(
-            f"no noise multiplier meets target_epsilon={eps} at delta={delta} over {rounds} "
-            f"rounds; raise the target or delta, or use fewer rounds"
+            f"no noise multiplier meets target_epsilon={eps} at delta={delta} {what}"
         ) from err
     return float(z)
 
@@ -383,7 +410,7 @@ def adaptive_clipping_noise(noise_multiplier: float, clipped_count_stddev: float
     Returns:
       ``z``; 0.0 when either noise is 0 (that release alone is not private).
     """
-    z_delta = _check_noise(noise_multiplier)
+    z_delta = check_noise_multiplier(noise_multiplier)
     sigma_b = _check_count_stddev(clipped_count_stddev)
     if z_delta == 0 or sigma_b == 0:
         return 0.0
@@ -407,7 +434,7 @@ def split_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float)
     Raises:
       ValueError: ``2 * sigma_b <= z``, so the count alone spends the whole budget.
     """
-    z = _check_noise(noise_multiplier)
+    z = check_noise_multiplier(noise_multiplier)
     sigma_b = _check_count_stddev(clipped_count_stddev)
     if z == 0:
         return 0.0
@@ -456,7 +483,7 @@ class Accountant:
         population: int | None = None,
     ):
         dpa = _dpa()
-        self.noise_multiplier = _check_noise(noise_multiplier)
+        self.noise_multiplier = check_noise_multiplier(noise_multiplier)
         self.delta = _check_delta(delta)
         self.accountant = _check_accountant(accountant)
         _check_pld_sampling(accountant, sampling)

@@ -72,6 +72,7 @@ import numpy as np
 from fedjax_sim.aggregators.transforms import AggregationTransform
 from fedjax_sim.core.types import Params, PRNGKey, PyTree
 from fedjax_sim.privacy import CLIP_NORM, NOISE_MULTIPLIER
+from fedjax_sim.privacy.accounting import check_noise_multiplier
 
 if TYPE_CHECKING:
     from jax_privacy.matrix_factorization import StreamingMatrix
@@ -155,16 +156,6 @@ def _check_int(value, name: str, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
     return int(value)
-
-
-def _check_noise(noise_multiplier: float) -> float:
-    z = float(noise_multiplier)
-    if not (math.isfinite(z) and z >= 0):
-        raise ValueError(
-            f"noise_multiplier must be a finite number >= 0 (the noise std over the clip "
-            f"norm); got {noise_multiplier!r}"
-        )
-    return z
 
 
 def _check_strategy_args(
@@ -494,7 +485,7 @@ def ftrl_epsilon(
     """
     from fedjax_sim.privacy.accounting import epsilon_of_event
 
-    z = _check_noise(noise_multiplier)
+    z = check_noise_multiplier(noise_multiplier)
     s = ftrl_strategy(
         num_rounds=num_rounds,
         strategy=strategy,
@@ -536,17 +527,9 @@ def ftrl_noise_multiplier(
     Returns:
       ``z`` (> 0).
     """
-    import dp_accounting
+    from fedjax_sim.privacy import accounting
 
-    from fedjax_sim.privacy.accounting import ACCOUNTANTS, PLD_DISCRETIZATION
-
-    eps = float(target_epsilon)
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"target_epsilon must be a finite number > 0; got {target_epsilon!r}")
-    if not 0 < float(delta) < 1:
-        raise ValueError(f"delta must be in (0, 1); got {delta!r}")
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"unknown accountant {accountant!r}; known: {', '.join(ACCOUNTANTS)}")
+    accounting._check_calibration(target_epsilon, delta, accountant, tol)  # before the strategy
     s = ftrl_strategy(
         num_rounds=num_rounds,
         strategy=strategy,
@@ -555,13 +538,12 @@ def ftrl_noise_multiplier(
         participations=participations,
         min_separation=min_separation,
     )
-    if accountant == "rdp":
-        make_accountant = dp_accounting.rdp.RdpAccountant
-    else:
-        make_accountant = functools.partial(
-            dp_accounting.pld.PLDAccountant, value_discretization_interval=PLD_DISCRETIZATION
-        )
-    z = dp_accounting.calibrate_dp_mechanism(
-        make_accountant, _gaussian_event, eps, float(delta), tol=tol
+    z = accounting.calibrate_noise_multiplier(
+        _gaussian_event,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        accountant=accountant,
+        tol=tol,
+        what="for this strategy; raise the target or delta",
     )
-    return float(z) * s.sensitivity
+    return z * s.sensitivity
