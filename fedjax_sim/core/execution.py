@@ -157,6 +157,18 @@ def gather_client_states(client_states: PyTree, client_ids: jax.Array) -> PyTree
     )
 
 
+def read_client_state(client_states: PyTree, client_id: jax.Array) -> PyTree:
+    """One client's row of per-client state; a padded (out-of-range) id reads zeros."""
+
+    def row(s):
+        num = s.shape[0]
+        at = jnp.clip(client_id, 0, num - 1).astype(jnp.int32)
+        r = lax.dynamic_index_in_dim(s, at, keepdims=False)
+        return jnp.where((client_id >= 0) & (client_id < num), r, jnp.zeros_like(r))
+
+    return jax.tree.map(row, client_states)
+
+
 def scatter_client_states(
     client_states: PyTree, client_ids: jax.Array, new_states: PyTree
 ) -> PyTree:
@@ -284,16 +296,15 @@ class Executor(NamedTuple):
             return self._run_in_place(
                 client_fn, data, key, broadcast, client_states, hparams, sum_weighted_updates
             )
-        per_client = (
-            data,
-            gather_client_states(client_states, cohort.client_ids),
-            client_keys(key, cohort.client_ids),
-        )
+        # Each client reads its own row of the state table inside the loop: no
+        # ``cohort x state`` block is gathered before it (a pass over that much memory).
+        per_client = (data, client_keys(key, cohort.client_ids))
 
-        def run(shared_and_hparams, inputs):
+        def run(shared_and_hparams, inputs, table):
             shared, hp = shared_and_hparams
 
-            def one(data, client_state, ckey):
+            def one(data, ckey):
+                client_state = read_client_state(table, data["client_id"])
                 return client_fn(shared, {**data, "hparams": hp}, client_state, ckey)
 
             if sum_weighted_updates:
@@ -316,7 +327,7 @@ class Executor(NamedTuple):
             return (), outputs
 
         if mesh is None or mesh.size == 1:
-            sums, outputs = run((broadcast, hparams), per_client)
+            sums, outputs = run((broadcast, hparams), per_client, client_states)
         else:
             n = mesh.size
             if cohort.num_clients % n:
@@ -325,19 +336,20 @@ class Executor(NamedTuple):
                     f"pad it to a multiple of {n} (pack_cohort(..., num_clients=...))."
                 )
 
-            def sharded(shared, inputs):
+            def sharded(shared, inputs, table):
                 # Replicated inputs must be marked varying before per-client gradients, or JAX
-                # sums the gradients across devices (../shared/PERF_NOTES.md).
+                # sums the gradients across devices (../shared/PERF_NOTES.md). The state table
+                # is only read (at per-device row indices), never differentiated.
                 shared = jax.tree.map(lambda a: lax.pcast(a, CLIENT_AXIS, to="varying"), shared)
-                sums, outputs = run(shared, inputs)
+                sums, outputs = run(shared, inputs, table)
                 return jax.tree.map(lambda a: lax.psum(a, CLIENT_AXIS), sums), outputs
 
             sums, outputs = jax.shard_map(
                 sharded,
                 mesh=mesh,
-                in_specs=(P(), P(CLIENT_AXIS)),
+                in_specs=(P(), P(CLIENT_AXIS), P()),
                 out_specs=(P(), P(CLIENT_AXIS)),
-            )((broadcast, hparams), per_client)
+            )((broadcast, hparams), per_client, client_states)
         if sum_weighted_updates:
             outputs = outputs._replace(update=sums)
         new_states = scatter_client_states(client_states, cohort.client_ids, outputs.client_state)
