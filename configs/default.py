@@ -56,7 +56,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.aggregator = "mean"
     config.aggregator_kwargs = ml_collections.ConfigDict()
     # Malicious clients (fedjax_sim/aggregators/adversary.py): a fixed fraction of the
-    # population runs the attack: none | label_flip | sign_flip | scaling | gaussian | alie | ipm.
+    # population runs the attack: none | label_flip | backdoor | sign_flip | scaling | gaussian |
+    # alie | ipm. backdoor (image classification only) takes kwargs target_label (0),
+    # pattern_size (3), value (1.0), poison_fraction (1.0) and boost (1.0: no scaling); every
+    # evaluation then records backdoor_success (the attack success rate on triggered images).
     config.attack = ml_collections.ConfigDict(
         {"name": "none", "fraction": 0.0, "kwargs": ml_collections.ConfigDict()}
     )

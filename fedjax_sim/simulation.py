@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from fedjax_sim import algorithms, checkpoint, data, models
+from fedjax_sim.aggregators.adversary import Backdoor, backdoor_settings, check_backdoor
 from fedjax_sim.algorithms.base import AsyncSettings, BuildContext
 from fedjax_sim.core.execution import Executor, client_mesh
 from fedjax_sim.core.task import Task, get_task
@@ -39,6 +40,7 @@ from fedjax_sim.optimizers import optimizer_from_config
 __all__ = [
     "Experiment",
     "TrainingDiverged",
+    "backdoor_of",
     "build_algorithm",
     "build_experiment",
     "data_on_device",
@@ -105,6 +107,7 @@ def build_experiment(
     systems = systems_of(config)  # so do bad sampling / systems settings
     async_settings = spec.async_schedule(config) if spec.async_schedule is not None else None
     finetune_steps_of(config)
+    backdoor = backdoor_of(config)  # bad attack.kwargs or a non-classification task fail here
     if federated_data is None:
         federated_data = data.get_federated_data(
             config.dataset.name, seed=data_seed_of(config), **kwargs_of(config.dataset.kwargs)
@@ -124,6 +127,13 @@ def build_experiment(
         **kwargs_of(config.model.kwargs),
     )
     task = get_task(config.get("task", "classification"), model)
+    if backdoor is not None:
+        check_backdoor(
+            backdoor,
+            task=task.name,
+            input_shape=tuple(train.element_spec["x"][0]),
+            num_classes=int(federated_data.num_classes),
+        )
     num_steps = data.max_local_steps_of(train, **packing_of(config))
     if async_settings is not None:
         capacity = async_settings.buffer_size  # a round is one buffer of updates
@@ -176,6 +186,17 @@ def compression_of(config) -> tuple[str, dict]:
     if group is None:
         return "none", {}
     return str(group.method), group.kwargs.to_dict()
+
+
+def backdoor_of(config) -> Backdoor | None:
+    """The backdoor of a config with ``attack.name = "backdoor"`` (its ``attack.kwargs``,
+    checked, and its task checked to be classification), else ``None``."""
+    group = config.get("attack")
+    if group is None or group.name != "backdoor":
+        return None
+    bd = backdoor_settings(**group.kwargs.to_dict())
+    check_backdoor(bd, task=config.get("task", "classification"))
+    return bd
 
 
 def finetune_steps_of(config) -> int:
@@ -233,6 +254,7 @@ def make_evaluator(
         train_sets=trains,
         personalization=personalization,
         finetune_seeds=data_seeds,
+        backdoor=backdoor_of(config),
     )
 
 
@@ -372,6 +394,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{summary['final_personal_client_accuracy_p50']:.4f}, p90 "
             f"{summary['final_personal_client_accuracy_p90']:.4f})"
             if "final_personal_test_accuracy" in summary
+            else ""
+        )
+        + (
+            f"\n  backdoor success {summary['final_backdoor_success']:.4f}"
+            if summary.get("final_backdoor_success") is not None
             else ""
         )
         + (

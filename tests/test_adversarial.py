@@ -83,7 +83,7 @@ def test_config_attack_and_robust_aggregator_run_end_to_end(tmp_path):
     out = fs.simulate(config, tmp_path / "run", progress=False)
     assert np.isfinite(out["final_test_loss"])
     config.attack.name = "teleport"
-    with pytest.raises(ValueError, match="known: alie, gaussian, ipm, label_flip"):
+    with pytest.raises(ValueError, match="known: alie, backdoor, gaussian, ipm, label_flip"):
         fs.build_experiment(config)
     config.attack.name, config.attack.fraction = "scaling", 1.5
     with pytest.raises(ValueError, match=r"attack.fraction must be in \[0, 1\]"):

@@ -27,6 +27,7 @@ __all__ = [
     "add_backdoor",
     "alie",
     "alie_z",
+    "backdoor_counts",
     "backdoor_success",
     "flip_labels",
     "gaussian",
@@ -305,6 +306,19 @@ def add_backdoor(
     return jnp.where(mask_x, stamped, x), jnp.where(poison_mask, relabelled, y)
 
 
+def backdoor_counts(
+    logits: Array, y_true: Array, target_label: int, mask: Array | None = None
+) -> tuple[Array, Array]:
+    """The sums behind ``backdoor_success``, to pool over batches: ``(hits, counted)``, the
+    counted examples (true class not the target, ``mask`` True) and those of them predicted as
+    the target, as float32 scalars."""
+    counted = y_true != target_label
+    if mask is not None:
+        counted = counted & mask
+    hit = counted & (jnp.argmax(logits, axis=-1) == target_label)
+    return jnp.sum(hit.astype(jnp.float32)), jnp.sum(counted.astype(jnp.float32))
+
+
 def backdoor_success(
     logits: Array, y_true: Array, target_label: int, mask: Array | None = None
 ) -> Array:
@@ -320,9 +334,5 @@ def backdoor_success(
     Returns:
       A float32 scalar in ``[0, 1]``; 0 when no counted example is outside the target class.
     """
-    counted = y_true != target_label
-    if mask is not None:
-        counted = counted & mask
-    hit = counted & (jnp.argmax(logits, axis=-1) == target_label)
-    total = jnp.sum(counted.astype(jnp.float32))
-    return jnp.sum(hit.astype(jnp.float32)) / jnp.maximum(total, 1.0)
+    hits, total = backdoor_counts(logits, y_true, target_label, mask)
+    return hits / jnp.maximum(total, 1.0)

@@ -1,5 +1,6 @@
 """The evaluator: every member's global model on its test clients, one pass per test set;
-and, where asked, each test client's personalized model (``Personalization``)."""
+where asked, each test client's personalized model (``Personalization``); and, under a
+backdoor attack, the global model's attack success rate on the triggered test images."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from fedjax_sim import data
+from fedjax_sim.aggregators import attacks
+from fedjax_sim.aggregators.adversary import Backdoor
 from fedjax_sim.algorithms.base import with_optimizer_hparams
 from fedjax_sim.core.client import local_train
 from fedjax_sim.core.execution import map_clients
@@ -20,6 +24,7 @@ from fedjax_sim.core.task import Task, mean_loss_fn
 from fedjax_sim.metrics import make_client_evaluator, make_evaluator, summarize_eval
 
 PERSONAL_PREFIX = "personal_"
+BACKDOOR_SUCCESS = "backdoor_success"
 
 
 class Personalization(NamedTuple):
@@ -64,6 +69,9 @@ class Evaluator:
       batch_size: evaluation batch size.
       vectorized: members' params come stacked (a sweep): each set's pass is vmapped over its
         members. Otherwise there is one member and its params are evaluated on one device.
+      backdoor: under a backdoor attack, every evaluation also gives ``backdoor_success``:
+        of the test examples whose class is not the target, the fraction the global model
+        classifies as the target once the trigger is stamped on them.
     """
 
     def __init__(
@@ -77,17 +85,25 @@ class Evaluator:
         train_sets: dict[Hashable, data.FederatedDataset] | None = None,
         personalization: Personalization | None = None,
         finetune_seeds: dict[Hashable, int] | None = None,
+        backdoor: Backdoor | None = None,
     ):
         self.vectorized = vectorized
         self.device = jax.local_devices()[0]
         self.fns, self.arrays = {}, {}
+        self.backdoor = backdoor
+        backdoor_fn = None if backdoor is None else backdoor_evaluator(task, backdoor)
+        self._backdoor_fns = {}
         for k, t in test_sets.items():
             fn = make_evaluator(task, t.num_clients)
             arrays = data.pack_eval(t, batch_size=batch_size)
             if vectorized:
                 fn = jax.jit(jax.vmap(fn, (0, None, None, None)))
+                if backdoor_fn is not None:
+                    self._backdoor_fns[k] = jax.jit(jax.vmap(backdoor_fn, (0, None, None)))
             else:
                 arrays = jax.device_put(arrays, self.device)
+                if backdoor_fn is not None:
+                    self._backdoor_fns[k] = jax.jit(backdoor_fn)
             self.fns[k], self.arrays[k] = fn, arrays
         self.members = {
             k: np.asarray([m for m, mk in enumerate(member_sets) if mk == k]) for k in test_sets
@@ -145,11 +161,16 @@ class Evaluator:
         return summarize_eval(*fn(client_params, dict(packed.batches), packed.mask))
 
     def __call__(self, params) -> list[dict[str, float]]:
-        """Each member's metrics (``summarize_eval``) from its global model ``params``."""
+        """Each member's metrics (``summarize_eval``, and ``backdoor_success`` under a backdoor)
+        from its global model ``params``."""
         if not self.vectorized:
             ((k, fn),) = self.fns.items()
-            sums = fn(jax.device_put(params, self.device), *self.arrays[k])
-            return [summarize_eval(*sums)]
+            params = jax.device_put(params, self.device)
+            out = summarize_eval(*fn(params, *self.arrays[k]))
+            if self.backdoor is not None:
+                arrays, mask, _ = self.arrays[k]
+                out[BACKDOOR_SUCCESS] = _success(*self._backdoor_fns[k](params, arrays, mask))
+            return [out]
         out: list = [None] * self.num_members
         for k, idx in self.members.items():
             sub = params
@@ -158,7 +179,38 @@ class Evaluator:
             sums = jax.device_get(self.fns[k](sub, *self.arrays[k]))
             for j, m in enumerate(idx):
                 out[m] = summarize_eval(*(a[j] for a in sums))
+            if self.backdoor is not None:
+                arrays, mask, _ = self.arrays[k]
+                hits, counted = jax.device_get(self._backdoor_fns[k](sub, arrays, mask))
+                for j, m in enumerate(idx):
+                    out[m][BACKDOOR_SUCCESS] = _success(hits[j], counted[j])
         return out
+
+
+def backdoor_evaluator(task: Task, backdoor: Backdoor):
+    """``(params, arrays, mask) -> (hits, counted)`` over packed evaluation batches
+    (``data.pack_eval``): every image stamped with ``backdoor``'s trigger, ``counted`` the real
+    examples whose true class is not the target, ``hits`` those the model then classifies as
+    the target (``attacks.backdoor_counts``; their ratio is the attack success rate)."""
+    model = task.model
+
+    def evaluate(params, arrays, mask):
+        def body(carry, inp):
+            batch, m = inp
+            x, _ = backdoor.stamp(batch["x"], batch["y"])
+            logits = model.apply(params, x, train=False, key=None)
+            hits, counted = attacks.backdoor_counts(logits, batch["y"], backdoor.target_label, m)
+            return (carry[0] + hits, carry[1] + counted), None
+
+        zero = jnp.zeros((), jnp.float32)
+        sums, _ = lax.scan(body, (zero, zero), (arrays, mask))
+        return sums
+
+    return evaluate
+
+
+def _success(hits, counted) -> float:
+    return float(np.asarray(hits, np.float64) / max(float(counted), 1.0))
 
 
 def _pack_test(test: data.FederatedDataset, batch_size: int):

@@ -17,6 +17,9 @@ PERSONAL_SUMMARY = (
     "personal_client_accuracy_p90",
 )
 
+# Fields of the last evaluation that the summary repeats as final_<name> (a backdoor attack's).
+ATTACK_SUMMARY = ("backdoor_success",)
+
 # Fields of the last evaluation that the summary repeats under their own names.
 LAST_SUMMARY = (
     "sim_time_s",
@@ -97,6 +100,7 @@ class RunLog:
             "best_round": best.get("round"),
             "client_accuracy_p10": last.get("client_accuracy_p10"),
             **{f"final_{k}": last[k] for k in PERSONAL_SUMMARY if k in last},
+            **{f"final_{k}": last[k] for k in ATTACK_SUMMARY if k in last},
             **{k: last[k] for k in LAST_SUMMARY if k in last},
             "wall_s": round(wall_s, 3),
             "rounds_per_s": round(num_rounds / wall_s, 2),
