@@ -199,6 +199,117 @@ BASELINES: dict[str, Baseline] = {
         _fedprox("fedprox_synthetic_0_0", 0.0, 0.0, False, "Synthetic(0,0)"),
         _fedprox("fedprox_synthetic_iid", 0.0, 0.0, True, "Synthetic-IID"),
         Baseline(
+            name="fedprox_femnist",
+            paper="Li et al. 2020 (FedProx), Figure 1 (FEMNIST)",
+            setting=(
+                "FEMNIST, FedAvg (stragglers dropped) vs FedProx mu=1 (partial work), 0% and "
+                "90% stragglers, 10 clients a round, 1 local epoch of batch 10"
+            ),
+            paper_value="curves only: FedProx mu=1 above FedAvg, more so at 90% stragglers",
+            arms={
+                f"{alg}, {frac:.0%} stragglers": (
+                    "configs/femnist_cnn.py",
+                    {
+                        "systems.straggler_fraction": frac,
+                        "systems.straggler_mode": mode,
+                        "client.proximal_mu": mu,
+                        "checkpoint_every": 0,
+                    },
+                )
+                for frac in (0.0, 0.9)
+                for alg, mode, mu in (
+                    ("FedAvg (dropped)", "drop", 0.0),
+                    ("FedProx mu=1 (partial)", "partial", 1.0),
+                )
+            },
+            metric="final",
+            seeds=(0, 1, 2),
+            quick={"num_rounds": 30, "eval_every": 10},
+            quick_seeds=(0,),
+            quick_note="30 rounds, seed 0",
+            notes=(
+                "the LEAF FEMNIST sample here has 105 writers (the paper: 200 devices of "
+                "FEMNIST's 10 lower-case letters), LEAF's CNN, client lr 0.06"
+            ),
+            pending="4 arms x 3 seeds x 200 CNN rounds: several hours on this CPU",
+        ),
+        Baseline(
+            name="leaf_shakespeare",
+            paper="McMahan et al. 2017 (Shakespeare LSTM) / Caldas et al. 2018 (LEAF)",
+            setting=(
+                "LEAF Shakespeare by speaking role, next character, 2x256 LSTM, FedAvg 10 "
+                "clients a round, 1 local epoch of batch 10 (50 steps at most), client lr 0.8"
+            ),
+            paper_value="LEAF: accuracy curves near 0.5; McMahan et al.: rounds to 54%",
+            arms={"FedAvg": ("configs/shakespeare_lstm.py", {"checkpoint_every": 0})},
+            metric="final",
+            quick={"num_rounds": 20, "eval_every": 10, "client.max_local_steps": 10},
+            quick_note="20 rounds of at most 10 local steps",
+            notes=(
+                "roles built from the play text in ../shared/data/shakespeare with LEAF's "
+                "rules; test on a fixed sample of 100 roles (eval_max_clients)"
+            ),
+            pending="200 LSTM rounds: about an hour on this CPU",
+        ),
+        Baseline(
+            name="hsu19_cifar10",
+            paper="Hsu et al. 2019, Figure 3 (CIFAR-10, Dirichlet label skew)",
+            setting=(
+                "CIFAR-10 (the JPEG copy), 100 clients, Dirichlet alpha in {100, 1, 0.1}, "
+                "FedAvg vs FedAvgM (server momentum 0.9), ResNet-18-GN"
+            ),
+            paper_value="curves: FedAvgM above FedAvg, more so at small alpha",
+            arms={
+                f"{name}, alpha {alpha}": (
+                    "configs/cifar10_dirichlet.py",
+                    {
+                        "dataset.kwargs.partition_kwargs.alpha": alpha,
+                        "algorithm": alg,
+                        "checkpoint_every": 0,
+                    },
+                )
+                for alpha in (100.0, 1.0, 0.1)
+                for name, alg in (("FedAvg", "fedavg"), ("FedAvgM", "fedavgm"))
+            },
+            metric="final",
+            quick={
+                "num_rounds": 10,
+                "eval_every": 5,
+                "model.name": "cnn_mcmahan",
+                "model.kwargs": {},
+                "client.max_local_steps": 10,
+            },
+            quick_note="10 rounds of at most 10 steps, McMahan's CNN instead of ResNet-18-GN",
+            notes="the JPEG copy of CIFAR-10 (JPEG artefacts), not the original arrays",
+            pending="ResNet-18-GN for 500 rounds needs a GPU (none lent to this session)",
+        ),
+        Baseline(
+            name="reddi21_femnist",
+            paper="Reddi et al. 2021, Table 2 (EMNIST CNN)",
+            setting=(
+                "FEMNIST CNN, FedAvg / FedAvgM / FedAdagrad / FedAdam / FedYogi, server "
+                "learning rate from a grid, client lr 0.06"
+            ),
+            paper_value="federated EMNIST (3,400 writers): not this 105-writer sample",
+            arms={
+                name: ("configs/femnist_cnn.py", {"algorithm": alg, "checkpoint_every": 0})
+                for name, alg in (
+                    ("FedAvg", "fedavg"),
+                    ("FedAvgM", "fedavgm"),
+                    ("FedAdagrad", "fedadagrad"),
+                    ("FedAdam", "fedadam"),
+                    ("FedYogi", "fedyogi"),
+                )
+            },
+            metric="final",
+            grid={"server.learning_rate": [0.01, 0.0316, 0.1, 0.316, 1.0]},
+            quick={"num_rounds": 30, "eval_every": 10},
+            quick_grid={"server.learning_rate": [0.0316, 0.316]},
+            quick_note="30 rounds, server lr in {0.0316, 0.316}",
+            notes="Reddi's grids are wider (client and server lr, tau); here the server lr only",
+            pending="5 optimizers x 5 server rates x 200 CNN rounds: hours on this CPU",
+        ),
+        Baseline(
             name="tff_dp_tutorial",
             paper="TFF tutorial 'Differential Privacy in TFF' (EMNIST, 3,383 clients)",
             setting=(
@@ -243,7 +354,10 @@ def arm_config(spec: str, overrides: dict[str, Any], quick: dict[str, Any]):
     import fedjax_sim as fs
 
     config = fs.load_config(spec)
-    for k, v in {**overrides, **quick}.items():
+    settings = {**overrides, **quick}
+    if "algorithm" in settings:  # first, with its defaults, as --config.algorithm=NAME does
+        fs.algorithms.switch_algorithm(config, settings.pop("algorithm"))
+    for k, v in settings.items():
         _set(config, k, v)
     return config
 

@@ -36,7 +36,7 @@ def test_every_arm_is_a_valid_config(name, monkeypatch):
                 node = config
                 for part in k.split("."):
                     node = node[part]
-                assert node == v
+                assert (node.to_dict() if hasattr(node, "to_dict") else node) == v
 
 
 def test_rounds_to_is_the_first_round_at_target():
