@@ -52,7 +52,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.task = "classification"
     config.weighting = "num_examples"  # num_examples | uniform
     # mean | median | trimmed_mean | krum | multi_krum | geometric_median | norm_bounding |
-    # centered_clipping | secure (fedjax_sim/aggregators), with its arguments.
+    # centered_clipping | secure | majority_vote (fedjax_sim/aggregators), with its arguments.
     config.aggregator = "mean"
     config.aggregator_kwargs = ml_collections.ConfigDict()
     # Malicious clients (fedjax_sim/aggregators/adversary.py): a fixed fraction of the

@@ -170,3 +170,62 @@ def test_compress_updates_transform():
     ctx = ClientContext(client_id=jnp.int32(0), weight=jnp.float32(1.0), key=KEY, hparams={})
     out = jax.jit(transform.client)({"w": jnp.array([1.0, -3.0, 2.0, 0.5])}, ctx)
     np.testing.assert_array_equal(np.asarray(out["w"]), [0.0, -3.0, 2.0, 0.0])
+
+
+def test_majority_vote_aggregator_round_moves_each_coordinate_by_the_vote():
+    """A config round with sign uploads and ``aggregator="majority_vote"``: the server's SGD
+    step moves every coordinate by exactly ``-lr * vote``, the vote recomputed here from the
+    clients' own local updates (each trained alone with the plain mean's round)."""
+    import fedjax_sim as fs
+    from fedjax_sim.data.packing import pack_cohort
+
+    def build(aggregator, compression_method):
+        config = fs.load_config("default:smoke")
+        config.num_devices, config.strategy, config.checkpoint_every = 1, "sequential", 0
+        config.client.local_epochs, config.client.max_local_steps = 1, 2
+        config.aggregator, config.compression.method = aggregator, compression_method
+        config.server.learning_rate = 0.01
+        return fs.build_experiment(config)
+
+    exp = build("majority_vote", "sign")
+    train = exp.data.train
+    ids = [0, 3, 5, 8, 11]
+    cohort = pack_cohort(
+        train,
+        ids,
+        batch_size=10,
+        max_local_steps=2,
+        num_steps=2,
+        num_clients=exp.cohort_slots,
+        seed=0,
+        round_num=1,
+    )
+    params = exp.model.init(jax.random.key(0))
+    key = jax.random.key(1)
+    new = jax.jit(exp.algorithm.apply)(exp.algorithm.init(params), cohort, key)[0].params
+    # Each client's own update: the plain mean over a one-client cohort at server lr 1.
+    solo = build("mean", "none")
+    solo_apply = jax.jit(solo.algorithm.apply)
+    votes = 0
+    for c in ids:
+        one = pack_cohort(
+            train,
+            [c],
+            batch_size=10,
+            max_local_steps=2,
+            num_steps=2,
+            num_clients=1,
+            seed=0,
+            round_num=1,
+        )
+        moved = solo_apply(solo.algorithm.init(params), one, key)[0].params
+        # mean over one client at server lr 0.01: moved = params - 0.01 * update
+        update = jax.tree.map(lambda p, m: (p - m) / 0.01, params, moved)
+        votes = jax.tree.map(
+            lambda v, u: v + C.sign_compress(u),
+            votes or jax.tree.map(jnp.zeros_like, update),
+            update,
+        )
+    for p, n, v in zip(*map(jax.tree.leaves, (params, new, votes)), strict=True):
+        np.testing.assert_allclose(np.asarray(p - n), 0.01 * np.sign(np.asarray(v)), atol=1e-6)
+    assert "majority_vote" in fs.aggregators.registry()

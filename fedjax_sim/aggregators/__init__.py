@@ -83,10 +83,16 @@ AGGREGATORS = {"mean": weighted_mean, "median": coordinate_median}
 
 def registry() -> dict[str, Callable[..., Aggregator]]:
     """Every aggregator by its config name: the mean and median here, the robust ones
-    (``aggregators.robust``) and simulated secure aggregation (``secure``)."""
-    from fedjax_sim.aggregators import robust, secure
+    (``aggregators.robust``), simulated secure aggregation (``secure``) and signSGD's
+    majority vote (``majority_vote``, ``aggregators.compression``)."""
+    from fedjax_sim.aggregators import compression, robust, secure
 
-    return {**AGGREGATORS, **robust.ROBUST_AGGREGATORS, "secure": secure.secure_mean}
+    return {
+        **AGGREGATORS,
+        **robust.ROBUST_AGGREGATORS,
+        "secure": secure.secure_mean,
+        "majority_vote": compression.majority_vote_aggregator,
+    }
 
 
 def get_aggregator(name: str, **kwargs) -> Aggregator:

@@ -236,6 +236,20 @@ def majority_vote(signs: PyTree, weights: Array) -> PyTree:
     return jax.tree.map(vote, signs)
 
 
+def majority_vote_aggregator():
+    """``majority_vote`` as an ``Aggregator`` (config ``aggregator = "majority_vote"``): the
+    server's step direction is the coordinate-wise vote of the clients' update signs (use it
+    with ``compression.method = "sign"``, so each client uploads one bit per coordinate, and a
+    small server learning rate: every coordinate moves by the full server rate)."""
+    from fedjax_sim.aggregators import Aggregator
+
+    def apply(state, updates, weights, key):
+        del key
+        return majority_vote(updates, weights), state
+
+    return Aggregator(init=lambda params: (), apply=apply)
+
+
 def bits_per_update(method: str, d: int, **params) -> int:
     """Bits one client sends for a ``d``-parameter update compressed with ``method``.
 
