@@ -272,7 +272,7 @@ def test_unknown_names_list_the_known_ones():
         fs.get_optimizer("sgd", 0.1, beta=3)
     with pytest.raises(ValueError, match="known: num_examples, uniform"):
         fs.fedavg(MODEL, optax.sgd(0.1), weighting="size")
-    with pytest.raises(ValueError, match="known: .*krum, mean, median"):
+    with pytest.raises(ValueError, match="known: .*krum, majority_vote, mean, median"):
         fs.aggregators.get_aggregator("krum2")
     with pytest.raises(ValueError, match=r"known: (.*, )?fedavg, (.*, )?fedopt, (.*, )?fedsgd"):
         fs.algorithms.get_spec("fedprox2")
