@@ -154,6 +154,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # ``checkpoint_keep``.
     config.checkpoint_every = 50
     config.checkpoint_keep = 3
+    # Stop (a sweep: freeze the member) when a round's training loss or the test loss exceeds
+    # this many times the initial model's test loss, as for NaN/inf (0: only NaN/inf).
+    config.divergence_factor = 1000.0
 
     if variant == "smoke":
         config.num_rounds = 10

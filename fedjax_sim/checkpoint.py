@@ -28,13 +28,62 @@ from typing import Any
 import ml_collections
 
 CHECKPOINT_DIR = "checkpoints"
+# Checkpoints that could not be read are moved here (kept for inspection, never resumed).
+UNREADABLE_DIR = "checkpoints_unreadable"
+# ``--overwrite`` moves an earlier run's results here (replacing an older ``previous/``).
+PREVIOUS_DIR = "previous"
 
 # Fields that cannot change the results of the rounds already run.
-_RESUMABLE_FIELDS = ("checkpoint_every", "checkpoint_keep")
+RESUMABLE_FIELDS = ("checkpoint_every", "checkpoint_keep", "divergence_factor")
 
 
 class ConfigMismatchError(ValueError):
     """A checkpoint was written by a run with a different config."""
+
+
+class CheckpointError(ValueError):
+    """No checkpoint of a workdir can be read (each unreadable one was set aside)."""
+
+
+def tree_digest(tree) -> str:
+    """sha256 of a pytree's structure, dtypes, shapes and bytes (a checkpoint's own check:
+    Orbax reads some corrupted chunks back as wrong numbers without an error)."""
+    import hashlib
+
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256()
+    leaves, treedef = jax.tree.flatten(jax.device_get(tree))
+    h.update(str(treedef).encode())
+    for leaf in leaves:
+        a = np.asarray(leaf)
+        if a.dtype.kind == "V":  # PRNG key data: hash the raw key words
+            a = np.asarray(jax.random.key_data(leaf))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
+
+
+def set_aside(workdir: Path) -> Path | None:
+    """Moves everything in ``workdir`` (an earlier run's results) into ``workdir/previous/``,
+    replacing an older ``previous/``; returns it (``None`` when there was nothing to move).
+
+    ``--overwrite`` calls this only once the new run is known to start (config, data, model
+    and a trace of its round checked), so a refused run loses nothing.
+    """
+    workdir = Path(workdir)
+    entries = [p for p in workdir.iterdir() if p.name != PREVIOUS_DIR] if workdir.is_dir() else []
+    if not entries:
+        return None
+    previous = workdir / PREVIOUS_DIR
+    if previous.exists():
+        shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
+    staging = Path(tempfile.mkdtemp(prefix=".previous_", dir=workdir))
+    for p in entries:
+        os.replace(p, staging / p.name)
+    os.replace(staging, previous)
+    return previous
 
 
 def check_writable(workdir: Path) -> None:
@@ -88,7 +137,7 @@ def check_resumable(stored: dict[str, Any], config: dict[str, Any], round_done: 
     checkpointing fields may change.
     """
     old, new = dict(stored), dict(config)
-    for key in _RESUMABLE_FIELDS:
+    for key in RESUMABLE_FIELDS:
         old.pop(key, None)
         new.pop(key, None)
     diffs = config_differences(
@@ -131,6 +180,21 @@ class Checkpointer:
     def latest_round(self) -> int | None:
         return self.manager.latest_step()
 
+    def rounds(self) -> list[int]:
+        """The rounds of the finished checkpoints, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def set_unreadable(self, round_num: int) -> Path:
+        """Moves checkpoint ``round_num`` to ``WORKDIR/checkpoints_unreadable/`` (kept for
+        inspection, out of the manager's sight) and returns where it went."""
+        dest = self.directory.parent / UNREADABLE_DIR / str(round_num)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(self.directory / str(round_num), dest)
+        self.manager.reload()
+        return dest
+
     def save(self, round_num: int, state, meta: dict[str, Any]) -> None:
         ocp = self._ocp
         self.manager.save(
@@ -163,10 +227,6 @@ def has_checkpoint(workdir: Path) -> bool:
     """Whether ``workdir/checkpoints`` holds a finished checkpoint (cheap: no Orbax import)."""
     d = Path(workdir) / CHECKPOINT_DIR
     return d.is_dir() and any(p.name.isdigit() and p.is_dir() for p in d.iterdir())
-
-
-def remove_checkpoints(workdir: Path) -> None:
-    shutil.rmtree(Path(workdir) / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def load_state(workdir: str | Path, round_num: int | None = None):

@@ -180,6 +180,8 @@ def _sweep(config, axes: dict, args) -> int:
 
     try:
         out = sweep.run_sweep(config, axes, args.workdir, progress=True, overwrite=args.overwrite)
+    except KeyboardInterrupt as e:
+        return _interrupted(e, args.overwrite)
     except (ValueError, KeyError, FileExistsError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"fedjax-sim: error: {msg}", file=sys.stderr)
@@ -207,6 +209,21 @@ def _switch_algorithm(config, name: str) -> None:
             f"--config.{dotted}=VALUE to choose)",
             file=sys.stderr,
         )
+
+
+def _interrupted(e: KeyboardInterrupt, overwrite: bool) -> int:
+    """Ctrl-C: one line (the last finished round, the checkpoint a rerun resumes from)."""
+    from fedjax_sim.driver.loop import RunInterrupted
+
+    if isinstance(e, RunInterrupted):
+        hint = " without --overwrite" if overwrite and e.checkpoint_round is not None else ""
+        print(f"\nfedjax-sim: {e}{hint}", file=sys.stderr)
+    else:
+        print(
+            "\nfedjax-sim: interrupted before training started; rerun the same command to start",
+            file=sys.stderr,
+        )
+    return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = simulation.simulate(
             config, args.workdir, progress=not args.no_progress, overwrite=args.overwrite
         )
+    except KeyboardInterrupt as e:
+        return _interrupted(e, args.overwrite)
     except simulation.TrainingDiverged as e:
         print(f"fedjax-sim: training diverged: {e}", file=sys.stderr)
         return 3

@@ -14,6 +14,22 @@ import ml_collections
 DEFAULT_CONFIG = "default"
 
 
+class ConfigFileError(ValueError):
+    """A config file that does not run: ``FILE:LINE: message``."""
+
+
+def _where(e: BaseException, path: Path) -> str:
+    """``FILE:LINE`` of the innermost frame of ``e``'s traceback inside ``path``."""
+    import traceback
+
+    target = str(Path(path).resolve())
+    line = None
+    for frame in traceback.extract_tb(e.__traceback__):
+        if str(Path(frame.filename).resolve()) == target:
+            line = frame.lineno
+    return f"{path}:{line}" if line is not None else str(path)
+
+
 def _load_module(path_or_name: str):
     path = Path(path_or_name)
     if path.suffix == ".py" or path.exists():
@@ -26,7 +42,12 @@ def _load_module(path_or_name: str):
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except SyntaxError as e:
+            raise ConfigFileError(f"{e.filename or path}:{e.lineno}: {e.msg}") from None
+        except Exception as e:
+            raise ConfigFileError(f"{_where(e, path)}: {type(e).__name__}: {e}") from None
         return module
     try:
         return importlib.import_module(f"fedjax_sim.configs.{path_or_name}")
@@ -49,7 +70,14 @@ def load_config(spec: str | None = None) -> ml_collections.ConfigDict:
     module = _load_module(path)
     if not hasattr(module, "get_config"):
         raise AttributeError(f"config {path!r} has no get_config() function.")
-    config = module.get_config(variant or None)
+    try:
+        config = module.get_config(variant or None)
+    except Exception as e:
+        file = getattr(module, "__file__", None) or path
+        raise ConfigFileError(
+            f"{_where(e, Path(file))}: get_config({variant or None!r}) raised "
+            f"{type(e).__name__}: {e}"
+        ) from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise TypeError(f"get_config() in {path!r} must return an ml_collections.ConfigDict.")
     return config

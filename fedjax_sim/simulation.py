@@ -7,6 +7,8 @@ parts to ``driver.run_loop`` with a ``SoloProgram``: one member, no vmap.
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -103,6 +105,7 @@ def build_experiment(
     Returns:
       An ``Experiment``.
     """
+    check_config_values(config)
     spec = algorithms.get_spec(config.algorithm)  # an unknown name fails before any data loads
     systems = systems_of(config)  # so do bad sampling / systems settings
     async_settings = spec.async_schedule(config) if spec.async_schedule is not None else None
@@ -264,14 +267,38 @@ def data_seed_of(config: ml_collections.ConfigDict) -> int:
     return data_seed if data_seed >= 0 else int(config.seed)
 
 
-def prepare_workdir(workdir: Path, *, overwrite: bool, results: list[Path]) -> None:
-    """Creates ``workdir`` (refused before any work if unwritable); with ``overwrite``, removes
-    its checkpoints and ``results``."""
-    checkpoint.check_writable(workdir)
-    if overwrite:
-        checkpoint.remove_checkpoints(workdir)
-        for p in results:
-            p.unlink(missing_ok=True)
+def check_config_values(config: ml_collections.ConfigDict) -> None:
+    """Refuses numbers out of range (before any data loads), one line each saying what to do."""
+    c = config.client
+
+    def integer(name: str, value, low: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+
+    for name, value in (
+        ("num_rounds", config.num_rounds),
+        ("eval_every", config.eval_every),
+        ("clients_per_round", config.clients_per_round),
+        ("client.batch_size", c.batch_size),
+        ("client.local_epochs", c.get("local_epochs", 1)),
+        ("eval_batch_size", config.get("eval_batch_size", 1)),
+        ("checkpoint_keep", config.get("checkpoint_keep", 1)),
+    ):
+        integer(name, value, 1)
+    for name, value in (
+        ("seed", config.seed),
+        ("client.max_local_steps", c.get("max_local_steps", 0) or 0),
+        ("checkpoint_every", config.get("checkpoint_every", 0) or 0),
+        ("eval_max_clients", config.get("eval_max_clients", 0) or 0),
+        ("num_devices", config.get("num_devices", 0) or 0),
+    ):
+        integer(name, value, 0)
+    factor = config.get("divergence_factor", 0.0)
+    if not (isinstance(factor, (int, float)) and (factor == 0 or 1 < factor < math.inf)):
+        raise ValueError(
+            f"divergence_factor must be 0 (stop only on NaN/inf) or a finite number > 1, got "
+            f"{factor!r}."
+        )
 
 
 def simulate(
@@ -284,49 +311,59 @@ def simulate(
 ) -> dict[str, Any]:
     """Runs a federated simulation and writes ``config.json`` and ``metrics.jsonl``.
 
-    With ``config.checkpoint_every`` > 0 the run saves a checkpoint (``workdir/checkpoints``)
-    at the start, every ``checkpoint_every`` rounds and at the end; a later call on the same
-    ``workdir`` resumes from the latest one and ends with bitwise the same state and the same
-    ``metrics.jsonl`` (except ``wall_s``) as a run never interrupted. A checkpoint of a
-    different config is refused (``checkpoint.ConfigMismatchError``, naming the fields);
-    ``num_rounds`` may grow.
+    Everything is checked before ``workdir`` is touched: the config's values, the data, the
+    model, the algorithm and a trace of the round. With ``config.checkpoint_every`` > 0 the
+    run saves a checkpoint (``workdir/checkpoints``) at the start, every ``checkpoint_every``
+    rounds and at the end; a later call on the same ``workdir`` resumes from the newest
+    readable one (an unreadable one is named and set aside in ``checkpoints_unreadable/``)
+    and ends with bitwise the same state and the same ``metrics.jsonl`` (except ``wall_s``)
+    as a run never interrupted. A checkpoint of a different config is refused
+    (``checkpoint.ConfigMismatchError``, naming the fields); ``num_rounds`` may grow. A
+    finished run called again returns its results and leaves its ``summary.json`` as it was.
 
     Args:
       config: the experiment config.
       workdir: output directory (created if needed; refused before any work if unwritable).
       federated_data: optional data to use instead of the config's dataset.
       progress: show a progress bar.
-      overwrite: replace the results (and checkpoints) of an earlier run in ``workdir``.
+      overwrite: start afresh: once the new run is checked, the earlier results in
+        ``workdir`` move to ``workdir/previous/`` (replacing an older ``previous/``).
 
     Returns:
       The summary dict (also written to ``workdir/summary.json``), with ``params`` (the final
       global model) and ``history`` (the evaluation records).
 
     Raises:
-      TrainingDiverged: the loss became NaN/inf; ``metrics.jsonl`` keeps the evaluations
-        before it.
+      TrainingDiverged: the loss became NaN/inf or passed ``divergence_factor`` times the
+        initial model's test loss; ``metrics.jsonl`` keeps the evaluations before it.
+      RunInterrupted: Ctrl-C (a ``KeyboardInterrupt``), saying where a rerun resumes.
     """
     t_start = time.perf_counter()
     workdir = Path(workdir)
+    check_config_values(config)
+    created = [p for p in (workdir, *workdir.parents) if not p.exists()]
+    checkpoint.check_writable(workdir)
     log = RunLog(workdir)
-    prepare_workdir(workdir, overwrite=overwrite, results=[log.metrics_path])
     every = int(config.get("checkpoint_every", 0) or 0)
     config_data = checkpoint.config_dict(config)
-    resume = Resume(
-        workdir if every > 0 or checkpoint.has_checkpoint(workdir) else None,
-        every=every,
-        keep=int(config.get("checkpoint_keep", 3) or 3),
-        identity={"config": config_data},
-    )
+    resume = None
     try:
+        resumable = not overwrite and checkpoint.has_checkpoint(workdir)
+        resume = Resume(
+            workdir if every > 0 or resumable else None,
+            every=every,
+            keep=int(config.get("checkpoint_keep", 3) or 3),
+            identity={"config": config_data},
+            read=not overwrite,
+        )
         if resume.meta is not None:
             checkpoint.check_resumable(
                 resume.meta["config"], config_data, resume.meta["round"], workdir
             )
-        elif log.metrics_path.exists():
+        elif log.metrics_path.exists() and not overwrite:
             raise FileExistsError(
                 f"{log.metrics_path} already holds the results of a run; choose another "
-                "--workdir or pass --overwrite to replace them."
+                "--workdir or pass --overwrite to replace them (they move to previous/)."
             )
         exp = build_experiment(config, federated_data)
         accountant = privacy.accountant_of(config, exp.data.train.num_clients)
@@ -346,9 +383,18 @@ def simulate(
             [0],
             vectorized=False,
         )
+        done = resume.meta["round"] if resume.meta is not None else 0
+        if done < last_round:
+            program.check(source.preview(done + 1), done + 1)
     except BaseException:
-        resume.close()
+        if resume is not None:
+            resume.close()
+        remove_created(created)
         raise
+    if overwrite:
+        previous = checkpoint.set_aside(workdir)
+        if previous is not None:
+            print(f"fedjax-sim: moved the earlier results to {previous}", file=sys.stderr)
     (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
     stop = {}
     if last_round < config.num_rounds:
@@ -369,13 +415,28 @@ def simulate(
         num_rounds=last_round,
         eval_every=config.eval_every,
         raise_on_divergence=True,
+        divergence_factor=float(config.get("divergence_factor", 0.0)),
         progress=progress,
         wall_start=t_start,
     )
-    summary = log.summary(
-        last_round, out.wall_s, **execution_summary(exp.strategy, program, source), **stop
-    )
+    summary_path = workdir / "summary.json"
+    if resume.round is not None and resume.round >= last_round and summary_path.exists():
+        # A finished run called again: nothing trained, its summary (timings) stays as written.
+        summary = json.loads(summary_path.read_text())
+    else:
+        summary = log.summary(
+            last_round, out.wall_s, **execution_summary(exp.strategy, program, source), **stop
+        )
     return {**summary, "params": out.states.params, "history": log.history}
+
+
+def remove_created(created: list[Path]) -> None:
+    """Removes the (empty) directories a refused run created, innermost first."""
+    for p in created:
+        try:
+            p.rmdir()
+        except OSError:
+            pass
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -242,7 +242,8 @@ def run_sweep(
       workdir: output directory; member ``label`` writes ``workdir/label/``.
       federated_data: data to use instead of the config's dataset (for every group).
       progress: print one line per group and evaluation.
-      overwrite: replace earlier results (and checkpoints) in ``workdir``.
+      overwrite: start afresh: once the grid is checked, the earlier results in ``workdir``
+        move to ``workdir/previous/``.
       seed_strategy: how members with different seeds (different cohorts) run inside the
         one program: ``sequential`` (``lax.map``; members sharing a seed are vmapped),
         ``vmap``, or ``auto`` (sequential on CPU, where vmapping ragged local loops over
@@ -269,10 +270,7 @@ def run_sweep(
     keep = int(base_config.get("checkpoint_keep", 3) or 3)
     spec = _sweep_spec(base_config, axes)
     spec_path = workdir / SPEC_FILE
-    if overwrite:
-        checkpoint.remove_checkpoints(workdir)
-        spec_path.unlink(missing_ok=True)
-    else:
+    if not overwrite:
         if (workdir / "metrics.jsonl").exists():
             raise FileExistsError(
                 f"{workdir} holds the results of a plain run ({workdir / 'metrics.jsonl'}), not "
@@ -330,6 +328,10 @@ def run_sweep(
             except OSError:
                 break
         raise
+    if overwrite:  # the grid is checked: the earlier results move aside, nothing is lost
+        previous = checkpoint.set_aside(workdir)
+        if previous is not None and progress:
+            print(f"fedjax-sim sweep: moved the earlier results to {previous}")
     checkpoint.write_lines_atomically(spec_path, [json.dumps(spec, indent=2)])
     results: list[dict[str, Any] | None] = [None] * len(members)
     for gi, (key, idx) in enumerate(groups.items()):
@@ -373,7 +375,7 @@ def _check_same_sweep(stored: dict[str, Any], spec: dict[str, Any], workdir: Pat
     As for runs, ``num_rounds`` may grow and the checkpointing fields may change.
     """
     old, new = dict(stored.get("base", {})), dict(spec["base"])
-    for key in ("checkpoint_every", "checkpoint_keep"):
+    for key in checkpoint.RESUMABLE_FIELDS:
         old.pop(key, None)
         new.pop(key, None)
     old_rounds, new_rounds = old.pop("num_rounds", None), new.pop("num_rounds", None)
@@ -512,6 +514,7 @@ def _run_streams(
         num_rounds=num_rounds,
         eval_every=config.eval_every,
         raise_on_divergence=False,
+        divergence_factor=float(config.get("divergence_factor", 0.0)),
         progress=progress,
         wall_start=t_start,
     )

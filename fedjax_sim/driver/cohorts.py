@@ -222,6 +222,14 @@ class CohortSource:
             out.append(data.packing.remap_cohort(c, self.row_maps[d]) if self.row_maps else c)
         return out
 
+    def preview(self, round_num: int) -> list[Cohort]:
+        """``cohorts(round_num)`` without advancing the bookkeeping (to trace a round)."""
+        saved = self.bookkeeping()
+        try:
+            return self.cohorts(round_num)
+        finally:
+            self.restore(saved)
+
     def bookkeeping(self) -> dict[str, Any]:
         """What a checkpoint keeps of the source (the rest is recomputed from the seeds)."""
         return {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -33,11 +34,45 @@ class TrainingDiverged(RuntimeError):
 CHECKPOINT_FORMAT = 3
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: which round had finished and which checkpoint a rerun of the
+    same command resumes from (``None``: no checkpoint was saved)."""
+
+    def __init__(self, round_done: int, num_rounds: int, checkpoint_round, checkpoint_dir):
+        super().__init__(round_done, num_rounds, checkpoint_round, checkpoint_dir)
+        self.round_done, self.num_rounds = round_done, num_rounds
+        self.checkpoint_round, self.checkpoint_dir = checkpoint_round, checkpoint_dir
+
+    def __str__(self) -> str:
+        head = f"interrupted after round {self.round_done} of {self.num_rounds}"
+        if self.checkpoint_round is None:
+            return (
+                f"{head}; no checkpoint was saved (checkpoint_every=0), so it cannot resume: "
+                "rerun with --overwrite to start again (set --config.checkpoint_every=N to make "
+                "runs resumable)"
+            )
+        where = Path(self.checkpoint_dir) / str(self.checkpoint_round)
+        return (
+            f"{head}; rerun the same command to resume from the checkpoint of round "
+            f"{self.checkpoint_round} ({where})"
+        )
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(e).__name__}: {first[:200]}"
+
+
 class Resume:
-    """A run's checkpoints: the newest one's bookkeeping (``meta``), saving and restoring.
+    """A run's checkpoints: the newest readable one's bookkeeping (``meta``), saving and
+    restoring.
 
     Nothing is created on disk until the first save (a run refused before its first round
-    leaves no ``checkpoints/`` folder behind).
+    leaves no ``checkpoints/`` folder behind). A checkpoint that cannot be read (its meta,
+    its arrays, or arrays that differ from the digest saved with them) is named on stderr,
+    moved to ``WORKDIR/checkpoints_unreadable/`` and the next older one is used; when none is
+    left, ``checkpoint.CheckpointError`` says what to do.
 
     Args:
       directory: where ``checkpoints/`` lives, or ``None`` (no checkpoints).
@@ -46,26 +81,61 @@ class Resume:
       keep: checkpoints kept.
       identity: what the meta must carry to be resumed by the same run (its config, or a
         sweep's spec and member labels).
+      read: resume from the checkpoints found (``False``: ``--overwrite``, which sets them
+        aside before the first save).
     """
 
-    def __init__(self, directory, *, every: int, keep: int, identity: dict[str, Any]):
+    def __init__(
+        self, directory, *, every: int, keep: int, identity: dict[str, Any], read: bool = True
+    ):
         self.directory, self.every, self.keep = directory, every, keep
         self.identity = {"format": CHECKPOINT_FORMAT, **identity}
         self.ckpt = self.round = self.meta = None
-        if directory is not None and checkpoint.has_checkpoint(directory):
+        self.saved_round = None  # the newest checkpoint on disk
+        if read and directory is not None and checkpoint.has_checkpoint(directory):
             self.ckpt = checkpoint.Checkpointer(directory, keep=keep)
-            self.round = self.ckpt.latest_round()
-            if self.round is not None:
-                self.meta = self.ckpt.restore_meta(self.round)
-                if self.meta.get("format") != CHECKPOINT_FORMAT:
-                    where = self.ckpt.directory
-                    self.close()
-                    raise checkpoint.ConfigMismatchError(
-                        f"{where} holds a checkpoint in format {self.meta.get('format', 1)} "
-                        f"(an older fedjax_sim); this version resumes format "
-                        f"{CHECKPOINT_FORMAT}. Pass --overwrite to start afresh, or choose "
-                        "another --workdir."
-                    )
+            try:
+                self._read_newest()
+            except BaseException:
+                self.close()
+                raise
+
+    def _read_newest(self) -> None:
+        """``round`` and ``meta`` of the newest checkpoint whose meta can be read."""
+        skipped = []
+        for r in self.ckpt.rounds():
+            try:
+                meta = self.ckpt.restore_meta(r)
+                if not isinstance(meta, dict) or not isinstance(meta.get("round"), int):
+                    raise ValueError("its meta is not a fedjax_sim checkpoint's bookkeeping")
+            except Exception as e:  # any failure to read makes it unusable
+                skipped.append(self._set_unreadable(r, e))
+                continue
+            if meta.get("format") != CHECKPOINT_FORMAT:
+                raise checkpoint.ConfigMismatchError(
+                    f"{self.ckpt.directory} holds a checkpoint in format "
+                    f"{meta.get('format', 1)} (an older fedjax_sim); this version resumes "
+                    f"format {CHECKPOINT_FORMAT}. Pass --overwrite to start afresh, or choose "
+                    "another --workdir."
+                )
+            self.round = self.saved_round = r
+            self.meta = meta
+            return
+        raise checkpoint.CheckpointError(
+            f"no checkpoint in {self.ckpt.directory} can be read (moved to "
+            f"{self.ckpt.directory.parent / checkpoint.UNREADABLE_DIR}); pass --overwrite to "
+            "start afresh (the earlier results move to previous/), or choose another --workdir."
+        )
+
+    def _set_unreadable(self, r: int, e: BaseException) -> int:
+        where = self.ckpt.directory / str(r)
+        dest = self.ckpt.set_unreadable(r)
+        print(
+            f"fedjax-sim: checkpoint {where} cannot be read ({_one_line(e)}); moved to {dest}, "
+            "trying the next older one",
+            file=sys.stderr,
+        )
+        return r
 
     @property
     def enabled(self) -> bool:
@@ -77,10 +147,25 @@ class Resume:
     def save(self, r: int, tree, meta: dict[str, Any]) -> None:
         if self.ckpt is None:
             self.ckpt = checkpoint.Checkpointer(self.directory, keep=self.keep)
-        self.ckpt.save(r, tree, {**self.identity, "round": r, **meta})
+        digest = checkpoint.tree_digest(tree)
+        self.ckpt.save(r, tree, {**self.identity, "round": r, **meta, "digest": digest})
+        self.saved_round = r
 
     def restore(self, target):
-        return self.ckpt.restore_state(self.round, target)
+        """The newest readable checkpoint's tree with ``target``'s structure and placement;
+        ``round`` and ``meta`` are that checkpoint's (older than at construction if the
+        newest one's arrays could not be read)."""
+        while True:
+            try:
+                tree = self.ckpt.restore_state(self.round, target)
+                digest = self.meta.get("digest")
+                if digest is not None and checkpoint.tree_digest(tree) != digest:
+                    raise ValueError("its arrays differ from the digest saved with them")
+                return tree
+            except Exception as e:  # any failure to read makes it unusable
+                self._set_unreadable(self.round, e)
+                self.round = self.meta = self.saved_round = None
+                self._read_newest()
 
     def close(self) -> None:
         if self.ckpt is not None:
@@ -126,11 +211,20 @@ class _Progress:
             self.bar.update(1)
 
     def evaluated(self, r: int, records: list[dict | None], alive: int, total: int) -> None:
-        live = [rec["test_accuracy"] for rec in records if rec is not None]
+        live = [rec for rec in records if rec is not None]
         if self.bar is not None and live:
-            self.bar.set_postfix(loss=f"{records[0]['train_loss']:.4f}", acc=f"{live[0]:.4f}")
+            rec = live[0]
+            # The train loss is the mean over the rounds since the last evaluation of the
+            # clients' local-step losses; the accuracy is the global model's on the test set.
+            post = {
+                "train_loss": f"{rec['train_loss']:.4f}",
+                "test_acc": f"{rec['test_accuracy']:.4f}",
+            }
+            if "epsilon" in rec:
+                post["eps"] = f"{rec['epsilon']:.3f}"
+            self.bar.set_postfix(post)
         if self.lines:
-            best = max(live) if live else float("nan")
+            best = max((rec["test_accuracy"] for rec in live), default=float("nan"))
             print(f"  round {r}: {alive}/{total} members alive, best test accuracy {best:.4f}")
 
     def close(self) -> None:
@@ -148,6 +242,7 @@ def run_loop(
     num_rounds: int,
     eval_every: int,
     raise_on_divergence: bool,
+    divergence_factor: float = 0.0,
     progress: bool = False,
     wall_start: float | None = None,
 ) -> LoopResult:
@@ -164,18 +259,23 @@ def run_loop(
       raise_on_divergence: raise ``TrainingDiverged`` (a plain run) instead of freezing the
         member and going on (a sweep); either way ``metrics.jsonl`` keeps the evaluations
         before it.
+      divergence_factor: a member also diverges when a round's training loss or its test
+        loss exceeds this many times the test loss of its initial model (0: only NaN/inf).
       progress: a bar (a plain run) or a line per evaluation (a sweep group).
       wall_start: ``time.perf_counter()`` at the run's start (default: now).
 
     Returns:
       A ``LoopResult``.
+
+    Raises:
+      RunInterrupted: Ctrl-C; says the last finished round and the checkpoint to resume from.
     """
     t_start = time.perf_counter() if wall_start is None else wall_start
     try:
         return _train(
             program, source, evaluator, logs, resume, num_rounds=num_rounds,
-            eval_every=eval_every, raise_=raise_on_divergence, progress=progress,
-            t_start=t_start,
+            eval_every=eval_every, raise_=raise_on_divergence, factor=divergence_factor,
+            progress=progress, t_start=t_start,
         )  # fmt: skip
     finally:
         resume.close()
@@ -184,16 +284,22 @@ def run_loop(
 
 
 def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, raise_,
-           progress, t_start):  # fmt: skip
+           factor, progress, t_start):  # fmt: skip
     m_count = program.num_members
     states, alive = program.init()
+    limits = [math.inf] * m_count
+    if factor > 0:  # from the initial model (the same on resume: a function of the seed)
+        for m, ev in enumerate(evaluator(program.params(states))):
+            if ev["test_loss"] > 0:
+                limits[m] = factor * ev["test_loss"]
     diverged: list[int | None] = [None] * m_count
     pending: list[tuple[int, jax.Array, jax.Array]] = []
     start = 0
-    meta = resume.meta
-    if meta is not None:
+    if resume.meta is not None:
+        restored = resume.restore({"states": states, "alive": alive})
+        meta = resume.meta  # the checkpoint restored (an older one if the newest was unreadable)
         start = int(meta["round"])
-        states, alive = program.place(resume.restore({"states": states, "alive": alive}))
+        states, alive = program.place(restored)
         for log, history in zip(logs, meta["histories"], strict=True):
             log.history = list(history)
         diverged = list(meta["diverged"])
@@ -205,6 +311,7 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
         t_start -= meta["wall_s"]
         if m_count == 1:
             print(f"fedjax-sim: resuming {logs[0].workdir} after round {start}", file=sys.stderr)
+    resumed = resume.meta is not None
 
     def save(r: int) -> None:
         resume.save(
@@ -221,11 +328,14 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
             },
         )
 
-    if meta is None and resume.enabled:
+    if not resumed and resume.enabled:
         save(0)  # from here on a killed run resumes instead of being refused
     for log in logs:  # a resumed member drops evaluations appended after the checkpoint
-        log.start(resumed_round=start if meta is not None else None)
+        log.start(resumed_round=start if resumed else None)
+    if start >= num_rounds and resumed:  # a finished run, rerun: nothing trained, no new time
+        return LoopResult(states, alive, diverged, float(resume.meta["wall_s"]))
     bar = _Progress(progress, num_rounds, m_count, start, bar=not program.vectorized)
+    done = start
     try:
         for r in range(start + 1, num_rounds + 1):
             states, alive, losses = program.step(states, alive, source.cohorts(r), r)
@@ -234,26 +344,34 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
             if r % eval_every == 0 or r == num_rounds:
                 alive = _evaluate(
                     r, program, states, alive, pending, evaluator, logs, diverged, raise_,
-                    time.perf_counter() - t_start, bar, source,
+                    limits, time.perf_counter() - t_start, bar, source,
                 )  # fmt: skip
                 pending.clear()
             if resume.due(r, num_rounds):
                 save(r)
+            done = r
+    except KeyboardInterrupt:
+        where = resume.ckpt.directory if resume.ckpt is not None else None
+        raise RunInterrupted(done, num_rounds, resume.saved_round, where) from None
     finally:
         bar.close()
     return LoopResult(states, alive, diverged, time.perf_counter() - t_start)
 
 
 def _evaluate(
-    r, program, states, alive, pending, evaluator, logs, diverged, raise_, wall, bar, source
-):
+    r, program, states, alive, pending, evaluator, logs, diverged, raise_, limits, wall, bar,
+    source,
+):  # fmt: skip
     """The evaluation of round ``r``: one host sync for the pending train losses."""
     m_count = program.num_members
     rounds = [rr for rr, _, _ in pending]
     loss_rows = np.asarray(jnp.stack([lo for _, lo, _ in pending]), np.float64)
     alive_rows = np.asarray(jnp.stack([al for _, _, al in pending]))
+    newly_dead = []
     for m in range(m_count):
-        if diverged[m] is None and not alive_rows[:, m].all():
+        if diverged[m] is not None:
+            continue
+        if not alive_rows[:, m].all():
             i = int(np.argmin(alive_rows[:, m]))
             diverged[m] = rounds[i]
             if raise_:
@@ -262,10 +380,13 @@ def _evaluate(
                     f"{logs[m].metrics_path} keeps the evaluations before it. Lower the client "
                     "or server learning rate, or clip updates."
                 )
+        elif (loss_rows[:, m] > limits[m]).any():
+            i = int(np.argmax(loss_rows[:, m] > limits[m]))
+            _exploded(m, f"the training loss {loss_rows[i, m]:.4g} in round {rounds[i]}",
+                      rounds[i], limits, diverged, newly_dead, logs, raise_)  # fmt: skip
     evals = evaluator(program.params(states))
     personal = evaluator.personal(program, states)
     records: list[dict | None] = [None] * m_count
-    newly_dead = []
     for m in range(m_count):
         if diverged[m] is not None:
             continue
@@ -280,9 +401,26 @@ def _evaluate(
             diverged[m] = r
             newly_dead.append(m)
             continue
+        if ev["test_loss"] > limits[m]:
+            _exploded(m, f"the test loss {ev['test_loss']:.4g} after round {r}", r, limits,
+                      diverged, newly_dead, logs, raise_)  # fmt: skip
+            continue
         ev = {**ev, **personal[m], **source.extras(program.member_streams[m])}
         records[m] = logs[m].record(r, loss_rows[:, m].mean(), ev, wall)
     if newly_dead:
         alive = alive.at[jnp.asarray(newly_dead)].set(False)
     bar.evaluated(r, records, m_count - sum(d is not None for d in diverged), m_count)
     return alive
+
+
+def _exploded(m, what, r, limits, diverged, newly_dead, logs, raise_) -> None:
+    """Member ``m``'s loss passed ``divergence_factor`` times its initial test loss."""
+    if raise_:
+        raise TrainingDiverged(
+            f"{what} is over {limits[m]:.4g} (divergence_factor times the initial model's "
+            f"test loss); {logs[m].metrics_path} keeps the evaluations before it. Lower the "
+            "client or server learning rate, clip updates, or raise divergence_factor "
+            "(0 stops only on NaN/inf)."
+        )
+    diverged[m] = r
+    newly_dead.append(m)

@@ -61,6 +61,16 @@ class _Program:
     def num_devices(self) -> int:
         return 1 if self.mesh is None else self.mesh.size
 
+    def step(self, states, alive, cohorts: list[Cohort], r: int):
+        return self._round(states, alive, *self._round_args(cohorts, r))
+
+    def check(self, cohorts: list[Cohort], r: int) -> None:
+        """Traces round ``r`` on the abstract initial state (nothing is compiled or run, and
+        the round call reuses the trace): a setting the algorithm refuses while tracing fails
+        here, before a run writes anything."""
+        states, alive = jax.eval_shape(self.init)
+        self._round.trace(states, alive, *self._round_args(cohorts, r))
+
     @property
     def compiles(self) -> int:
         return self._round._cache_size()
@@ -91,9 +101,9 @@ class SoloProgram(_Program):
         state = initial_state(self.algorithm, self.model, self.root)
         return self.place({"states": state, "alive": jnp.ones((1,), bool)})
 
-    def step(self, states, alive, cohorts: list[Cohort], r: int):
+    def _round_args(self, cohorts: list[Cohort], r: int) -> tuple:
         (cohort,) = cohorts
-        return self._round(states, alive, cohort, jnp.asarray(r, jnp.int32), *self.examples)
+        return (cohort, jnp.asarray(r, jnp.int32), *self.examples)
 
 
 class VectorProgram(_Program):
@@ -207,8 +217,6 @@ class VectorProgram(_Program):
         states = jax.jit(jax.vmap(init_member))(self.roots, self.hparams)
         return self.place({"states": states, "alive": jnp.ones((self.num_members,), bool)})
 
-    def step(self, states, alive, cohorts: list[Cohort], r: int):
+    def _round_args(self, cohorts: list[Cohort], r: int) -> tuple:
         stacked = jax.tree.map(lambda *a: np.stack(a), *cohorts, *cohorts[:1] * self.pad)
-        return self._round(
-            states, alive, stacked, self.stream_roots, jnp.asarray(r, jnp.int32), *self.examples
-        )
+        return (stacked, self.stream_roots, jnp.asarray(r, jnp.int32), *self.examples)
