@@ -118,17 +118,20 @@ def test_missing_files_offline_say_where_and_how(tmp_path):
 def test_other_tfds_loaders_on_mock_data(tmp_path):
     import tensorflow_datasets as tfds
 
+    # Offline by default, these datasets (no files here) fail before TFDS; download=True lets
+    # the loaders reach TFDS, whose download mock_data replaces with fake examples.
+    kw = dict(tfds_data_dir=tmp_path, download=True)
     with tfds.testing.mock_data(num_examples=12):
-        cifar = centralized.cifar10(tfds_data_dir=tmp_path)
+        cifar = centralized.cifar10(**kw)
         assert cifar["train"]["x"].shape == (12, 32, 32, 3)
         assert cifar["train"]["x"].dtype == np.uint8 and cifar["test"]["y"].dtype == np.int32
-        coarse = centralized.cifar100(label="coarse_label", tfds_data_dir=tmp_path)
+        coarse = centralized.cifar100(label="coarse_label", **kw)
         assert coarse["train"]["y"].max() < 20
-        em = centralized.emnist(config="balanced", tfds_data_dir=tmp_path)
+        em = centralized.emnist(config="balanced", **kw)
         assert em["train"]["x"].dtype == np.float32 and em["train"]["y"].max() < 47
-        fm = centralized.fashion_mnist(tfds_data_dir=tmp_path)
+        fm = centralized.fashion_mnist(**kw)
         assert fm["test"]["x"].shape == (12, 28, 28, 1)
-        text = centralized.tiny_shakespeare(tfds_data_dir=tmp_path)
+        text = centralized.tiny_shakespeare(**kw)
         x, y = text["train"]["x"], text["train"]["y"]
         assert x.shape == (len(y), 80) and x.dtype == np.int32
         np.testing.assert_array_equal(x[1:, -1], y[:-1])  # each window ends before its target

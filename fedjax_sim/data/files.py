@@ -7,17 +7,25 @@ Two directories matter:
   ``shakespeare/``, ``cifar10_jpeg/``, ``tff_emnist/``, ...). It is only ever read.
 * the **cache directory** holds what fedjax_sim prepares from them (``FEDJAX_SIM_CACHE``;
   default ``~/.cache/fedjax_sim``): TFDS's prepared records under ``tfds/``, decoded arrays and
-  client partitions as ``.npz``.
+  client partitions as ``.npz``. Several processes may share it (a run beside the test
+  suite): TFDS preparation holds ``exclusive_lock``, and ``.npz`` entries are written to a
+  temporary name and renamed into place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
+import logging
 import os
+import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "FEDJAX_SIM_DATA_DIR"
 CACHE_DIR_ENV = "FEDJAX_SIM_CACHE"
@@ -98,11 +106,63 @@ def require_dir(path: Path, *, what: str, expected: str, how_to_get: str) -> Pat
 
 def require_file(path: Path, *, what: str, how_to_get: str) -> Path:
     if not path.is_file():
+        how = f"{how_to_get} " if how_to_get else ""
         raise DataNotFoundError(
-            f"{what}: file {path} is missing. {how_to_get} Point fedjax_sim at the folder "
-            f"that holds it with data_dir=... or ${DATA_DIR_ENV}."
+            f"{what}: file {path} is missing. {how}Point fedjax_sim at the folder that holds "
+            f"it with data_dir=... or ${DATA_DIR_ENV}."
         )
     return path
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, *, timeout: float | None = None) -> Iterator[Path]:
+    """Holds an exclusive inter-process lock on the file ``path`` (created if absent).
+
+    ``fcntl.flock`` on Linux and macOS: the kernel drops the lock when its holder exits or
+    crashes, so a stale lock file never blocks anyone. Locks taken through separate ``open``
+    calls exclude each other even within one process. The file is left in place (deleting it
+    could let a third process lock a new file while a second still waits on the old one).
+
+    Args:
+      path: the lock file; its folder is created.
+      timeout: seconds to wait for the lock; None waits as long as it takes.
+
+    Raises:
+      TimeoutError: ``timeout`` passed with another holder still holding the lock.
+    """
+    import fcntl  # Unix only; imported here so that the module still imports elsewhere.
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for %s: another process holds it", path)
+            if timeout is None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            else:
+                _poll_lock(f.fileno(), path, timeout)
+        try:
+            yield path
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _poll_lock(fd: int, path: Path, timeout: float) -> None:
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{path}: still locked by another process after {timeout} s."
+                ) from None
+            time.sleep(0.05)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -10,6 +10,10 @@ Caching (``cache_dir``, default ``$FEDJAX_SIM_CACHE`` or ``~/.cache/fedjax_sim``
 centralized arrays (``arrays/``), client partitions (``partitions/``) and natural datasets
 (``federated/``) are stored as ``.npz`` keyed by dataset, options, partition parameters and
 seed, so a second run skips decoding and partitioning; a corrupt entry is rebuilt.
+
+Offline by default: no loader reaches the network unless it is given ``download=True`` (TFDS
+datasets only; ``dataset.kwargs.download=True`` in a config). Files that are not where a loader
+looks are a one-line ``DataNotFoundError`` naming the path and what belongs there.
 """
 
 from __future__ import annotations
@@ -264,7 +268,7 @@ def load_centralized(
       tfds_data_dir: TFDS's prepared-data folder; default ``<cache_dir>/tfds``.
       cache_dir, use_cache: the array cache (see module docstring).
       **loader_kwargs: dataset options (``config=`` for emnist, ``label=`` for cifar100,
-        ``download=``, ``manual_dir=``, ...).
+        ``download=True`` to let TFDS download, ``manual_dir=``, ...).
 
     Returns:
       ``({"train": {"x", "y"}, "test": {...}}, num_classes)``.
@@ -421,7 +425,7 @@ def load_federated(
       tfds_data_dir: TFDS's prepared-data folder (default ``<cache_dir>/tfds``).
       **loader_kwargs: dataset options, e.g. ``config="balanced"`` (emnist),
         ``min_samples=64`` (shakespeare_leaf), ``train_path=`` (fedjax_sqlite),
-        ``manual_dir=``/``download=`` (TFDS datasets).
+        ``manual_dir=``/``download=True`` (TFDS datasets; they download nothing without it).
 
     Returns:
       ``FederatedData``.
