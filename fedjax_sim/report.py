@@ -394,7 +394,7 @@ def write_markdown(
         lines += ["", "Shared settings: " + ", ".join(common) + "."]
     lines.append("")
     for name, title in PLOTS.items():
-        if name in _BASE_PLOTS or (path.parent / f"{name}.png").exists():
+        if (path.parent / f"{name}.png").exists():
             lines += [f"![{title}]({name}.png)", ""]
     lines += ["## Runs", ""]
     for p in points:
@@ -479,6 +479,15 @@ def write_plots(out: Path, points, target: float, over=DEFAULT_OVER) -> list[Pat
     return paths
 
 
+def plotting_available() -> bool:
+    """Whether matplotlib imports (a dependency; without it the tables are still written)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def report(
     dirs: list[str | Path], out: str | Path, *, target: float = 0.8, over=DEFAULT_OVER
 ) -> dict[str, Path]:
@@ -502,8 +511,9 @@ def report(
     }
     written = {"csv": out / "report.csv", "markdown": out / "report.md"}
     write_csv(written["csv"], points, differing, stats, target)
-    for path in write_plots(out, points, target, over):  # before the page that links them
-        written[path.stem] = path
+    if plotting_available():
+        for path in write_plots(out, points, target, over):  # before the page that links them
+            written[path.stem] = path
     write_markdown(written["markdown"], points, differing, stats, target, shared, over)
     return written
 
@@ -576,4 +586,10 @@ def run_cli(args) -> int:
         return 2
     for path in written.values():
         print(path)
+    if not plotting_available():
+        print(
+            "fedjax-sim: matplotlib is not installed, so no plots were drawn (the tables are "
+            "written); pip install matplotlib to draw them",
+            file=sys.stderr,
+        )
     return 0

@@ -440,3 +440,20 @@ def test_report_on_real_runs(tmp_path):
     for name in ("accuracy_vs_round", "loss_vs_round", "accuracy_vs_time"):
         assert written[name].read_bytes()[:8] == PNG_SIGNATURE
     assert report.write_tensorboard(tmp_path / "runs" / "seed0").stat().st_size > 100
+
+
+def test_without_matplotlib_the_tables_are_written_with_a_hint(tmp_path, capsys, monkeypatch):
+    _write_run(tmp_path / "runs" / "a", 0.1, 0)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    rc = cli.main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert rc == 0
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "fedjax-sim: matplotlib is not installed, so no plots were drawn (the tables are "
+        "written); pip install matplotlib to draw them"
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.csv", "report.md"]
+    text = (tmp_path / "out" / "report.csv").read_text().splitlines()
+    rows = list(csv.DictReader(text))
+    assert len(rows) == 1 and float(rows[0]["final_acc_mean"]) == _accuracy(0.1, 0, 10)
+    assert ".png" not in (tmp_path / "out" / "report.md").read_text()
