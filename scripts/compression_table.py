@@ -1,6 +1,6 @@
 """Upload compression: test accuracy against cumulative uploaded bytes, one run per method.
 
-    python scripts/compression.py --out /tmp/compression
+    python scripts/compression_table.py --out /tmp/compression
 
 FedAvg on the default problem (Synthetic(1,1), logistic regression, 200 rounds) with each
 client's update uncompressed, QSGD (16 levels), 8-bit uniform quantization, top-k and
