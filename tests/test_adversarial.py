@@ -34,7 +34,18 @@ def test_registry_builds_every_aggregator_by_name_with_kwargs():
     for name in ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
                  "norm_bounding", "centered_clipping", "secure"):  # fmt: skip
         assert name in names
-    assert aggregators.get_aggregator("krum", num_byzantine=1).apply is not None
+    # The kwargs reach the factory. Scalar updates 0, 1, 2, 4, 100 from n = 5 clients: Krum
+    # scores each by its squared distances to its n - f - 2 nearest others. f = 1 (2 nearest):
+    # 0: 1 + 4 = 5, 1: 1 + 1 = 2, 2: 1 + 4 = 5, 4: 4 + 9 = 13, 100: 96^2 + 98^2, so client 1's
+    # update is the aggregate. f = 0 (3 nearest): 0: 1 + 4 + 16 = 21, 1: 1 + 1 + 9 = 11,
+    # 2: 1 + 4 + 4 = 9, 4: 4 + 9 + 16 = 29, so client 2's.
+    updates = {"w": jnp.array([[0.0], [1.0], [2.0], [4.0], [100.0]])}
+    weights = jnp.ones(5)
+    for f, expected in ((1, 1.0), (0, 2.0)):
+        krum = aggregators.get_aggregator("krum", num_byzantine=f)
+        state = krum.init({"w": jnp.zeros(1)})
+        out, _ = krum.apply(state, updates, weights, jax.random.key(0))
+        np.testing.assert_array_equal(out["w"], [expected])
     with pytest.raises(ValueError, match="known: .*centered_clipping.*krum"):
         aggregators.get_aggregator("krum2")
     with pytest.raises(ValueError, match="bad aggregator_kwargs"):

@@ -183,12 +183,17 @@ def test_backdoor_run_records_backdoor_success(tmp_path):
     config = _config(0.3)
     config.num_rounds = 4
     config.eval_every = 2
-    out = fs.simulate(config, tmp_path / "run", federated_data=image_data(), progress=False)
+    data = image_data()
+    out = fs.simulate(config, tmp_path / "run", federated_data=data, progress=False)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["round"] for r in records] == [2, 4]
+    # A share of the triggered test images whose label is not the target (1): k / n for a
+    # whole k in 0..n.
+    n = int(np.sum(data.test.all_examples()["y"] != 1))
     for r in records:
-        assert 0.0 <= r["backdoor_success"] <= 1.0
+        k = r["backdoor_success"] * n
+        assert 0 <= round(k) <= n and abs(k - round(k)) < 1e-6 * n, (k, n)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final_backdoor_success"] == records[-1]["backdoor_success"]
     assert out["final_backdoor_success"] == records[-1]["backdoor_success"]
