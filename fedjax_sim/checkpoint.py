@@ -37,6 +37,24 @@ PREVIOUS_DIR = "previous"
 RESUMABLE_FIELDS = ("checkpoint_every", "checkpoint_keep", "divergence_factor")
 
 
+# sha256 of every file of a checkpoint, written beside Orbax's items once the save landed.
+MANIFEST = "fedjax_files.json"
+
+
+def _file_digests(step: Path) -> dict[str, str]:
+    import hashlib
+
+    out = {}
+    for p in sorted(step.rglob("*")):
+        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"):
+            h = hashlib.sha256()
+            with p.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[str(p.relative_to(step))] = h.hexdigest()
+    return out
+
+
 class ConfigMismatchError(ValueError):
     """A checkpoint was written by a run with a different config."""
 
@@ -205,6 +223,26 @@ class Checkpointer:
             force=True,
         )
         self.manager.wait_until_finished()
+        step = self.directory / str(round_num)
+        write_lines_atomically(step / MANIFEST, [json.dumps(_file_digests(step))])
+
+    def verify(self, round_num: int) -> None:
+        """Raises ValueError naming a file of checkpoint ``round_num`` that is missing or
+        differs from its sha256 at save (checked before Orbax reads it: a damaged file made
+        Orbax's background reads fail noisily after the restore had already failed). A
+        checkpoint killed before its manifest was written is left to Orbax and the digest."""
+        step = self.directory / str(round_num)
+        try:
+            saved = json.loads((step / MANIFEST).read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            raise ValueError(f"its file manifest cannot be read ({e})") from None
+        now = _file_digests(step)
+        for name, digest in sorted(saved.items()):
+            if now.get(name) != digest:
+                what = "is missing" if name not in now else "differs from its sha256 at save"
+                raise ValueError(f"{name} {what} (corrupted or truncated)")
 
     def restore_meta(self, round_num: int) -> dict[str, Any]:
         ocp = self._ocp

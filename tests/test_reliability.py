@@ -145,7 +145,9 @@ def _garbage_meta(ckpt: Path) -> None:
 
 def _wrong_digest(ckpt: Path) -> None:
     """Readable arrays that are not the ones saved (as a corrupted chunk Orbax does not
-    notice would read back): the digest in the meta no longer matches."""
+    notice would read back): the digest in the meta no longer matches. Without the file
+    manifest (a run killed before writing it), so the arrays' digest is what catches it."""
+    (ckpt / checkpoint.MANIFEST).unlink()
     path = ckpt / "meta" / "metadata"
     meta = json.loads(path.read_text())
     meta["digest"] = "0" * 64

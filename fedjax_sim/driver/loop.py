@@ -105,6 +105,7 @@ class Resume:
         skipped = []
         for r in self.ckpt.rounds():
             try:
+                self.ckpt.verify(r)
                 meta = self.ckpt.restore_meta(r)
                 if not isinstance(meta, dict) or not isinstance(meta.get("round"), int):
                     raise ValueError("its meta is not a fedjax_sim checkpoint's bookkeeping")

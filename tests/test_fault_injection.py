@@ -1,0 +1,114 @@
+"""Fault injection: SIGKILL at random moments (some during a checkpoint write) and damage to
+the newest checkpoint, trial after trial on one workdir; the run still ends bitwise equal to
+one never interrupted."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from fedjax_sim import checkpoint
+
+# default:smoke shortened: 12 rounds, an evaluation every 2, a checkpoint every round (so
+# kills land in checkpoint writes often), 2 virtual CPU devices in every process.
+OVERRIDES = [
+    "--config.num_rounds=12",
+    "--config.eval_every=2",
+    "--config.checkpoint_every=1",
+    "--config.client.local_epochs=2",
+    "--config.cpu_devices=2",
+]
+TRIALS = 8
+
+
+def _cli(workdir):
+    cmd = [sys.executable, "-m", "fedjax_sim.cli", "run", "--workdir", str(workdir)]
+    return cmd + ["--no-progress", "--config", "default:smoke", *OVERRIDES]
+
+
+def _metrics(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in lines]
+
+
+def _rounds(workdir: Path) -> list[int]:
+    d = workdir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def _writing(workdir: Path) -> bool:
+    """Whether a checkpoint is being written (Orbax's temporary directory exists)."""
+    d = workdir / "checkpoints"
+    try:
+        return any("tmp" in p.name for p in d.iterdir())
+    except FileNotFoundError:
+        return False
+
+
+def _damage(ckpt: Path, how: str, rng) -> None:
+    for p in (ckpt / "state").rglob("*"):
+        if p.is_file() and p.parent.name == "d":
+            n = p.stat().st_size
+            p.write_bytes(rng.bytes(n) if how == "random" else p.read_bytes()[: n // 2])
+
+
+def test_random_kills_and_damaged_checkpoints_still_end_bitwise_equal(tmp_path):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    t0 = time.monotonic()
+    ref = subprocess.run(_cli(ref_dir), capture_output=True, text=True)
+    duration = time.monotonic() - t0
+    assert ref.returncode == 0, ref.stderr
+
+    rng = np.random.default_rng(20261206)
+    kills = in_write = damaged = fallbacks = 0
+    for trial in range(TRIALS):
+        proc = subprocess.Popen(_cli(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + rng.uniform(0.15, 0.6) * duration
+        during_write = trial % 2 == 1  # odd trials wait for a checkpoint write to kill in
+        hit = False
+        while proc.poll() is None and time.monotonic() < deadline:
+            if during_write and _writing(run_dir):
+                hit = True
+                break
+            time.sleep(0.0005)
+        if proc.poll() is not None:  # it finished (or failed) before the kill
+            err = proc.stderr.read().decode()
+            proc.stderr.close()
+            assert proc.returncode == 0, err
+            fallbacks += err.count("cannot be read")
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        fallbacks += err.count("cannot be read")
+        kills += 1
+        in_write += hit
+        rounds = _rounds(run_dir)
+        if trial % 3 == 2 and len(rounds) >= 2:  # damage the newest; an older one remains
+            how = ("random", "truncate")[trial % 2]
+            _damage(run_dir / "checkpoints" / str(rounds[-1]), how, rng)
+            damaged += 1
+    final = subprocess.run(_cli(run_dir), capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    fallbacks += final.stderr.count("cannot be read")
+
+    assert kills >= 4, f"only {kills} kills landed (duration {duration:.1f} s)"
+    assert fallbacks >= damaged  # every damaged checkpoint was named and set aside
+    assert _metrics(run_dir) == _metrics(ref_dir)
+    a, b = checkpoint.load_state(run_dir), checkpoint.load_state(ref_dir)
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb) > 0
+    for x, y in zip(la, lb, strict=True):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ref_summary = json.loads((ref_dir / "summary.json").read_text())
+    assert summary["final_test_accuracy"] == ref_summary["final_test_accuracy"]
+    print(f"kills {kills} (in a checkpoint write: {in_write}), damaged {damaged}, "
+          f"fallbacks {fallbacks}, reference {duration:.1f} s")  # fmt: skip
