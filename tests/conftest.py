@@ -1,6 +1,8 @@
-"""Test setup: several fake CPU devices, strict dtype promotion, fp32 determinism."""
+"""Test setup: several fake CPU devices, strict dtype promotion, fp32 determinism, and one
+persistent compilation cache for every test worker and the CLI runs the tests start."""
 
 import os
+import tempfile
 
 import jax
 
@@ -8,5 +10,20 @@ import jax
 jax.config.update("jax_num_cpu_devices", 4)
 # Implicit promotions (say float32 * float64 array) are bugs in a simulator; make them errors.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# Many tests build the same small round programs (default:smoke and its variants), in
+# different workers and in CLI subprocesses; XLA's persistent cache compiles each once. A
+# cached executable is the one XLA would compile again (the key is the program, the devices,
+# the flags and the versions), so results are unchanged; measured on the 2-core machine, a
+# repeated 4-round smoke run took 2.2-3.0 s instead of 4.6-5.4 s. The environment variables
+# reach the subprocesses (JAX reads JAX_* flags from them at import).
+_CACHE = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "fedjax_sim_test_xla_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,12 @@ checkpoint is named and the run falls back to the previous one; a broken config 
 """
 
 import json
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -298,3 +303,47 @@ def test_previous_is_documented():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"{checkpoint.PREVIOUS_DIR}/" in readme
     assert f"{checkpoint.UNREADABLE_DIR}/" in readme
+
+
+def test_sigint_to_a_cli_run_is_one_line_and_exit_130(tmp_path):
+    # A real Ctrl-C (SIGINT) to `fedjax-sim run`, after its third evaluation.
+    args = _args(tmp_path, num_rounds=400, eval_every=1, checkpoint_every=2)[1:]
+    cmd = [sys.executable, "-m", "fedjax_sim.cli", "run", *args, "--config.cpu_devices=2"]
+    # Test workers may ignore SIGINT, and a child inherits that: give it the default back.
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    metrics, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and metrics.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    m = re.fullmatch(
+        r"fedjax-sim: interrupted after round (\d+) of 400; rerun the same command to resume "
+        r"from the checkpoint of round (\d+) \((.+)\)",
+        last,
+    )
+    assert m, last
+    done, saved = int(m[1]), int(m[2])
+    assert 3 <= done < 400 and saved <= done and saved % 2 == 0
+    assert Path(m[3]) == tmp_path / "checkpoints" / str(saved) and Path(m[3]).is_dir()
+
+
+def test_the_progress_bar_names_its_loss_and_shows_epsilon_under_dp(tmp_path, capsys):
+    config = _config(checkpoint_every=0, num_rounds=2, weighting="uniform")
+    config.dp.clip_norm, config.dp.noise_multiplier = 1.0, 1.0
+    out = fs.simulate(config, tmp_path, progress=True)
+    err = capsys.readouterr().err
+    last = out["history"][-1]
+    assert f"train_loss={last['train_loss']:.4f}" in err
+    assert f"test_acc={last['test_accuracy']:.4f}" in err
+    assert f"eps={last['epsilon']:.3f}" in err
