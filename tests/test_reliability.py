@@ -309,14 +309,14 @@ def test_sigint_to_a_cli_run_is_one_line_and_exit_130(tmp_path):
     # A real Ctrl-C (SIGINT) to `fedjax-sim run`, after its third evaluation.
     args = _args(tmp_path, num_rounds=400, eval_every=1, checkpoint_every=2)[1:]
     cmd = [sys.executable, "-m", "fedjax_sim.cli", "run", *args, "--config.cpu_devices=2"]
-    # Test workers may ignore SIGINT, and a child inherits that: give it the default back.
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    # Test workers may ignore SIGINT, and a child inherits an ignored signal: start it while
+    # this process handles SIGINT (a handler is reset to the default in the child). No
+    # preexec_fn: forking a process that runs JAX warns.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     metrics, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
         if metrics.exists() and metrics.read_text().count("\n") >= 3:
