@@ -341,6 +341,7 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
         for r in range(start + 1, num_rounds + 1):
             states, alive, losses = program.step(states, alive, source.cohorts(r), r)
             pending.append((r, losses, alive))
+            done = r  # trained (its evaluation and checkpoint may still be to come)
             bar.round_done()
             if r % eval_every == 0 or r == num_rounds:
                 alive = _evaluate(
@@ -350,7 +351,6 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
                 pending.clear()
             if resume.due(r, num_rounds):
                 save(r)
-            done = r
     except KeyboardInterrupt:
         where = resume.ckpt.directory if resume.ckpt is not None else None
         raise RunInterrupted(done, num_rounds, resume.saved_round, where) from None
