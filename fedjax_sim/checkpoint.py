@@ -104,8 +104,11 @@ def set_aside(workdir: Path) -> Path | None:
     return previous
 
 
-def check_writable(workdir: Path) -> None:
-    """Creates ``workdir`` and writes a probe file there; raises ValueError with the reason."""
+def check_writable(workdir: Path) -> list[Path]:
+    """Creates ``workdir`` and writes a probe file there; raises ValueError with the reason.
+    Returns the directories it created, innermost first (for ``remove_created``)."""
+    workdir = Path(workdir)
+    created = [p for p in (workdir, *workdir.parents) if not p.exists()]
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=workdir)
@@ -116,6 +119,17 @@ def check_writable(workdir: Path) -> None:
         if isinstance(e, (FileExistsError, NotADirectoryError)):
             reason += " (a file is in the way of the directory)"
         raise ValueError(f"cannot write to workdir {str(workdir)!r}: {reason}.") from None
+    return created
+
+
+def remove_created(created: list[Path]) -> None:
+    """Removes the directories ``check_writable`` created for a run refused before it wrote
+    anything (innermost first; stops at one that is not empty)."""
+    for p in created:
+        try:
+            p.rmdir()
+        except OSError:
+            break
 
 
 def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

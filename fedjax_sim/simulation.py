@@ -121,8 +121,6 @@ def build_experiment(
             f"clients_per_round={config.clients_per_round} but the dataset has "
             f"{train.num_clients} training clients; choose 1..{train.num_clients}."
         )
-    if config.num_rounds < 1 or config.eval_every < 1:
-        raise ValueError("num_rounds and eval_every must be >= 1.")
     model = models.get_model(
         config.model.name,
         num_classes=federated_data.num_classes,
@@ -341,8 +339,7 @@ def simulate(
     t_start = time.perf_counter()
     workdir = Path(workdir)
     check_config_values(config)
-    created = [p for p in (workdir, *workdir.parents) if not p.exists()]
-    checkpoint.check_writable(workdir)
+    created = checkpoint.check_writable(workdir)
     log = RunLog(workdir)
     every = int(config.get("checkpoint_every", 0) or 0)
     config_data = checkpoint.config_dict(config)
@@ -389,7 +386,7 @@ def simulate(
     except BaseException:
         if resume is not None:
             resume.close()
-        remove_created(created)
+        checkpoint.remove_created(created)
         raise
     if overwrite:
         previous = checkpoint.set_aside(workdir)
@@ -428,15 +425,6 @@ def simulate(
             last_round, out.wall_s, **execution_summary(exp.strategy, program, source), **stop
         )
     return {**summary, "params": out.states.params, "history": log.history}
-
-
-def remove_created(created: list[Path]) -> None:
-    """Removes the (empty) directories a refused run created, innermost first."""
-    for p in created:
-        try:
-            p.rmdir()
-        except OSError:
-            pass
 
 
 def format_summary(summary: dict[str, Any]) -> str:

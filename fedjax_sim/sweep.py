@@ -264,8 +264,7 @@ def run_sweep(
             "the data; drop one of them."
         )
     workdir = Path(workdir)
-    created = [p for p in (workdir, *workdir.parents) if not p.exists()]
-    checkpoint.check_writable(workdir)
+    created = checkpoint.check_writable(workdir)
     every = int(base_config.get("checkpoint_every", 0) or 0)
     keep = int(base_config.get("checkpoint_keep", 3) or 3)
     spec = _sweep_spec(base_config, axes)
@@ -322,11 +321,7 @@ def run_sweep(
                         f"{sorted(algo.hparams)} in state.hparams; make them the same."
                     )
     except Exception:
-        for p in created:  # leave no empty workdir behind a refused sweep
-            try:
-                p.rmdir()
-            except OSError:
-                break
+        checkpoint.remove_created(created)  # leave no empty workdir behind a refused sweep
         raise
     if overwrite:  # the grid is checked: the earlier results move aside, nothing is lost
         previous = checkpoint.set_aside(workdir)

@@ -102,7 +102,6 @@ class Resume:
 
     def _read_newest(self) -> None:
         """``round`` and ``meta`` of the newest checkpoint whose meta can be read."""
-        skipped = []
         for r in self.ckpt.rounds():
             try:
                 self.ckpt.verify(r)
@@ -110,7 +109,7 @@ class Resume:
                 if not isinstance(meta, dict) or not isinstance(meta.get("round"), int):
                     raise ValueError("its meta is not a fedjax_sim checkpoint's bookkeeping")
             except Exception as e:  # any failure to read makes it unusable
-                skipped.append(self._set_unreadable(r, e))
+                self._set_unreadable(r, e)
                 continue
             if meta.get("format") != CHECKPOINT_FORMAT:
                 raise checkpoint.ConfigMismatchError(
@@ -128,7 +127,7 @@ class Resume:
             "start afresh (the earlier results move to previous/), or choose another --workdir."
         )
 
-    def _set_unreadable(self, r: int, e: BaseException) -> int:
+    def _set_unreadable(self, r: int, e: BaseException) -> None:
         where = self.ckpt.directory / str(r)
         dest = self.ckpt.set_unreadable(r)
         print(
@@ -136,7 +135,6 @@ class Resume:
             "trying the next older one",
             file=sys.stderr,
         )
-        return r
 
     @property
     def enabled(self) -> bool:
@@ -288,11 +286,7 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
            factor, progress, t_start):  # fmt: skip
     m_count = program.num_members
     states, alive = program.init()
-    limits = [math.inf] * m_count
-    if factor > 0:  # from the initial model (the same on resume: a function of the seed)
-        for m, ev in enumerate(evaluator(program.params(states))):
-            if ev["test_loss"] > 0:
-                limits[m] = factor * ev["test_loss"]
+    initial_params = program.params(states)  # the divergence reference (a function of the seed)
     diverged: list[int | None] = [None] * m_count
     pending: list[tuple[int, jax.Array, jax.Array]] = []
     start = 0
@@ -335,6 +329,12 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
         log.start(resumed_round=start if resumed else None)
     if start >= num_rounds and resumed:  # a finished run, rerun: nothing trained, no new time
         return LoopResult(states, alive, diverged, float(resume.meta["wall_s"]))
+    limits = [math.inf] * m_count
+    if factor > 0:
+        for m, ev in enumerate(evaluator(initial_params)):
+            if ev["test_loss"] > 0:
+                limits[m] = factor * ev["test_loss"]
+    del initial_params
     bar = _Progress(progress, num_rounds, m_count, start, bar=not program.vectorized)
     done = start
     try:
