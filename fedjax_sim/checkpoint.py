@@ -184,9 +184,9 @@ def check_resumable(stored: dict[str, Any], config: dict[str, Any], round_done: 
     if diffs:
         raise ConfigMismatchError(
             f"{where} already holds a checkpoint of a run with a different config; these "
-            "fields differ (checkpoint -> now):\n  "
-            + "\n  ".join(diffs)
-            + "\nRun with the checkpoint's config to resume, pass --overwrite to start afresh, "
+            "fields differ (checkpoint -> now): "
+            + "; ".join(diffs)
+            + ". Run with the checkpoint's config to resume, pass --overwrite to start afresh, "
             "or choose another --workdir."
         )
 

@@ -383,9 +383,9 @@ def _check_same_sweep(stored: dict[str, Any], spec: dict[str, Any], workdir: Pat
         diffs.append(f"sweep axes order: {list(old_axes)} -> {list(new_axes)}")
     if diffs:
         raise checkpoint.ConfigMismatchError(
-            f"{workdir} already holds a different sweep; these fields differ (stored -> now):\n  "
-            + "\n  ".join(diffs)
-            + "\nRun the stored sweep to resume it, pass --overwrite to start afresh, or "
+            f"{workdir} already holds a different sweep; these fields differ (stored -> now): "
+            + "; ".join(diffs)
+            + ". Run the stored sweep to resume it, pass --overwrite to start afresh, or "
             "choose another --workdir."
         )
 

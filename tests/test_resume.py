@@ -119,8 +119,10 @@ def test_in_process_resume_extends_num_rounds(tmp_path):
     _assert_bitwise_equal(out["params"], ref["params"])
     assert _metrics(short) == _metrics(long_)
     # num_rounds may not fall below the rounds already done.
-    with pytest.raises(checkpoint.ConfigMismatchError, match="num_rounds: 8 -> 6"):
-        fs.simulate(_small_config(num_rounds=6), short, progress=False)
+    with pytest.raises(checkpoint.ConfigMismatchError, match="num_rounds: 8 -> 6") as err:
+        fs.simulate(_small_config(num_rounds=6, seed=3), short, progress=False)
+    assert "\n" not in str(err.value)  # one line, every differing field in it
+    assert "seed: " in str(err.value)
 
 
 def test_unwritable_workdir_is_refused_before_compute(tmp_path, capsys, monkeypatch):
