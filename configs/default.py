@@ -39,6 +39,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     )
 
     config.model = ml_collections.ConfigDict()
+    # A registered name (fs.models.MODEL_NAMES, or one added with fs.models.register).
     config.model.name = "logreg"
     config.model.kwargs = ml_collections.ConfigDict()
 

@@ -48,7 +48,7 @@ from fedjax_sim.core.task import Task, classification_task, get_task, next_token
 from fedjax_sim.core.types import ClientOutput, Cohort, FederatedAlgorithm, Model
 from fedjax_sim.data import FederatedData, FederatedDataset, from_client_arrays, pack_cohort
 from fedjax_sim.driver import TrainingDiverged
-from fedjax_sim.models import get_model
+from fedjax_sim.models import get_model, model_from_linen
 from fedjax_sim.optimizers import get_optimizer
 from fedjax_sim.simulation import build_experiment, simulate
 from fedjax_sim.sweep import run_sweep
@@ -102,6 +102,7 @@ __all__ = [
     "map_clients",
     "mime",
     "mimelite",
+    "model_from_linen",
     "models",
     "next_token_task",
     "optimizers",

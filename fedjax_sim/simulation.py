@@ -107,6 +107,7 @@ def build_experiment(
     """
     check_config_values(config)
     spec = algorithms.get_spec(config.algorithm)  # an unknown name fails before any data loads
+    models.get_builder(config.model.name)  # so does an unknown model
     systems = systems_of(config)  # so do bad sampling / systems settings
     async_settings = spec.async_schedule(config) if spec.async_schedule is not None else None
     finetune_steps_of(config)

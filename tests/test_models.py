@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from jax import lax
 
+import fedjax_sim as fs
+import fedjax_sim.models as models_module
 import fedjax_sim.models.cnn as cnn_module
 from fedjax_sim.models import MODEL_NAMES, count_params, get_model
 from fedjax_sim.models.conv import conv2d, conv_general_dilated
@@ -302,6 +304,77 @@ def test_unknown_model_lists_known_names():
         get_model("vgg", num_classes=10, input_shape=(28, 28, 1))
     for name in MODEL_NAMES:
         assert name in str(info.value)
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """Models registered in a test leave the process-wide registry as it was."""
+    monkeypatch.setattr(models_module, "_REGISTRY", dict(models_module._REGISTRY))
+
+
+class Affine(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        return nn.Dense(self.num_classes)(x.reshape((x.shape[0], -1)))
+
+
+def affine(*, num_classes, input_shape, scale=1.0):
+    model = fs.model_from_linen(Affine(num_classes), name="affine", input_shape=input_shape)
+    return model._replace(apply=lambda p, x, **kw: scale * model.apply(p, x, **kw))
+
+
+def test_a_registered_model_is_built_with_get_models_arguments(registry):
+    fs.models.register("affine", affine)
+    fs.models.register("affine", affine)  # the same builder again is a no-op
+    model = get_model("affine", num_classes=3, input_shape=(2, 2), scale=2.0)
+    params = model.init(jax.random.key(0))
+    assert params["Dense_0"]["kernel"].shape == (4, 3)  # input_shape (2, 2) flattened
+    x = jnp.ones((5, 2, 2))
+    plain = get_model("affine", num_classes=3, input_shape=(2, 2))  # scale defaults to 1
+    np.testing.assert_allclose(
+        model.apply(params, x, train=False), 2.0 * plain.apply(params, x, train=False), **TOL
+    )
+
+
+def test_register_refuses_a_taken_name(registry):
+    fs.models.register("affine", affine)
+    for name in ("affine", "logreg"):  # a registered one, a built-in one
+        with pytest.raises(ValueError, match=f"a model named '{name}' is already registered"):
+            fs.models.register(name, lambda **kw: affine(**kw))
+    assert get_model("affine", num_classes=2, input_shape=(3,)).name == "affine"
+    assert get_model("logreg", num_classes=2, input_shape=(3,)).name == "logreg"
+
+
+def test_register_refuses_wrong_types(registry):
+    built = affine(num_classes=3, input_shape=(4,))  # a Model, not its builder
+    with pytest.raises(TypeError, match=r"register\('affine', ...\) needs a builder .*got Model"):
+        fs.models.register("affine", built)
+    with pytest.raises(TypeError, match="needs a non-empty str name, got 3"):
+        fs.models.register(3, affine)
+    with pytest.raises(TypeError, match="needs a non-empty str name"):
+        fs.models.register("", affine)
+    # A builder returning a Flax module instead of a Model fails when it is built.
+    fs.models.register("bare_module", lambda *, num_classes, input_shape: Affine(num_classes))
+    with pytest.raises(TypeError, match="'bare_module': its builder returned Affine, not a Model"):
+        get_model("bare_module", num_classes=3, input_shape=(4,))
+    assert "bare_module" in fs.models._REGISTRY and "affine" not in fs.models._REGISTRY
+
+
+def test_unknown_model_lists_registered_names(registry, monkeypatch, tmp_path):
+    fs.models.register("affine", affine)
+    with pytest.raises(ValueError, match="unknown model 'vgg'; known models: logreg, .*, affine"):
+        get_model("vgg", num_classes=10, input_shape=(28, 28, 1))
+    # fs.simulate refuses it before any data loads and before the workdir is made.
+    monkeypatch.setattr(
+        fs.simulation.data, "get_federated_data", lambda *a, **k: pytest.fail("data loaded")
+    )
+    config = fs.load_config("default:smoke")
+    config.model.name = "vgg"
+    with pytest.raises(ValueError, match="unknown model 'vgg'.*affine"):
+        fs.simulate(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_count_params_of_a_small_tree():

@@ -1,4 +1,5 @@
-"""Model registry: ``get_model(name, num_classes=..., input_shape=...)``.
+"""Model registry: ``get_model(name, num_classes=..., input_shape=...)``; user models join it
+with ``register(name, builder)``.
 
 Every model is a :class:`fedjax_sim.core.types.Model` (pure ``init``/``apply`` plus a
 per-example cross-entropy loss); stride-1 convolutions use the loop-friendly convolution of
@@ -30,7 +31,35 @@ _REGISTRY: dict[str, Callable[..., Model]] = {
     "resnet18_gn": resnet18_gn,
 }
 
-MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)  # the built-in models
+
+
+def register(name: str, builder: Callable[..., Model]) -> None:
+    """Adds a model under ``name`` (from user code or a config file); names are unique.
+
+    Args:
+      name: the name ``get_model`` and ``config.model.name`` take.
+      builder: called as ``builder(num_classes=..., input_shape=..., **model_kwargs)`` (the
+        config's ``model.kwargs``), like the built-in factories; returns a :class:`Model`,
+        e.g. from :func:`model_from_linen`.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register(name, ...) needs a non-empty str name, got {name!r}.")
+    if not callable(builder):
+        raise TypeError(
+            f"register({name!r}, ...) needs a builder (num_classes=, input_shape=, **kwargs) "
+            f"-> Model, got {type(builder).__name__}."
+        )
+    if name in _REGISTRY and _REGISTRY[name] is not builder:
+        raise ValueError(f"a model named {name!r} is already registered.")
+    _REGISTRY[name] = builder
+
+
+def get_builder(name: str) -> Callable[..., Model]:
+    """The registry entry of ``name``; an unknown name lists the known ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
 
 
 def get_model(
@@ -39,7 +68,7 @@ def get_model(
     """Builds a registered model by name.
 
     Args:
-      name: one of :data:`MODEL_NAMES`.
+      name: one of :data:`MODEL_NAMES` or a name added with :func:`register`.
       num_classes: number of classes (the vocabulary size for ``lstm_shakespeare``).
       input_shape: shape of one example's ``x``.
       **model_kwargs: extra options of that model's factory (e.g. ``num_groups`` of
@@ -52,11 +81,16 @@ def get_model(
 
     Raises:
       ValueError: for an unknown name; the message lists the known ones.
+      TypeError: the builder returned something other than a :class:`Model`.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    builder = get_builder(name)
     augment = bool(model_kwargs.pop("augment", False))
-    model = _REGISTRY[name](num_classes=num_classes, input_shape=tuple(input_shape), **model_kwargs)
+    model = builder(num_classes=num_classes, input_shape=tuple(input_shape), **model_kwargs)
+    if not isinstance(model, Model):
+        raise TypeError(
+            f"model {name!r}: its builder returned {type(model).__name__}, not a Model "
+            "(wrap a Flax module with fs.model_from_linen)."
+        )
     if len(model.input_shape) == 3:  # images: uint8 scaling, optional crop + flip
         model = with_image_preprocessing(model, augment=augment)
     elif augment:
@@ -73,11 +107,13 @@ __all__ = [
     "conv2d",
     "conv_general_dilated",
     "count_params",
+    "get_builder",
     "get_model",
     "logreg",
     "lstm_shakespeare",
     "mlp",
     "model_from_linen",
+    "register",
     "resnet18_gn",
     "softmax_cross_entropy",
 ]
