@@ -11,7 +11,17 @@ are ``fs.algorithms`` (one file each, registered by name); ``fs.aggregators`` an
 ``fs.simulate`` and ``fs.run_sweep`` call.
 """
 
-from fedjax_sim import aggregators, algorithms, core, data, driver, models, optimizers, privacy
+from fedjax_sim import (
+    aggregators,
+    algorithms,
+    core,
+    data,
+    driver,
+    features,
+    models,
+    optimizers,
+    privacy,
+)
 from fedjax_sim.aggregators import Aggregator, coordinate_median, weighted_mean
 from fedjax_sim.aggregators.transforms import AggregationTransform, chain
 from fedjax_sim.algorithms import (
@@ -73,6 +83,7 @@ __all__ = [
     "TrainingDiverged",
     "aggregators",
     "algorithms",
+    "features",
     "build_experiment",
     "chain",
     "classification_task",

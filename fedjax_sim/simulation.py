@@ -84,8 +84,8 @@ def kwargs_of(node) -> dict[str, Any]:
 
 def build_algorithm(config, task: Task, executor: Executor, num_clients: int):
     """The algorithm ``config.algorithm`` names, built by its registry entry."""
-    spec = algorithms.get_spec(config.algorithm)
-    return spec.build(config, BuildContext(task=task, executor=executor, num_clients=num_clients))
+    ctx = BuildContext(task=task, executor=executor, num_clients=num_clients)
+    return algorithms.build(config, ctx)
 
 
 def build_experiment(
@@ -107,6 +107,7 @@ def build_experiment(
     """
     check_config_values(config)
     spec = algorithms.get_spec(config.algorithm)  # an unknown name fails before any data loads
+    algorithms.check_support(config)  # so does a feature the algorithm does not take
     models.get_builder(config.model.name)  # so does an unknown model
     systems = systems_of(config)  # so do bad sampling / systems settings
     async_settings = spec.async_schedule(config) if spec.async_schedule is not None else None

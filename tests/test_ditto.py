@@ -215,13 +215,13 @@ def test_config_lambda_is_a_vectorized_axis_and_bad_input_is_refused():
         bad = fs.load_config("default:smoke")
         bad.algorithm = "ditto"
         bad.algorithm_kwargs[wrong] = 1.0
-        with pytest.raises(ValueError, match="algorithm_kwargs.ditto_lambda"):
-            spec.build(bad, ctx)
+        with pytest.raises(ValueError, match=r"did you mean 'ditto_lambda'"):
+            fs.algorithms.build(bad, ctx)
     bad = fs.load_config("default:smoke")
     bad.algorithm = "ditto"
     bad.algorithm_kwargs.ditto_lamda = 1.0
-    with pytest.raises(ValueError, match=r"does not take algorithm_kwargs \['ditto_lamda'\]"):
-        spec.build(bad, ctx)
+    with pytest.raises(ValueError, match=r"takes no algorithm_kwargs.ditto_lamda \(did you"):
+        fs.algorithms.build(bad, ctx)
     inner = fs.ditto(MODEL, optax.sgd(0.1), num_clients=5)
     with pytest.raises(ValueError, match="plain global algorithm"):
         fs.ditto(MODEL, optax.sgd(0.1), num_clients=5, global_algorithm=inner)

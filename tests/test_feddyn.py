@@ -194,9 +194,11 @@ def test_bad_arguments_are_refused():
     "field, value, message",
     [
         ("algorithm_kwargs.alpha", 0.0, "alpha must be a finite number > 0"),
-        ("aggregator", "median", "aggregator 'median' is not supported"),
-        ("client.proximal_mu", 0.1, "proximal_mu"),
-        ("dp.clip_norm", 1.0, "dp.clip_norm"),
+        ("aggregator", "median", "'feddyn' does not support robust_aggregation"),
+        ("client.proximal_mu", 0.1, "does not support proximal_term"),
+        ("dp.clip_norm", 1.0, r"does not support dp \(dp.clip_norm"),
+        ("algorithm_kwargs.alhpa", 0.5, r"no algorithm_kwargs.alhpa \(did you mean 'alpha'\?\)"),
+        ("algorithm_kwargs.alpha", "big", "algorithm_kwargs.alpha must be a float"),
         ("server.learning_rate", 0.5, "has none"),
         ("server.optimizer", "adam", "has none"),
     ],
@@ -209,4 +211,4 @@ def test_config_settings_feddyn_would_ignore_are_refused(field, value, message):
         task=fs.core.task.as_task(MODEL), executor=fs.Executor("sequential"), num_clients=3
     )
     with pytest.raises(ValueError, match=message):
-        fs.algorithms.get_spec("feddyn").build(config, ctx)
+        fs.algorithms.build(config, ctx)

@@ -134,12 +134,12 @@ def test_bad_input_is_refused():
         ({"client.optimizer": "adam"}, "client.optimizer 'adam' is not one of sgd, momentum"),
         ({"client.kwargs.nesterov": True, "client.kwargs.momentum": 0.5}, "nesterov"),
         ({"client.kwargs.dampening": 0.1}, r"takes only client.kwargs.momentum; got \['damp"),
-        ({"dp.clip_norm": 1.0}, "fednova takes no dp.clip_norm"),
-        ({"aggregator": "median"}, "aggregator 'median' is not supported"),
+        ({"dp.clip_norm": 1.0}, r"'fednova' does not support dp \(dp.clip_norm=1.0\)"),
+        ({"aggregator": "median"}, "'fednova' does not support robust_aggregation"),
     ]:
         config = fs.load_config("default:smoke")
         config.algorithm = "fednova"
         for field, value in fields.items():
             fs.sweep._set(config, field, value)
         with pytest.raises(ValueError, match=match):
-            fs.algorithms.get_spec("fednova").build(config, CTX)
+            fs.algorithms.build(config, CTX)

@@ -137,5 +137,5 @@ def test_bad_settings_are_refused(kwargs, message):
 def test_fedsgd_config_with_a_proximal_term_is_refused(tmp_path):
     config = fs.load_config("fedsgd:smoke")
     config.client.proximal_mu = 0.1
-    with pytest.raises(ValueError, match="fedsgd takes no client.proximal_mu"):
+    with pytest.raises(ValueError, match="'fedsgd' does not support proximal_term"):
         fs.simulate(config, tmp_path / "run", progress=False)

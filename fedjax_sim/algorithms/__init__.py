@@ -5,6 +5,7 @@ and ``SPEC = AlgorithmSpec(build, hparams)`` for configs (``config.algorithm = N
 ``algorithms/base.py`` for the protocol and README "Architecture" for a walk-through.
 """
 
+from fedjax_sim import features
 from fedjax_sim.algorithms import adaptive as _adaptive
 from fedjax_sim.algorithms import ditto as _ditto
 from fedjax_sim.algorithms import fedavg as _fedavg
@@ -65,6 +66,21 @@ def get_spec(name: str) -> AlgorithmSpec:
     return ALGORITHMS[name]
 
 
+def check_support(config) -> None:
+    """Refuses, before any compute, a feature ``config`` switches on that its algorithm does
+    not build into the round, and ``algorithm_kwargs`` it does not read
+    (``fedjax_sim.features.check_support``: the one place that does)."""
+    name = str(config.algorithm)
+    features.check_support(config, name, get_spec(name), ALGORITHMS)
+
+
+def build(config, ctx: BuildContext):
+    """The ``FederatedAlgorithm`` ``config.algorithm`` names, built by its registry entry
+    after ``check_support``: the way every driver path builds one from a config."""
+    check_support(config)
+    return get_spec(str(config.algorithm)).build(config, ctx)
+
+
 def switch_algorithm(config, name: str) -> dict:
     """Sets ``config.algorithm = name`` and the settings ``name``'s spec needs
     (``AlgorithmSpec.config_defaults``), in place: what ``--config.algorithm=NAME`` does before
@@ -98,6 +114,8 @@ __all__ = [
     "AlgorithmSpec",
     "BuildContext",
     "ServerState",
+    "build",
+    "check_support",
     "ditto",
     "fedadagrad",
     "fedadam",

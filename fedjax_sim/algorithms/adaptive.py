@@ -200,6 +200,7 @@ def _spec(name: str, description: str, server_learning_rate: float | None = None
         hparams=functools.partial(_hparams_of_config, name=name),
         description=description,
         config_defaults=defaults,
+        supports=fedavg.SPEC.supports,
     )
 
 

@@ -32,6 +32,7 @@ from fedjax_sim.core.execution import ClientFn, Executor
 from fedjax_sim.core.keys import AGGREGATE_SALT, UPDATE_SALT
 from fedjax_sim.core.task import Task
 from fedjax_sim.core.types import ClientOutput, Cohort, FederatedAlgorithm, Params, PyTree
+from fedjax_sim.features import FEATURES
 from fedjax_sim.optimizers import (
     get_optimizer,
     injected_hyperparams,
@@ -40,6 +41,10 @@ from fedjax_sim.optimizers import (
 )
 
 WEIGHTINGS = ("num_examples", "uniform")
+# What FedOpt's round takes (``features.FEATURES``): every feature, through ``ServerSide``.
+ALL_FEATURES = frozenset(FEATURES)
+# What an algorithm that reduces the clients' updates with any aggregator takes.
+AGGREGATORS_ONLY = frozenset({"robust_aggregation", "secure_aggregation"})
 # Local loops of at most this many packed steps are unrolled (measured: scripts/bench.py).
 UNROLL_STEPS = 4
 
@@ -85,6 +90,11 @@ class AlgorithmSpec(NamedTuple):
         ``fedjax_sim.algorithms.switch_algorithm`` (the CLI's ``--config.algorithm=NAME``)
         before the command line's other overrides, which win; a config file that names the
         algorithm itself sets its own numbers.
+      supports: the cross-cutting features (``fedjax_sim.features.FEATURES``) ``build``
+        builds into the round; any other that a config switches on is refused before compute
+        (``features.check_support``), never ignored.
+      kwargs: the ``algorithm_kwargs`` ``build`` reads, with their defaults (whose types
+        the config's values must have); any other key is refused.
     """
 
     build: Callable[[Any, BuildContext], FederatedAlgorithm]
@@ -92,6 +102,8 @@ class AlgorithmSpec(NamedTuple):
     description: str = ""
     async_schedule: Callable[[Any], AsyncSettings] | None = None
     config_defaults: Callable[[Any], dict[str, Any]] | None = None
+    supports: frozenset[str] = frozenset()
+    kwargs: Mapping[str, Any] = {}  # noqa: RUF012 (never mutated)
 
 
 class ServerState(NamedTuple):
@@ -429,33 +441,3 @@ def proximal_gradient(grads: Params, params: Params, *, mu, anchor: Params) -> P
     """``grads`` plus the gradient of ``mu/2 * ||params - anchor||^2`` (FedProx's term; Ditto's
     pull of a personal model towards the global one)."""
     return jax.tree.map(lambda g, p, a: g + mu * (p - a), grads, params, anchor)
-
-
-def refuse_fedopt_options(
-    config, name: str, *, allow_proximal: bool = False, allow_aggregator: bool = False
-) -> None:
-    """Refuses, before any compute, the fedavg/fedopt options an algorithm with its own
-    aggregation does not implement: FedProx's ``client.proximal_mu`` (unless
-    ``allow_proximal``), the DP-FedAvg mechanism (``dp.*``) and a robust aggregator (unless
-    ``allow_aggregator``), instead of ignoring them silently."""
-    dp = config.get("dp")
-    used = [
-        path
-        for path, value in (
-            ("client.proximal_mu", 0.0 if allow_proximal else config.client.get("proximal_mu", 0)),
-            ("dp.clip_norm", dp.clip_norm if dp is not None else 0.0),
-            ("dp.noise_multiplier", dp.noise_multiplier if dp is not None else 0.0),
-        )
-        if float(value)
-    ]
-    if used:
-        raise ValueError(
-            f"{name} takes no {', '.join(used)} (FedProx and DP-FedAvg are fedavg/fedopt "
-            "options); set them to 0 or use algorithm='fedavg'."
-        )
-    aggregator = config.get("aggregator", "mean")
-    if not allow_aggregator and aggregator != "mean":
-        raise ValueError(
-            f"{name} averages the clients' updates itself; aggregator {aggregator!r} is not "
-            "supported (use aggregator='mean')."
-        )

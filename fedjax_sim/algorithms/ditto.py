@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.algorithms.base import (
+    ALL_FEATURES,
     AlgorithmSpec,
     BuildContext,
     as_hparams,
@@ -18,14 +19,12 @@ from fedjax_sim.algorithms.base import (
 from fedjax_sim.algorithms.fedavg import build as fedopt_build
 from fedjax_sim.algorithms.fedavg import fedavg
 from fedjax_sim.algorithms.fedavg import hparams_of_config as fedopt_hparams_of_config
-from fedjax_sim.algorithms.heads import check_algorithm_kwargs
 from fedjax_sim.core.execution import Executor, gather_client_states
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model
 from fedjax_sim.optimizers import optimizer_from_config
 
 LAMBDA = "algorithm_kwargs.ditto_lambda"
-KWARGS = ("ditto_lambda",)
 
 
 def ditto(
@@ -163,13 +162,6 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
     (``client.*``, ``server.*``, ``client.proximal_mu``, ``dp.*``, ``weighting``,
     ``aggregator``), the personal steps use ``client.*``, lambda is
     ``algorithm_kwargs.ditto_lambda``."""
-    given = set(config.algorithm_kwargs.to_dict())
-    if given & {"lambda", "lam"}:
-        raise ValueError(
-            "ditto's lambda is algorithm_kwargs.ditto_lambda ('lambda' is a Python keyword); "
-            f"rename {sorted(given & {'lambda', 'lam'})}."
-        )
-    check_algorithm_kwargs(config, KWARGS, "ditto")
     return ditto(
         ctx.task,
         optimizer_from_config(config.client),
@@ -184,4 +176,8 @@ SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
     description="Ditto: FedAvg global model plus a lambda-regularized personal model per client",
+    # Each acts on the global model, which is fedopt's; error feedback's residual table
+    # would take the per-client slot the personal models hold.
+    supports=ALL_FEATURES - {"error_feedback"},
+    kwargs={"ditto_lambda": 1.0},  # 'lambda' is a Python keyword
 )

@@ -20,6 +20,7 @@ from fedjax_sim.aggregators.compression import (
 )
 from fedjax_sim.aggregators.transforms import AggregationTransform, chain
 from fedjax_sim.algorithms.base import (
+    ALL_FEATURES,
     UNROLL_STEPS,  # noqa: F401 (re-exported: its old home)
     AlgorithmSpec,
     BuildContext,
@@ -383,4 +384,5 @@ SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
     description="FedAvg / FedOpt (any Optax server optimizer), FedProx, DP-FedAvg mechanism",
+    supports=ALL_FEATURES,
 )

@@ -206,4 +206,5 @@ SPEC = AlgorithmSpec(
     hparams=hparams_of_config,
     description="FedBuff: buffered asynchronous aggregation on the simulated clock",
     async_schedule=async_schedule,
+    kwargs={"buffer_size": 0, "max_staleness": 10, "staleness_exponent": 0.5},
 )

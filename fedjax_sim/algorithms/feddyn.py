@@ -19,7 +19,6 @@ from fedjax_sim.algorithms.base import (
     config_optimizer_hparams,
     local_update,
     optimizer_hparams,
-    refuse_fedopt_options,
     select_hparams,
     weighted_client_metrics,
 )
@@ -210,7 +209,6 @@ def hparams_of_config(config) -> dict[str, float]:
 
 def _check_config(config) -> None:
     """Refuses settings FedDyn would otherwise ignore silently."""
-    refuse_fedopt_options(config, "feddyn")  # its own alpha term is the proximal one
     problems = []
     server = config.server
     server_kwargs = server.kwargs.to_dict() if server.get("kwargs") is not None else {}
@@ -243,4 +241,5 @@ SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
     description="FedDyn: dynamic regularization with per-client gradient memory (Acar et al. 2021)",
+    kwargs={"alpha": DEFAULT_ALPHA},
 )

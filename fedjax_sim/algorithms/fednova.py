@@ -24,7 +24,6 @@ from fedjax_sim.algorithms.base import (
     config_optimizer_hparams,
     local_update,
     optimizer_hparams,
-    refuse_fedopt_options,
     select_hparams,
     weighted_client_metrics,
     with_optimizer_hparams,
@@ -269,7 +268,6 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
         )
     momentum = kwargs.get("momentum", 0.9 if spec.optimizer == "momentum" else None)
     hp = hparams_of_config(config)
-    refuse_fedopt_options(config, "fednova", allow_proximal=True)
     return fednova(
         ctx.task,
         float(spec.learning_rate),
@@ -286,4 +284,5 @@ SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
     description="FedNova: normalized averaging for unequal local steps (Wang et al. 2020)",
+    supports=frozenset({"proximal_term"}),
 )

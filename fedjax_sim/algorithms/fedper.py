@@ -6,9 +6,9 @@ from collections.abc import Mapping
 
 import optax
 
-from fedjax_sim import aggregators
 from fedjax_sim.aggregators import Aggregator
 from fedjax_sim.algorithms.base import (
+    AGGREGATORS_ONLY,
     AlgorithmSpec,
     BuildContext,
     config_optimizer_hparams,
@@ -16,19 +16,16 @@ from fedjax_sim.algorithms.base import (
     optimizer_hparams,
     select_hparams,
 )
+from fedjax_sim.algorithms.fedavg import aggregator_of
 from fedjax_sim.algorithms.heads import (
     body_and_head_model,
-    check_algorithm_kwargs,
     choose_head,
     personal_head_algorithm,
-    refuse_unsupported,
 )
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import FederatedAlgorithm, Model
 from fedjax_sim.optimizers import optimizer_from_config
-
-KWARGS = ("head_layers",)
 
 
 def fedper(
@@ -122,8 +119,6 @@ def hparams_of_config(config) -> dict[str, float]:
 def build(config, ctx: BuildContext) -> FederatedAlgorithm:
     """``fedper`` from a config: ``client.*``/``server.*`` optimizers, ``weighting``,
     ``aggregator``, ``algorithm_kwargs.head_layers`` (default 1)."""
-    check_algorithm_kwargs(config, KWARGS, "fedper")
-    refuse_unsupported(config, "fedper")
     return fedper(
         ctx.task,
         optimizer_from_config(config.client),
@@ -131,7 +126,7 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
         num_clients=ctx.num_clients,
         head_layers=config.algorithm_kwargs.get("head_layers", 1),
         weighting=config.weighting,
-        aggregator=aggregators.get_aggregator(config.aggregator),
+        aggregator=aggregator_of(config),
         executor=ctx.executor,
         hparams=hparams_of_config(config),
     )
@@ -141,5 +136,7 @@ SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
     config_defaults=body_and_head_model,
+    supports=AGGREGATORS_ONLY,
+    kwargs={"head_layers": 1},
     description="FedPer: FedAvg of the base layers, personal head layers on every client",
 )

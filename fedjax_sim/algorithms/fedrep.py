@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from fedjax_sim import aggregators
 from fedjax_sim.aggregators import Aggregator
 from fedjax_sim.algorithms.base import (
+    AGGREGATORS_ONLY,
     AlgorithmSpec,
     BuildContext,
     config_optimizer_hparams,
@@ -20,13 +20,12 @@ from fedjax_sim.algorithms.base import (
     select_hparams,
     with_optimizer_hparams,
 )
+from fedjax_sim.algorithms.fedavg import aggregator_of
 from fedjax_sim.algorithms.heads import (
     body_and_head_model,
-    check_algorithm_kwargs,
     choose_head,
     is_count,
     personal_head_algorithm,
-    refuse_unsupported,
 )
 from fedjax_sim.core.client import match_vma, num_real_steps, step_batch
 from fedjax_sim.core.execution import Executor
@@ -35,7 +34,6 @@ from fedjax_sim.core.types import FederatedAlgorithm, Model
 from fedjax_sim.optimizers import optimizer_from_config, optimizer_update
 
 HEAD_EPOCHS = "algorithm_kwargs.head_epochs"
-KWARGS = ("head_layers", "head_epochs")
 
 
 def fedrep(
@@ -168,8 +166,6 @@ def hparams_of_config(config) -> dict[str, float]:
 def build(config, ctx: BuildContext) -> FederatedAlgorithm:
     """``fedrep`` from a config: ``client.*``/``server.*`` optimizers, ``weighting``,
     ``aggregator``, ``algorithm_kwargs.head_layers`` (default 1) and ``head_epochs``."""
-    check_algorithm_kwargs(config, KWARGS, "fedrep")
-    refuse_unsupported(config, "fedrep")
     hp = hparams_of_config(config)
     return fedrep(
         ctx.task,
@@ -179,7 +175,7 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
         head_layers=config.algorithm_kwargs.get("head_layers", 1),
         head_epochs=config.algorithm_kwargs.get("head_epochs", 10),
         weighting=config.weighting,
-        aggregator=aggregators.get_aggregator(config.aggregator),
+        aggregator=aggregator_of(config),
         executor=ctx.executor,
         hparams=hp,
     )
@@ -189,5 +185,7 @@ SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
     config_defaults=body_and_head_model,
+    supports=AGGREGATORS_ONLY,
+    kwargs={"head_layers": 1, "head_epochs": 10},
     description="FedRep: personal heads trained first, then the shared representation (FedAvg)",
 )

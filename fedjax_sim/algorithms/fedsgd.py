@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from fedjax_sim import aggregators
 from fedjax_sim.aggregators import Aggregator, weighted_mean
 from fedjax_sim.aggregators.transforms import AggregationTransform, chain
 from fedjax_sim.algorithms.base import (
+    AGGREGATORS_ONLY,
     AlgorithmSpec,
     BuildContext,
     ServerSide,
@@ -21,6 +21,7 @@ from fedjax_sim.algorithms.base import (
     optimizer_hparams,
     select_hparams,
 )
+from fedjax_sim.algorithms.fedavg import aggregator_of
 from fedjax_sim.core.client import match_vma, num_real_steps, step_batch
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
@@ -116,26 +117,12 @@ def hparams_of_config(config) -> dict[str, float]:
 
 
 def build(config, ctx: BuildContext) -> FederatedAlgorithm:
-    """``fedsgd`` from a config; FedProx's and DP's numbers are refused (they are fedavg's)."""
-    used = [
-        path
-        for path, value in (
-            ("client.proximal_mu", config.client.get("proximal_mu", 0.0)),
-            ("dp.clip_norm", config.dp.clip_norm if "dp" in config else 0.0),
-            ("dp.noise_multiplier", config.dp.noise_multiplier if "dp" in config else 0.0),
-        )
-        if value
-    ]
-    if used:
-        raise ValueError(
-            f"fedsgd takes no {', '.join(used)} (FedProx and DP-FedAvg are fedavg/fedopt "
-            "options); set them to 0 or use algorithm='fedavg'."
-        )
+    """``fedsgd`` from a config: the ``server.*`` optimizer, ``weighting``, ``aggregator``."""
     return fedsgd(
         ctx.task,
         optimizer_from_config(config.server),
         weighting=config.weighting,
-        aggregator=aggregators.get_aggregator(config.aggregator),
+        aggregator=aggregator_of(config),
         executor=ctx.executor,
         hparams=hparams_of_config(config),
     )
@@ -145,4 +132,5 @@ SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
     description="FedSGD: one full-batch gradient per client (McMahan et al. 2017)",
+    supports=AGGREGATORS_ONLY,
 )

@@ -20,7 +20,7 @@ import optax
 
 from fedjax_sim.aggregators import Aggregator, weighted_mean
 from fedjax_sim.aggregators.transforms import chain
-from fedjax_sim.algorithms.base import ServerSide, ServerState, client_weight, refuse_fedopt_options
+from fedjax_sim.algorithms.base import ServerSide, ServerState, client_weight
 from fedjax_sim.core.client import tree_sub
 from fedjax_sim.core.execution import Executor, gather_client_states
 from fedjax_sim.core.task import as_task
@@ -218,20 +218,3 @@ def body_and_head_model(config) -> dict:
     if model.name == "logreg" and not model.kwargs.to_dict():
         return {"model.name": "mlp"}
     return {}
-
-
-def check_algorithm_kwargs(config, known: tuple[str, ...], algorithm: str) -> None:
-    """Refuses ``algorithm_kwargs`` this algorithm does not read (a typo would be ignored)."""
-    unknown = sorted(set(config.algorithm_kwargs.to_dict()) - set(known))
-    if unknown:
-        raise ValueError(
-            f"{algorithm} does not take algorithm_kwargs {unknown}; it takes "
-            f"{', '.join(known) or '(none)'}."
-        )
-
-
-def refuse_unsupported(config, algorithm: str) -> None:
-    """Refuses config settings a body/head algorithm does not implement (before any compute):
-    FedProx's proximal term and the DP-FedAvg mechanism act on the whole model (the body goes
-    through the configured aggregator)."""
-    refuse_fedopt_options(config, algorithm, allow_aggregator=True)

@@ -28,7 +28,6 @@ from fedjax_sim.algorithms.base import (
     config_optimizer_hparams,
     local_update,
     optimizer_hparams,
-    refuse_fedopt_options,
     select_hparams,
     weighted_client_metrics,
     with_optimizer_hparams,
@@ -326,7 +325,6 @@ def _from_config(config, ctx: BuildContext, factory) -> FederatedAlgorithm:
             "optimizer (momentum, Adam, ...) is config.client.optimizer. Set "
             f"server.optimizer='sgd' without server.kwargs (got {config.server.optimizer!r})."
         )
-    refuse_fedopt_options(config, name)
     hp = hparams_of_config(config)
     return factory(
         ctx.task,

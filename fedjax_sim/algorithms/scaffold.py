@@ -23,7 +23,6 @@ from fedjax_sim.algorithms.base import (
     config_optimizer_hparams,
     local_update,
     optimizer_hparams,
-    refuse_fedopt_options,
     select_hparams,
     weighted_client_metrics,
     with_optimizer_hparams,
@@ -246,7 +245,6 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
     """``scaffold`` from a config: ``client.*`` and ``server.*`` optimizers (injected, so their
     numbers are sweepable) and ``weighting`` (``configs/default.py`` says ``num_examples``; set
     ``weighting='uniform'`` for the paper's means)."""
-    refuse_fedopt_options(config, "scaffold")
     return scaffold(
         ctx.task,
         optimizer_from_config(config.client),

@@ -1,0 +1,167 @@
+"""The algorithm x feature matrix, generated from the registry: every cell either builds the
+feature into the round, where one round shows its effect against the same round without it,
+or is refused before any data loads with a message naming the algorithm and the feature."""
+
+import functools
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import fedjax_sim as fs
+from fedjax_sim import features, sweep
+from fedjax_sim.aggregators import compression, secure
+from fedjax_sim.data import pack_cohort
+from fedjax_sim.driver.privacy import accountant_of
+
+# Config fields that switch each feature on (and nothing else).
+SETTINGS = {
+    "robust_aggregation": {"aggregator": "median"},
+    "secure_aggregation": {
+        "aggregator": "secure",
+        "aggregator_kwargs": {"clip_range": 10.0, "bits": 24},
+    },
+    "dp": {"dp.clip_norm": 0.05, "dp.noise_multiplier": 1.0},
+    "adaptive_clipping": {"dp.adaptive": True, "dp.clip_norm": 0.01},
+    "compression": {"compression.method": "qsgd", "compression.kwargs": {"levels": 4}},
+    "error_feedback": {
+        "compression.method": "top_k",
+        "compression.kwargs": {"ratio": 0.1},
+        "compression.error_feedback": True,
+    },
+    "update_attack": {"attack.name": "sign_flip", "attack.fraction": 0.5},
+    "data_attack": {"attack.name": "label_flip", "attack.fraction": 0.5},
+    "proximal_term": {"client.proximal_mu": 1.0},
+}
+CLIENTS = 8
+CELLS = [(a, f) for a in sorted(fs.algorithms.ALGORITHMS) for f in features.FEATURES]
+
+
+def _config(algorithm, feature=None):
+    config = fs.load_config("default:smoke")
+    fs.algorithms.switch_algorithm(config, algorithm)
+    config.dataset.kwargs.num_clients = CLIENTS
+    config.clients_per_round = CLIENTS  # every client (so every attacker) in the round
+    config.weighting = "uniform"  # what DP needs; the same for the run without the feature
+    config.client.local_epochs, config.client.max_local_steps = 1, 3
+    for path, value in SETTINGS[feature].items() if feature else ():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                sweep._set(config, f"{path}.{k}", v)
+        else:
+            sweep._set(config, path, value)
+    return config
+
+
+def test_every_feature_has_settings_that_switch_on_it_alone():
+    assert set(SETTINGS) == set(features.FEATURES)
+    for name in features.FEATURES:
+        assert list(features.features_of(_config("fedavg", name))) == [name]
+    assert features.features_of(_config("fedavg")) == {}
+
+
+def test_the_readme_support_table_is_the_specs():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start, end = "<!-- support-table -->\n", "\n<!-- /support-table -->"
+    table = readme[readme.index(start) + len(start) : readme.index(end)]
+    assert table == features.support_table(fs.algorithms.ALGORITHMS), (
+        "README's support table is stale: paste fs.features.support_table(fs.algorithms.ALGORITHMS)"
+    )
+
+
+def _unsupported():
+    return [(a, f) for a, f in CELLS if f not in fs.algorithms.get_spec(a).supports]
+
+
+@pytest.mark.parametrize("algorithm, feature", _unsupported())
+def test_an_unsupported_cell_is_refused_before_any_data_loads(algorithm, feature):
+    config = _config(algorithm, feature)
+    config.dataset.name = "no_such_dataset"  # loading anything would fail differently
+    with pytest.raises(features.UnsupportedError) as err:
+        fs.build_experiment(config)
+    message = str(err.value)
+    assert f"algorithm {algorithm!r} does not support {feature} (" in message
+    assert "\n" not in message
+    for other in features.supporting(feature, fs.algorithms.ALGORITHMS):
+        assert other in message
+
+
+def test_an_unsupported_cell_in_a_sweep_is_refused_before_the_workdir_exists(tmp_path):
+    algorithm, feature = _unsupported()[0]
+    with pytest.raises(features.UnsupportedError, match=f"{algorithm!r} does not support"):
+        fs.run_sweep(_config(algorithm, feature), {"seed": [0, 1]}, tmp_path / "sweep")
+    assert not (tmp_path / "sweep").exists()
+
+
+def _representatives():
+    """One algorithm per distinct build (the FedOpt family's names share theirs), with every
+    feature it takes."""
+    seen, out = set(), []
+    for a in sorted(fs.algorithms.ALGORITHMS):
+        spec = fs.algorithms.get_spec(a)
+        build = getattr(spec.build, "func", spec.build)
+        if (build, spec.supports) in seen:
+            continue
+        seen.add((build, spec.supports))
+        out += [(a, f) for f in features.FEATURES if f in spec.supports]
+    return out
+
+
+@functools.cache
+def _one_round(algorithm, feature):
+    """``(experiment, state after one round on every client)``."""
+    exp = fs.build_experiment(_config(algorithm, feature))
+    train = exp.data.train
+    cohort = pack_cohort(
+        train,
+        np.arange(CLIENTS),
+        batch_size=exp.config.client.batch_size,
+        max_local_steps=3,
+        num_steps=3,
+        num_clients=exp.cohort_slots,
+        seed=0,
+        round_num=1,
+    )
+    state = exp.algorithm.init(exp.model.init(jax.random.key(0)))
+    state, metrics = jax.jit(exp.algorithm.apply)(state, cohort, jax.random.key(1))
+    assert math.isfinite(float(metrics["train_loss"]))
+    return exp, state
+
+
+def _differs(a, b):
+    return any(
+        np.asarray(x).tobytes() != np.asarray(y).tobytes()
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+@pytest.mark.parametrize("algorithm, feature", _representatives())
+def test_a_supported_cell_builds_the_feature_into_the_round(algorithm, feature):
+    base_exp, base = _one_round(algorithm, None)
+    exp, state = _one_round(algorithm, feature)
+    # The feature changed what the round computed.
+    assert _differs(state.params, base.params)
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(base.params))
+    # What the run reports follows what was built: upload bytes and epsilon.
+    assert base_exp.upload_bytes == base_exp.model_bytes
+    if feature in ("compression", "error_feedback"):
+        method, kwargs = SETTINGS[feature]["compression.method"], SETTINGS[feature]
+        bits = compression.bits_per_update(method, num_params, **kwargs["compression.kwargs"])
+        assert exp.upload_bytes == -(-bits // 8) < exp.model_bytes
+    elif feature == "secure_aggregation":
+        expected = secure.secagg_bytes(num_params, CLIENTS, 32, None)["up"]
+        assert exp.upload_bytes == int(expected)
+        # Quantized to 24 bits within [-10, 10]: the mean up to the quantization step (which
+        # FedAdagrad's first step, about lr * sign(g), magnifies most).
+        for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(base.params)):
+            np.testing.assert_allclose(x, y, atol=1e-3)
+    else:
+        assert exp.upload_bytes == exp.model_bytes
+    population = exp.data.train.num_clients
+    assert accountant_of(base_exp.config, population) is None
+    assert (accountant_of(exp.config, population) is not None) == (feature == "dp")
+    if feature == "error_feedback":  # every client keeps what compression dropped
+        residual = jax.tree.leaves(state.client_states)
+        assert all(float(np.abs(r).sum()) > 0 for r in residual)
