@@ -14,7 +14,15 @@ from __future__ import annotations
 import difflib
 from typing import Any, NamedTuple
 
-from fedjax_sim.aggregators.adversary import DATA_ATTACKS
+import jax
+
+from fedjax_sim import aggregators
+from fedjax_sim.aggregators.adversary import DATA_ATTACKS, FRACTION, Adversary, check_fraction
+from fedjax_sim.aggregators.adversary import adversary as make_adversary
+from fedjax_sim.aggregators.compression import Compressor, compress_updates, compressor
+from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
+from fedjax_sim.aggregators.transforms import AggregationTransform
+from fedjax_sim.privacy import CLIP_NORM, NOISE_MULTIPLIER
 
 
 class Feature(NamedTuple):
@@ -133,6 +141,115 @@ def _check_type(path: str, value, default, name: str) -> None:
             f"algorithm {name!r}: {path} must be a {type(default).__name__} (default "
             f"{default!r}), got {value!r}."
         )
+
+
+# ---------------------------------------------------------------- the pipeline of a config
+
+
+def pipeline_of(config, task, num_clients: int) -> Pipeline:
+    """The aggregation pipeline ``config`` switches on (``aggregators.pipeline``), built once
+    by the framework (``fs.algorithms.build``) and handed to the algorithm's build.
+
+    Args:
+      config: the experiment config (``aggregator``, ``dp``, ``compression``, ``attack``).
+      task: the model's task (an attack's label count).
+      num_clients: the training population (the expected cohort under Poisson sampling).
+    """
+    hp = pipeline_hparams_of_config(config)
+    return build_pipeline(
+        weighting=config.weighting,
+        aggregator=aggregator_of(config),
+        transforms=compression_transforms(config),
+        clip_norm=hp[CLIP_NORM],
+        noise_multiplier=hp[NOISE_MULTIPLIER],
+        expected_clients=expected_clients_of(config, num_clients),
+        adaptive_clipping=adaptive_of(config),
+        adversary=adversary_of(config, task),
+        attack_fraction=hp.get(FRACTION, 0.0),
+        error_feedback=error_feedback_of(config),
+    )
+
+
+def pipeline_hparams_of_config(config) -> dict[str, float]:
+    """The numbers ``pipeline_of(config)``'s pipeline keeps in ``state.hparams``."""
+    adaptive = adaptive_of(config)
+    return {
+        CLIP_NORM: float(config.dp.clip_norm) if "dp" in config else 0.0,
+        NOISE_MULTIPLIER: float(config.dp.noise_multiplier) if "dp" in config else 0.0,
+        **({FRACTION: attack_of(config)[1]} if attack_of(config) else {}),
+        **{f"dp.{k}": v for k, v in (adaptive or {}).items()},
+    }
+
+
+def compression_transforms(config) -> tuple[AggregationTransform, ...]:
+    """The upload compression of ``config.compression`` as a client-stage transform (none
+    with error feedback: ``error_feedback_of``)."""
+    group = config.get("compression")
+    if group is None or group.method == "none" or group.get("error_feedback", False):
+        return ()
+    return (compress_updates(str(group.method), **group.kwargs.to_dict()),)
+
+
+def error_feedback_of(config) -> Compressor | None:
+    """The compressor of ``config.compression`` with ``error_feedback``, else ``None``."""
+    group = config.get("compression")
+    if group is None or group.method == "none" or not group.get("error_feedback", False):
+        return None
+    return compressor(str(group.method), **group.kwargs.to_dict())
+
+
+def aggregator_of(config) -> aggregators.Aggregator:
+    """``config.aggregator`` built with ``config.aggregator_kwargs``."""
+    kwargs = config.get("aggregator_kwargs")
+    return aggregators.get_aggregator(config.aggregator, **(kwargs.to_dict() if kwargs else {}))
+
+
+def attack_of(config) -> tuple[str, float] | None:
+    """``(attack name, fraction)`` of a config with an attack, else ``None``."""
+    group = config.get("attack")
+    if group is None or group.name == "none":
+        return None
+    return group.name, check_fraction(float(group.fraction))
+
+
+def adversary_of(config, task) -> Adversary | None:
+    """The config's malicious clients, drawn from its data seed (see ``aggregators.adversary``)."""
+    attack = attack_of(config)
+    if attack is None:
+        return None
+    seed = int(config.get("data_seed", -1))
+    seed = int(config.seed) if seed < 0 else seed
+    model = task.model
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    x = jax.numpy.zeros((1, *model.input_shape), jax.numpy.float32)
+    logits = jax.eval_shape(lambda p: model.apply(p, x, train=False, key=None), shapes)
+    num_classes = int(logits.shape[-1])  # label flipping maps y to num_classes - 1 - y
+    return make_adversary(
+        attack[0], seed=seed, num_classes=num_classes, **config.attack.kwargs.to_dict()
+    )
+
+
+def adaptive_of(config) -> dict[str, float] | None:
+    """The adaptive clipping settings of a config with ``dp.adaptive``, else ``None``."""
+    dp = config.get("dp")
+    if dp is None or not dp.get("adaptive", False):
+        return None
+    stddev = float(dp.get("clipped_count_stddev", 0.0))
+    if stddev == 0:  # Andrew et al.: the expected cohort over 20
+        stddev = float(config.clients_per_round) / 20
+    return {
+        "target_quantile": float(dp.target_quantile),
+        "clip_learning_rate": float(dp.clip_learning_rate),
+        "clipped_count_stddev": stddev,
+    }
+
+
+def expected_clients_of(config, num_clients: int) -> float | None:
+    """``q N`` for a noised config under Poisson sampling (``fedopt``'s ``expected_clients``)."""
+    sampling = config.get("sampling")
+    if sampling is None or sampling.scheme != "poisson" or not config.dp.noise_multiplier:
+        return None
+    return float(sampling.rate or config.clients_per_round / num_clients) * num_clients
 
 
 def support_table(specs) -> str:

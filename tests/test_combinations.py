@@ -3,6 +3,7 @@ feature into the round, where one round shows its effect against the same round 
 or is refused before any data loads with a message naming the algorithm and the feature."""
 
 import functools
+import json
 import math
 from pathlib import Path
 
@@ -66,8 +67,9 @@ def test_the_readme_support_table_is_the_specs():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     start, end = "<!-- support-table -->\n", "\n<!-- /support-table -->"
     table = readme[readme.index(start) + len(start) : readme.index(end)]
-    assert table == features.support_table(fs.algorithms.ALGORITHMS), (
-        "README's support table is stale: paste fs.features.support_table(fs.algorithms.ALGORITHMS)"
+    built_in = {name: fs.algorithms.get_spec(name) for name in fs.algorithms.BUILT_IN}
+    assert table == features.support_table(built_in), (
+        "README's support table is stale: paste fs.features.support_table() of the built-in specs"
     )
 
 
@@ -111,7 +113,7 @@ def _representatives():
 
 @functools.cache
 def _one_round(algorithm, feature):
-    """``(experiment, state after one round on every client)``."""
+    """``(experiment, state after one round on every client, its metrics)``."""
     exp = fs.build_experiment(_config(algorithm, feature))
     train = exp.data.train
     cohort = pack_cohort(
@@ -127,7 +129,7 @@ def _one_round(algorithm, feature):
     state = exp.algorithm.init(exp.model.init(jax.random.key(0)))
     state, metrics = jax.jit(exp.algorithm.apply)(state, cohort, jax.random.key(1))
     assert math.isfinite(float(metrics["train_loss"]))
-    return exp, state
+    return exp, state, metrics
 
 
 def _differs(a, b):
@@ -139,8 +141,8 @@ def _differs(a, b):
 
 @pytest.mark.parametrize("algorithm, feature", _representatives())
 def test_a_supported_cell_builds_the_feature_into_the_round(algorithm, feature):
-    base_exp, base = _one_round(algorithm, None)
-    exp, state = _one_round(algorithm, feature)
+    base_exp, base, base_metrics = _one_round(algorithm, None)
+    exp, state, metrics = _one_round(algorithm, feature)
     # The feature changed what the round computed.
     assert _differs(state.params, base.params)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(base.params))
@@ -162,6 +164,23 @@ def test_a_supported_cell_builds_the_feature_into_the_round(algorithm, feature):
     population = exp.data.train.num_clients
     assert accountant_of(base_exp.config, population) is None
     assert (accountant_of(exp.config, population) is not None) == (feature == "dp")
+    # A component's own round metrics are there exactly when it was built.
+    assert "dp_clip_norm" not in base_metrics
+    if feature == "adaptive_clipping":  # all 8 updates are above 0.01: the norm grows
+        assert float(metrics["dp_clip_norm"]) > SETTINGS[feature]["dp.clip_norm"]
     if feature == "error_feedback":  # every client keeps what compression dropped
         residual = jax.tree.leaves(state.client_states)
         assert all(float(np.abs(r).sum()) > 0 for r in residual)
+
+
+def test_round_metrics_of_the_algorithm_and_the_pipeline_reach_metrics_jsonl(tmp_path):
+    config = _config("ditto", "adaptive_clipping")
+    config.num_rounds, config.eval_every, config.checkpoint_every = 2, 1, 0
+    fs.simulate(config, tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    for r in records:
+        assert r["num_clients"] == CLIENTS
+        assert math.isfinite(r["personal_train_loss"]) and r["personal_train_loss"] > 0
+        assert r["dp_clip_norm"] > 0
+    assert records[0]["dp_clip_norm"] != records[1]["dp_clip_norm"]

@@ -55,12 +55,15 @@ class ServerContext(NamedTuple):
 
 class AggregationTransform(NamedTuple):
     """``init(params) -> state``; ``client(update, ctx) -> update`` per client (stateless, in
-    the client loop); ``server(aggregate, state, ctx) -> (aggregate, state)`` once per round.
-    Either stage may be ``None``."""
+    the client loop); ``server(aggregate, state, ctx) -> (aggregate, state)`` once per round;
+    ``metrics(state) -> {name: scalar}``, the transform's own round metrics read from its
+    state after the round (they reach ``metrics.jsonl``). Any of the last three may be
+    ``None``."""
 
     init: Callable[[Params], PyTree]
     client: Callable[[Params, ClientContext], Params] | None = None
     server: Callable[[Params, PyTree, ServerContext], tuple[Params, PyTree]] | None = None
+    metrics: Callable[[PyTree], dict[str, Array]] | None = None
 
 
 def identity() -> AggregationTransform:
@@ -94,9 +97,20 @@ def chain(*transforms: AggregationTransform) -> AggregationTransform:
             new_states.append(s)
         return aggregate, tuple(new_states)
 
+    def metrics(state):
+        out = {}
+        for t, s in zip(transforms, state, strict=True):
+            if t.metrics is not None:
+                out.update(t.metrics(s))
+        return out
+
     has_server = any(t.server is not None for t in transforms)
+    has_metrics = any(t.metrics is not None for t in transforms)
     return AggregationTransform(
-        init=init, client=client if clients else None, server=server if has_server else None
+        init=init,
+        client=client if clients else None,
+        server=server if has_server else None,
+        metrics=metrics if has_metrics else None,
     )
 
 

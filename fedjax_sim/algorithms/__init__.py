@@ -48,6 +48,8 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
     "mimelite": _mime.LITE_SPEC,
     "scaffold": _scaffold.SPEC,
 }
+# The algorithms this package defines (``register`` adds others to ``ALGORITHMS``).
+BUILT_IN: tuple[str, ...] = tuple(ALGORITHMS)
 
 
 def register(name: str, spec: AlgorithmSpec) -> None:
@@ -78,6 +80,8 @@ def build(config, ctx: BuildContext):
     """The ``FederatedAlgorithm`` ``config.algorithm`` names, built by its registry entry
     after ``check_support``: the way every driver path builds one from a config."""
     check_support(config)
+    if ctx.pipeline is None:
+        ctx = ctx._replace(pipeline=features.pipeline_of(config, ctx.task, ctx.num_clients))
     return get_spec(str(config.algorithm)).build(config, ctx)
 
 
@@ -111,6 +115,7 @@ def switch_algorithm(config, name: str) -> dict:
 
 __all__ = [
     "ALGORITHMS",
+    "BUILT_IN",
     "AlgorithmSpec",
     "BuildContext",
     "ServerState",

@@ -26,6 +26,7 @@ import optax
 
 from fedjax_sim.aggregators import Aggregator, aggregate
 from fedjax_sim.aggregators.adversary import FRACTION, Adversary
+from fedjax_sim.aggregators.pipeline import Pipeline
 from fedjax_sim.aggregators.transforms import AggregationTransform, ClientContext, ServerContext
 from fedjax_sim.core.client import LocalResult, local_train
 from fedjax_sim.core.execution import ClientFn, Executor
@@ -43,8 +44,6 @@ from fedjax_sim.optimizers import (
 WEIGHTINGS = ("num_examples", "uniform")
 # What FedOpt's round takes (``features.FEATURES``): every feature, through ``ServerSide``.
 ALL_FEATURES = frozenset(FEATURES)
-# What an algorithm that reduces the clients' updates with any aggregator takes.
-AGGREGATORS_ONLY = frozenset({"robust_aggregation", "secure_aggregation"})
 # Local loops of at most this many packed steps are unrolled (measured: scripts/bench.py).
 UNROLL_STEPS = 4
 
@@ -56,11 +55,24 @@ class BuildContext(NamedTuple):
       task: the model with its loss and metrics (``core.task``).
       executor: how clients run (strategy, chunk size, device mesh).
       num_clients: the training population (for per-client state tables).
+      pipeline: the aggregation pipeline the framework built from the config
+        (``features.pipeline_of``; ``fs.algorithms.build`` fills it in).
     """
 
     task: Task
     executor: Executor
     num_clients: int
+    pipeline: Pipeline | None = None
+
+
+def pipeline_for(config, ctx: BuildContext) -> Pipeline:
+    """The pipeline the framework built (``ctx.pipeline``), or, for a context made by hand,
+    the one ``config`` switches on: a build never drops the config's features."""
+    if ctx.pipeline is not None:
+        return ctx.pipeline
+    from fedjax_sim import features
+
+    return features.pipeline_of(config, ctx.task, ctx.num_clients)
 
 
 class AsyncSettings(NamedTuple):
@@ -256,6 +268,11 @@ class ServerSide(NamedTuple):
     transforms: AggregationTransform
     adversary: Adversary | None = None
 
+    @classmethod
+    def of(cls, server_optimizer: optax.GradientTransformation, pipeline: Pipeline) -> ServerSide:
+        """The server side that runs ``pipeline`` (its error feedback is the algorithm's)."""
+        return cls(server_optimizer, pipeline.aggregator, pipeline.transforms, pipeline.adversary)
+
     def init(
         self, params: Params, hparams: Mapping[str, float], client_states: PyTree = ()
     ) -> ServerState:
@@ -379,7 +396,10 @@ def federated_round(
         round=state.round + 1,
         client_states=client_states,
     )
-    return new_state, weighted_client_metrics(outputs)
+    metrics = weighted_client_metrics(outputs)
+    if transforms.metrics is not None:
+        metrics.update(transforms.metrics(transform_state))
+    return new_state, metrics
 
 
 # ---------------------------------------------------------------- pieces of client work

@@ -8,17 +8,15 @@ from functools import partial
 import jax
 import optax
 
-from fedjax_sim import aggregators
-from fedjax_sim.aggregators import Aggregator, weighted_mean
-from fedjax_sim.aggregators.adversary import FRACTION, Adversary, check_fraction
-from fedjax_sim.aggregators.adversary import adversary as make_adversary
+from fedjax_sim import features
+from fedjax_sim.aggregators import Aggregator
+from fedjax_sim.aggregators.adversary import Adversary
 from fedjax_sim.aggregators.compression import (
     Compressor,
-    compress_updates,
-    compressor,
     with_error_feedback,
 )
-from fedjax_sim.aggregators.transforms import AggregationTransform, chain
+from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
+from fedjax_sim.aggregators.transforms import AggregationTransform
 from fedjax_sim.algorithms.base import (
     ALL_FEATURES,
     UNROLL_STEPS,  # noqa: F401 (re-exported: its old home)
@@ -29,6 +27,7 @@ from fedjax_sim.algorithms.base import (
     config_optimizer_hparams,
     local_update,
     optimizer_hparams,
+    pipeline_for,
     proximal_gradient,
     select_hparams,
 )
@@ -37,15 +36,6 @@ from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model
 from fedjax_sim.optimizers import optimizer_from_config
-from fedjax_sim.privacy import (
-    CLIP_NORM,
-    NOISE_MULTIPLIER,
-    accounting,
-    clip_updates,
-    fixed_denominator,
-    gaussian_noise,
-)
-from fedjax_sim.privacy import adaptive as privacy_adaptive
 
 EF_SALT = 2**31 - 9  # folded into a client's key: its error-feedback compressor's randomness
 PROXIMAL_MU = "client.proximal_mu"
@@ -70,6 +60,7 @@ def fedopt(
     num_clients: int | None = None,
     executor: Executor | None = None,
     hparams: Mapping[str, float] | None = None,
+    pipeline: Pipeline | None = None,
 ) -> FederatedAlgorithm:
     """FedOpt (Reddi et al. 2021, Algorithm 1): local training, then a server optimizer step.
 
@@ -120,6 +111,8 @@ def fedopt(
       hparams: the hyperparameters ``state.hparams`` keeps (default: the three numbers above
         and every injected optimizer hyperparameter); a subset of those, with their values.
         An optimizer hyperparameter left out keeps its built-in value.
+      pipeline: a built ``aggregators.pipeline.Pipeline`` (what a config's build passes);
+        it replaces ``weighting``'s checks and the aggregation arguments above.
 
     Returns:
       A ``FederatedAlgorithm`` whose state is a ``ServerState``.
@@ -127,43 +120,35 @@ def fedopt(
     task = as_task(model)
     executor = (executor or Executor()).check()
     client_weight(jax.numpy.zeros(()), weighting)  # validates the name eagerly
-    _check_numbers(proximal_mu, clip_norm, noise_multiplier, weighting, aggregator)
-    aggregator = aggregator or weighted_mean()
-    loss_fn = mean_loss_fn(task, train=True)
-    if adaptive_clipping is not None:
-        _check_adaptive(clip_norm, noise_multiplier, transforms, adaptive_clipping)
-        pipeline = chain(privacy_adaptive.adaptive_clipping(clip_norm, expected_clients))
-        clip_norm_piece = noise_piece = False
-    else:
-        clip_norm_piece, noise_piece = bool(clip_norm), bool(noise_multiplier)
-    pipeline = (
-        pipeline
-        if adaptive_clipping is not None
-        else chain(
-            *([clip_updates()] if clip_norm_piece else []),
-            *transforms,
-            *([fixed_denominator(expected_clients)] if noise_piece and expected_clients else []),
-            *([gaussian_noise(expected_clients=expected_clients)] if noise_piece else []),
+    if proximal_mu < 0:
+        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}.")
+    if pipeline is None:
+        pipeline = build_pipeline(
+            weighting=weighting,
+            aggregator=aggregator,
+            transforms=transforms,
+            clip_norm=clip_norm,
+            noise_multiplier=noise_multiplier,
+            expected_clients=expected_clients,
+            adaptive_clipping=adaptive_clipping,
+            adversary=adversary,
+            attack_fraction=attack_fraction,
+            error_feedback=error_feedback,
         )
-    )
+    error_feedback = pipeline.error_feedback
+    loss_fn = mean_loss_fn(task, train=True)
     known = {
         PROXIMAL_MU: float(proximal_mu),
-        CLIP_NORM: float(clip_norm),
-        NOISE_MULTIPLIER: float(noise_multiplier),
-        **({FRACTION: float(attack_fraction)} if adversary is not None else {}),
-        **{f"dp.{k}": float(v) for k, v in (adaptive_clipping or {}).items()},
+        **pipeline.hparams,
         **optimizer_hparams(client_optimizer, "client"),
         **optimizer_hparams(server_optimizer, "server"),
     }
     hparams = select_hparams(known, hparams)
 
-    server = ServerSide(server_optimizer, aggregator, pipeline, adversary)
+    server = ServerSide.of(server_optimizer, pipeline)
     if error_feedback is not None:
-        if not num_clients or clip_norm:
-            raise ValueError(
-                "error feedback needs num_clients (its residual table) and no clipping after "
-                "it (dp.clip_norm = 0): the residual must be what compression dropped."
-            )
+        if not num_clients:
+            raise ValueError("error feedback needs num_clients (its residual table's rows).")
         feedback = with_error_feedback(error_feedback)
 
     def init(params):
@@ -205,48 +190,6 @@ def fedopt(
     return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
 
 
-def _check_adaptive(clip_norm, noise_multiplier, transforms, settings) -> None:
-    known = {"target_quantile", "clip_learning_rate", "clipped_count_stddev"}
-    if set(settings) != known:
-        raise ValueError(
-            f"adaptive_clipping needs exactly {sorted(known)}, got {sorted(settings)}."
-        )
-    if not 0.0 < settings["target_quantile"] < 1.0:
-        raise ValueError(
-            f"dp.target_quantile must be in (0, 1), got {settings['target_quantile']}."
-        )
-    if settings["clip_learning_rate"] < 0 or settings["clipped_count_stddev"] < 0:
-        raise ValueError("dp.clip_learning_rate and dp.clipped_count_stddev must be >= 0.")
-    if clip_norm <= 0:
-        raise ValueError("adaptive clipping starts from dp.clip_norm > 0 (Andrew et al.: 0.1).")
-    if transforms:
-        raise ValueError("adaptive clipping is the only aggregation transform it supports.")
-    if noise_multiplier > 0:  # the count's noise must leave budget for the update's
-        accounting.split_noise_multiplier(noise_multiplier, settings["clipped_count_stddev"])
-
-
-def _check_numbers(proximal_mu, clip_norm, noise_multiplier, weighting, aggregator) -> None:
-    if proximal_mu < 0:
-        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}.")
-    if clip_norm < 0 or noise_multiplier < 0:
-        raise ValueError(
-            f"clip_norm and noise_multiplier must be >= 0, got {clip_norm}, {noise_multiplier}."
-        )
-    if noise_multiplier > 0:
-        if clip_norm <= 0:
-            raise ValueError(
-                "noise_multiplier > 0 needs clip_norm > 0: the noise is scaled by the clipping "
-                "norm (DP-FedAvg); set dp.clip_norm."
-            )
-        if weighting != "uniform":
-            raise ValueError(
-                "noise_multiplier > 0 needs weighting='uniform': with example weights one "
-                "client's influence on the mean is not bounded by clip_norm / n."
-            )
-        if aggregator is not None and aggregator.from_sums is None:
-            raise ValueError("noise_multiplier > 0 needs the mean aggregator (DP-FedAvg).")
-
-
 def fedavg(
     model: Model,
     client_optimizer: optax.GradientTransformation,
@@ -272,13 +215,9 @@ def fedavg(
 
 def hparams_of_config(config) -> dict[str, float]:
     """``fedopt``'s hyperparameters for ``config`` (see ``AlgorithmSpec.hparams``)."""
-    adaptive = adaptive_of(config)
     return {
         PROXIMAL_MU: float(config.client.get("proximal_mu", 0.0)),
-        CLIP_NORM: float(config.dp.clip_norm) if "dp" in config else 0.0,
-        NOISE_MULTIPLIER: float(config.dp.noise_multiplier) if "dp" in config else 0.0,
-        **({FRACTION: attack_of(config)[1]} if attack_of(config) else {}),
-        **{f"dp.{k}": v for k, v in (adaptive or {}).items()},
+        **features.pipeline_hparams_of_config(config),
         **config_optimizer_hparams(config.client, "client"),
         **config_optimizer_hparams(config.server, "server"),
     }
@@ -286,98 +225,21 @@ def hparams_of_config(config) -> dict[str, float]:
 
 def build(config, ctx: BuildContext) -> FederatedAlgorithm:
     """``fedopt`` from a config: ``client.*`` and ``server.*`` optimizers (injected, so their
-    numbers are sweepable), ``client.proximal_mu``, ``dp.*``, ``weighting``, ``aggregator``."""
+    numbers are sweepable), ``client.proximal_mu``, ``weighting`` and the framework's
+    aggregation pipeline (``ctx.pipeline``: ``aggregator``, ``dp.*``, ``compression.*``,
+    ``attack.*``)."""
     hp = hparams_of_config(config)
     return fedopt(
         ctx.task,
         optimizer_from_config(config.client),
         optimizer_from_config(config.server),
         weighting=config.weighting,
-        aggregator=aggregator_of(config),
         proximal_mu=hp[PROXIMAL_MU],
-        clip_norm=hp[CLIP_NORM],
-        noise_multiplier=hp[NOISE_MULTIPLIER],
-        expected_clients=expected_clients_of(config, ctx.num_clients),
-        transforms=compression_transforms(config),
-        error_feedback=error_feedback_of(config),
         num_clients=ctx.num_clients,
-        adaptive_clipping=adaptive_of(config),
-        adversary=adversary_of(config, ctx),
-        attack_fraction=hp.get(FRACTION, 0.0),
         executor=ctx.executor,
         hparams=hp,
+        pipeline=pipeline_for(config, ctx),
     )
-
-
-def compression_transforms(config) -> tuple[AggregationTransform, ...]:
-    """The upload compression of ``config.compression`` as a client-stage transform (none
-    with error feedback: ``error_feedback_of``)."""
-    group = config.get("compression")
-    if group is None or group.method == "none" or group.get("error_feedback", False):
-        return ()
-    return (compress_updates(str(group.method), **group.kwargs.to_dict()),)
-
-
-def error_feedback_of(config) -> Compressor | None:
-    """The compressor of ``config.compression`` with ``error_feedback``, else ``None``."""
-    group = config.get("compression")
-    if group is None or group.method == "none" or not group.get("error_feedback", False):
-        return None
-    return compressor(str(group.method), **group.kwargs.to_dict())
-
-
-def aggregator_of(config) -> Aggregator:
-    """``config.aggregator`` built with ``config.aggregator_kwargs``."""
-    kwargs = config.get("aggregator_kwargs")
-    return aggregators.get_aggregator(config.aggregator, **(kwargs.to_dict() if kwargs else {}))
-
-
-def attack_of(config) -> tuple[str, float] | None:
-    """``(attack name, fraction)`` of a config with an attack, else ``None``."""
-    group = config.get("attack")
-    if group is None or group.name == "none":
-        return None
-    return group.name, check_fraction(float(group.fraction))
-
-
-def adversary_of(config, ctx: BuildContext) -> Adversary | None:
-    """The config's malicious clients, drawn from its data seed (see ``aggregators.adversary``)."""
-    attack = attack_of(config)
-    if attack is None:
-        return None
-    seed = int(config.get("data_seed", -1))
-    seed = int(config.seed) if seed < 0 else seed
-    model = ctx.task.model
-    shapes = jax.eval_shape(model.init, jax.random.key(0))
-    x = jax.numpy.zeros((1, *model.input_shape), jax.numpy.float32)
-    logits = jax.eval_shape(lambda p: model.apply(p, x, train=False, key=None), shapes)
-    num_classes = int(logits.shape[-1])  # label flipping maps y to num_classes - 1 - y
-    return make_adversary(
-        attack[0], seed=seed, num_classes=num_classes, **config.attack.kwargs.to_dict()
-    )
-
-
-def adaptive_of(config) -> dict[str, float] | None:
-    """The adaptive clipping settings of a config with ``dp.adaptive``, else ``None``."""
-    dp = config.get("dp")
-    if dp is None or not dp.get("adaptive", False):
-        return None
-    stddev = float(dp.get("clipped_count_stddev", 0.0))
-    if stddev == 0:  # Andrew et al.: the expected cohort over 20
-        stddev = float(config.clients_per_round) / 20
-    return {
-        "target_quantile": float(dp.target_quantile),
-        "clip_learning_rate": float(dp.clip_learning_rate),
-        "clipped_count_stddev": stddev,
-    }
-
-
-def expected_clients_of(config, num_clients: int) -> float | None:
-    """``q N`` for a noised config under Poisson sampling (``fedopt``'s ``expected_clients``)."""
-    sampling = config.get("sampling")
-    if sampling is None or sampling.scheme != "poisson" or not config.dp.noise_multiplier:
-        return None
-    return float(sampling.rate or config.clients_per_round / num_clients) * num_clients
 
 
 SPEC = AlgorithmSpec(

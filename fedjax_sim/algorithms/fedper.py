@@ -7,16 +7,16 @@ from collections.abc import Mapping
 import optax
 
 from fedjax_sim.aggregators import Aggregator
+from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
 from fedjax_sim.algorithms.base import (
-    AGGREGATORS_ONLY,
     AlgorithmSpec,
     BuildContext,
     config_optimizer_hparams,
     local_update,
     optimizer_hparams,
+    pipeline_for,
     select_hparams,
 )
-from fedjax_sim.algorithms.fedavg import aggregator_of
 from fedjax_sim.algorithms.heads import (
     body_and_head_model,
     choose_head,
@@ -25,6 +25,7 @@ from fedjax_sim.algorithms.heads import (
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import FederatedAlgorithm, Model
+from fedjax_sim.features import FEATURES, pipeline_hparams_of_config
 from fedjax_sim.optimizers import optimizer_from_config
 
 
@@ -39,6 +40,7 @@ def fedper(
     aggregator: Aggregator | None = None,
     executor: Executor | None = None,
     hparams: Mapping[str, float] | None = None,
+    pipeline: Pipeline | None = None,
 ) -> FederatedAlgorithm:
     """FedPer (Arivazhagan et al. 2019, "Federated Learning with Personalization Layers").
 
@@ -64,6 +66,8 @@ def fedper(
       head_layers: how many of the last top-level layers are personal (default 1).
       weighting: ``num_examples`` (the paper's ``n_j/n``) or ``uniform``.
       aggregator: how base updates combine (default the weighted mean).
+      pipeline: the aggregation pipeline (``aggregators.pipeline``) the body updates go
+        through instead of ``aggregator`` alone (a config's build passes the framework's).
       executor: how clients run.
       hparams: which optimizer hyperparameters ``state.hparams`` keeps (default: every
         injected one), with their values.
@@ -76,7 +80,10 @@ def fedper(
     split = choose_head(task, head_layers, algorithm="fedper")
     executor = (executor or Executor()).check()
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
+    if pipeline is None:  # the aggregator alone
+        pipeline, aggregator = build_pipeline(weighting=weighting, aggregator=aggregator), None
     known = {
+        **pipeline.hparams,
         **optimizer_hparams(client_optimizer, "client"),
         **optimizer_hparams(server_optimizer, "server"),
     }
@@ -105,6 +112,7 @@ def fedper(
         weighting=weighting,
         aggregator=aggregator,
         executor=executor,
+        pipeline=pipeline,
     )
 
 
@@ -113,6 +121,7 @@ def hparams_of_config(config) -> dict[str, float]:
     return {
         **config_optimizer_hparams(config.client, "client"),
         **config_optimizer_hparams(config.server, "server"),
+        **pipeline_hparams_of_config(config),
     }
 
 
@@ -126,7 +135,7 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
         num_clients=ctx.num_clients,
         head_layers=config.algorithm_kwargs.get("head_layers", 1),
         weighting=config.weighting,
-        aggregator=aggregator_of(config),
+        pipeline=pipeline_for(config, ctx),
         executor=ctx.executor,
         hparams=hparams_of_config(config),
     )
@@ -136,7 +145,8 @@ SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
     config_defaults=body_and_head_model,
-    supports=AGGREGATORS_ONLY,
+    # DP is refused: the reported model averages the cohort's personal heads, unnoised.
+    supports=frozenset(FEATURES) - {"dp", "adaptive_clipping", "error_feedback", "proximal_term"},
     kwargs={"head_layers": 1},
     description="FedPer: FedAvg of the base layers, personal head layers on every client",
 )

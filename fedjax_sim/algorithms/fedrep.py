@@ -10,17 +10,17 @@ import optax
 from jax import lax
 
 from fedjax_sim.aggregators import Aggregator
+from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
 from fedjax_sim.algorithms.base import (
-    AGGREGATORS_ONLY,
     AlgorithmSpec,
     BuildContext,
     config_optimizer_hparams,
     local_update,
     optimizer_hparams,
+    pipeline_for,
     select_hparams,
     with_optimizer_hparams,
 )
-from fedjax_sim.algorithms.fedavg import aggregator_of
 from fedjax_sim.algorithms.heads import (
     body_and_head_model,
     choose_head,
@@ -31,6 +31,7 @@ from fedjax_sim.core.client import match_vma, num_real_steps, step_batch
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import FederatedAlgorithm, Model
+from fedjax_sim.features import FEATURES, pipeline_hparams_of_config
 from fedjax_sim.optimizers import optimizer_from_config, optimizer_update
 
 HEAD_EPOCHS = "algorithm_kwargs.head_epochs"
@@ -48,6 +49,7 @@ def fedrep(
     aggregator: Aggregator | None = None,
     executor: Executor | None = None,
     hparams: Mapping[str, float] | None = None,
+    pipeline: Pipeline | None = None,
 ) -> FederatedAlgorithm:
     """FedRep (Collins et al. 2021, "Exploiting Shared Representations for Personalized
     Federated Learning", Algorithm 1).
@@ -83,6 +85,8 @@ def fedrep(
       head_epochs: ``tau_h``, passes over the round's steps for the head (an integer >= 1).
       weighting: ``num_examples`` or ``uniform``.
       aggregator: how representation updates combine (default the weighted mean).
+      pipeline: the aggregation pipeline (``aggregators.pipeline``) the body updates go
+        through instead of ``aggregator`` alone (a config's build passes the framework's).
       executor: how clients run.
       hparams: which hyperparameters ``state.hparams`` keeps (default: ``head_epochs`` and
         every injected optimizer hyperparameter), with their values.
@@ -100,7 +104,10 @@ def fedrep(
     split = choose_head(task, head_layers, algorithm="fedrep")
     executor = (executor or Executor()).check()
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
+    if pipeline is None:  # the aggregator alone
+        pipeline, aggregator = build_pipeline(weighting=weighting, aggregator=aggregator), None
     known = {
+        **pipeline.hparams,
         HEAD_EPOCHS: float(head_epochs),
         **optimizer_hparams(client_optimizer, "client"),
         **optimizer_hparams(server_optimizer, "server"),
@@ -150,6 +157,7 @@ def fedrep(
         weighting=weighting,
         aggregator=aggregator,
         executor=executor,
+        pipeline=pipeline,
     )
 
 
@@ -160,6 +168,7 @@ def hparams_of_config(config) -> dict[str, float]:
         HEAD_EPOCHS: float(config.algorithm_kwargs.get("head_epochs", 10)),
         **config_optimizer_hparams(config.client, "client"),
         **config_optimizer_hparams(config.server, "server"),
+        **pipeline_hparams_of_config(config),
     }
 
 
@@ -175,7 +184,7 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
         head_layers=config.algorithm_kwargs.get("head_layers", 1),
         head_epochs=config.algorithm_kwargs.get("head_epochs", 10),
         weighting=config.weighting,
-        aggregator=aggregator_of(config),
+        pipeline=pipeline_for(config, ctx),
         executor=ctx.executor,
         hparams=hp,
     )
@@ -185,7 +194,8 @@ SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
     config_defaults=body_and_head_model,
-    supports=AGGREGATORS_ONLY,
+    # DP is refused: the reported model averages the cohort's personal heads, unnoised.
+    supports=frozenset(FEATURES) - {"dp", "adaptive_clipping", "error_feedback", "proximal_term"},
     kwargs={"head_layers": 1, "head_epochs": 10},
     description="FedRep: personal heads trained first, then the shared representation (FedAvg)",
 )

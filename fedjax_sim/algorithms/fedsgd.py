@@ -9,23 +9,24 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from fedjax_sim.aggregators import Aggregator, weighted_mean
-from fedjax_sim.aggregators.transforms import AggregationTransform, chain
+from fedjax_sim.aggregators import Aggregator
+from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
+from fedjax_sim.aggregators.transforms import AggregationTransform
 from fedjax_sim.algorithms.base import (
-    AGGREGATORS_ONLY,
     AlgorithmSpec,
     BuildContext,
     ServerSide,
     client_weight,
     config_optimizer_hparams,
     optimizer_hparams,
+    pipeline_for,
     select_hparams,
 )
-from fedjax_sim.algorithms.fedavg import aggregator_of
 from fedjax_sim.core.client import match_vma, num_real_steps, step_batch
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm
+from fedjax_sim.features import FEATURES, pipeline_hparams_of_config
 from fedjax_sim.optimizers import optimizer_from_config
 
 
@@ -38,6 +39,7 @@ def fedsgd(
     transforms: tuple[AggregationTransform, ...] = (),
     executor: Executor | None = None,
     hparams: Mapping[str, float] | None = None,
+    pipeline: Pipeline | None = None,
 ) -> FederatedAlgorithm:
     """FedSGD (McMahan et al. 2017, the ``E = 1, B = inf`` baseline).
 
@@ -55,6 +57,9 @@ def fedsgd(
       aggregator: default the weighted mean.
       transforms: aggregation transforms (``fedjax_sim.aggregators.transforms``).
       executor: how clients run (default ``Executor()``).
+      pipeline: a built aggregation pipeline (``aggregators.pipeline``: clipping, noise,
+        compression, attacks, the reducer) in place of ``aggregator`` and ``transforms``;
+        each client's gradient goes through it.
       hparams: the hyperparameters ``state.hparams`` keeps (default: every injected one of
         the server optimizer; a subset of those).
 
@@ -64,9 +69,12 @@ def fedsgd(
     task = as_task(model)
     executor = (executor or Executor()).check()
     client_weight(jnp.zeros(()), weighting)
-    aggregator = aggregator or weighted_mean()
-    pipeline = chain(*transforms)
-    hparams = select_hparams(optimizer_hparams(server_optimizer, "server"), hparams)
+    if pipeline is None:
+        pipeline = build_pipeline(weighting=weighting, aggregator=aggregator, transforms=transforms)
+    if pipeline.error_feedback is not None:
+        raise ValueError("fedsgd keeps no per-client state for error feedback's residuals.")
+    known = {**pipeline.hparams, **optimizer_hparams(server_optimizer, "server")}
+    hparams = select_hparams(known, hparams)
 
     mean_loss = mean_loss_fn(task, train=True)
 
@@ -76,7 +84,7 @@ def fedsgd(
 
     grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
-    server = ServerSide(server_optimizer, aggregator, pipeline)
+    server = ServerSide.of(server_optimizer, pipeline)
 
     def init(params):
         return server.init(params, hparams)
@@ -113,16 +121,20 @@ def fedsgd(
 
 
 def hparams_of_config(config) -> dict[str, float]:
-    return config_optimizer_hparams(config.server, "server")
+    return {
+        **pipeline_hparams_of_config(config),
+        **config_optimizer_hparams(config.server, "server"),
+    }
 
 
 def build(config, ctx: BuildContext) -> FederatedAlgorithm:
-    """``fedsgd`` from a config: the ``server.*`` optimizer, ``weighting``, ``aggregator``."""
+    """``fedsgd`` from a config: the ``server.*`` optimizer, ``weighting`` and the framework's
+    aggregation pipeline (``ctx.pipeline``)."""
     return fedsgd(
         ctx.task,
         optimizer_from_config(config.server),
         weighting=config.weighting,
-        aggregator=aggregator_of(config),
+        pipeline=pipeline_for(config, ctx),
         executor=ctx.executor,
         hparams=hparams_of_config(config),
     )
@@ -132,5 +144,5 @@ SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
     description="FedSGD: one full-batch gradient per client (McMahan et al. 2017)",
-    supports=AGGREGATORS_ONLY,
+    supports=frozenset(FEATURES) - {"error_feedback", "proximal_term"},
 )

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.aggregators import Aggregator, weighted_mean
-from fedjax_sim.aggregators.transforms import chain
+from fedjax_sim.aggregators import Aggregator
+from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
 from fedjax_sim.algorithms.base import ServerSide, ServerState, client_weight
 from fedjax_sim.core.client import tree_sub
 from fedjax_sim.core.execution import Executor, gather_client_states
@@ -135,6 +135,7 @@ def personal_head_algorithm(
     weighting: str = "num_examples",
     aggregator: Aggregator | None = None,
     executor: Executor | None = None,
+    pipeline: Pipeline | None = None,
 ) -> FederatedAlgorithm:
     """The round shared by FedPer and FedRep: the body is federated, heads stay on clients.
 
@@ -158,6 +159,9 @@ def personal_head_algorithm(
       hparams: the numbers ``state.hparams`` keeps (their values).
       weighting: ``num_examples`` or ``uniform``, for the body and the reported head.
       aggregator: how the body updates combine (default the weighted mean).
+      pipeline: the aggregation pipeline the body updates go through instead (its clipping,
+        compression, attacks and reducer; ``aggregators.pipeline``); ``hparams`` holds its
+        numbers.
       executor: how clients run.
 
     Returns:
@@ -168,7 +172,13 @@ def personal_head_algorithm(
     client_weight(jnp.zeros(()), weighting)  # validates the name eagerly
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}.")
-    server = ServerSide(server_optimizer, aggregator or weighted_mean(), chain())
+    if pipeline is None:
+        pipeline = build_pipeline(weighting=weighting, aggregator=aggregator)
+    elif aggregator is not None:
+        raise ValueError("pass the aggregator inside the pipeline, not beside it.")
+    if pipeline.error_feedback is not None:
+        raise ValueError("error feedback needs a residual per client; the heads take that slot.")
+    server = ServerSide.of(server_optimizer, pipeline)
 
     def init(params):
         body, head = split.split(params)

@@ -339,8 +339,8 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
     done = start
     try:
         for r in range(start + 1, num_rounds + 1):
-            states, alive, losses = program.step(states, alive, source.cohorts(r), r)
-            pending.append((r, losses, alive))
+            states, alive, metrics = program.step(states, alive, source.cohorts(r), r)
+            pending.append((r, metrics, alive))
             done = r  # trained (its evaluation and checkpoint may still be to come)
             bar.round_done()
             if r % eval_every == 0 or r == num_rounds:
@@ -363,10 +363,14 @@ def _evaluate(
     r, program, states, alive, pending, evaluator, logs, diverged, raise_, limits, wall, bar,
     source,
 ):  # fmt: skip
-    """The evaluation of round ``r``: one host sync for the pending train losses."""
+    """The evaluation of round ``r``: one host sync for the pending rounds' metrics, each
+    recorded as its mean over the rounds since the previous evaluation."""
     m_count = program.num_members
     rounds = [rr for rr, _, _ in pending]
-    loss_rows = np.asarray(jnp.stack([lo for _, lo, _ in pending]), np.float64)
+    rows = {
+        k: np.asarray(jnp.stack([mt[k] for _, mt, _ in pending]), np.float64) for k in pending[0][1]
+    }
+    loss_rows = rows["train_loss"]
     alive_rows = np.asarray(jnp.stack([al for _, _, al in pending]))
     newly_dead = []
     for m in range(m_count):
@@ -407,7 +411,8 @@ def _evaluate(
                       diverged, newly_dead, logs, raise_)  # fmt: skip
             continue
         ev = {**ev, **personal[m], **source.extras(program.member_streams[m])}
-        records[m] = logs[m].record(r, loss_rows[:, m].mean(), ev, wall)
+        train = {k: float(v[:, m].mean()) for k, v in rows.items()}
+        records[m] = logs[m].record(r, train, ev, wall)
     if newly_dead:
         alive = alive.at[jnp.asarray(newly_dead)].set(False)
     bar.evaluated(r, records, m_count - sum(d is not None for d in diverged), m_count)

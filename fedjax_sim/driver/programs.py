@@ -41,6 +41,22 @@ def initial_state(algorithm: FederatedAlgorithm, model: Model, root, hparams=Non
     return state
 
 
+def round_metrics(metrics: dict, batched: bool = False) -> dict:
+    """The round's metrics the run records (``metrics.jsonl``, TensorBoard): every scalar
+    number the algorithm and its aggregation pipeline report (per member where ``batched``),
+    as float32; ``train_loss`` is required."""
+    if "train_loss" not in metrics:
+        raise ValueError(
+            f"an algorithm's round must report 'train_loss'; it reported {sorted(metrics)}."
+        )
+    ndim = 1 if batched else 0
+    return {
+        k: jnp.asarray(v, jnp.float32)
+        for k, v in metrics.items()
+        if jnp.ndim(v) == ndim and jnp.issubdtype(jnp.asarray(v).dtype, jnp.number)
+    }
+
+
 class _Program:
     """What both programs share: placement of a checkpoint tree, the members' params, the
     device count and the number of compilations of the round (``self._round``)."""
@@ -92,8 +108,9 @@ class SoloProgram(_Program):
             if examples:  # only the indices travelled; gather the examples here
                 cohort = with_examples(algorithm, cohort, examples[0])
             state, metrics = algorithm.apply(state, cohort, round_key(self.root, r))
-            loss = metrics["train_loss"]
-            return state, alive & jnp.isfinite(loss)[None], loss[None]
+            metrics = round_metrics(metrics)
+            finite = jnp.isfinite(metrics["train_loss"])
+            return state, alive & finite[None], {k: v[None] for k, v in metrics.items()}
 
         self._round = jax.jit(solo_round, donate_argnums=0)
 
@@ -195,6 +212,7 @@ class VectorProgram(_Program):
             new, metrics = jax.tree.map(
                 lambda a: a.reshape((m_count,) + a.shape[2:]), (new, metrics)
             )
+            metrics = round_metrics(metrics, batched=True)
             finite = jnp.isfinite(metrics["train_loss"])
             for leaf in jax.tree.leaves(new.params):
                 finite &= jnp.all(jnp.isfinite(leaf.reshape(m_count, -1)), axis=1)
@@ -203,7 +221,7 @@ class VectorProgram(_Program):
             def keep(n, o):
                 return jnp.where(ok.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
 
-            return jax.tree.map(keep, new, states), ok, metrics["train_loss"]
+            return jax.tree.map(keep, new, states), ok, metrics
 
         # On a mesh, member states live replicated between rounds (one compiled program: the
         # first round's inputs look like every later round's).

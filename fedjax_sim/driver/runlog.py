@@ -63,13 +63,20 @@ class RunLog:
         purge = None if resumed_round is None else resumed_round + 1
         self._tb = TensorBoardLog(self.workdir, purge_step=purge)
 
-    def record(self, r: int, train_loss: float, ev: dict[str, float], wall_s: float) -> dict:
-        """Appends round ``r``'s evaluation to the history, ``metrics.jsonl`` and TensorBoard."""
+    def record(self, r: int, train: dict[str, float], ev: dict[str, float], wall_s: float) -> dict:
+        """Appends round ``r``'s evaluation to the history, ``metrics.jsonl`` and TensorBoard.
+
+        ``train`` holds the round metrics of the algorithm and its aggregation pipeline
+        (``train_loss`` and whatever else they report), ``ev`` the evaluation's."""
         from fedjax_sim.driver.privacy import privacy_fields
 
+        clash = sorted(set(train) & set(ev))
+        if clash:
+            raise ValueError(f"round metrics {clash} clash with evaluation fields; rename them.")
         rec = {
             "round": r,
-            "train_loss": float(train_loss),
+            "train_loss": float(train["train_loss"]),
+            **{k: float(v) for k, v in train.items() if k != "train_loss"},
             **ev,
             **privacy_fields(self.accountant, r),
             "wall_s": round(wall_s, 3),

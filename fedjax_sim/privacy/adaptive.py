@@ -100,4 +100,7 @@ def adaptive_clipping(
         clip = jnp.where(real > 0, clip, state.clip_norm)
         return released, AdaptiveClipState(clip.astype(jnp.float32))
 
-    return AggregationTransform(init=init, client=client, server=server)
+    def metrics(state):  # the clip norm this round's update chose (the next round's)
+        return {"dp_clip_norm": state.clip_norm}
+
+    return AggregationTransform(init=init, client=client, server=server, metrics=metrics)
