@@ -22,11 +22,10 @@ import jax.numpy as jnp
 
 from fedjax_sim.aggregators import attacks
 from fedjax_sim.core.client import gather_batch
+from fedjax_sim.core.keys import ADVERSARY_SALT, ATTACK_SALT
 from fedjax_sim.core.types import Array, PRNGKey, PyTree
 
 FRACTION = "attack.fraction"
-ADVERSARY_SALT = 2**31 - 6  # folded into key(data seed): the malicious set
-ATTACK_SALT = 2**31 - 7  # folded into the round key: a model-poisoning attack's randomness
 DATA_ATTACKS = ("label_flip", "backdoor")
 
 

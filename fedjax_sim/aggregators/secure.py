@@ -46,11 +46,11 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from fedjax_sim.aggregators import Aggregator
+from fedjax_sim.core.keys import GRAPH_SALT
 from fedjax_sim.core.types import Array, PRNGKey, PyTree
 
 # Folded into the masking key for the SecAgg+ graph's random permutation; client ids (the
 # first fold of a pair seed) are dataset indices far below it.
-GRAPH_SALT = 2**31 - 1
 # float32 has a 24-bit significand: grid positions beyond 2^24 are not exact integers, so the
 # stochastic rounding would no longer be unbiased.
 MAX_BITS = 24

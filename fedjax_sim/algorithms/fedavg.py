@@ -33,11 +33,11 @@ from fedjax_sim.algorithms.base import (
 )
 from fedjax_sim.core.client import tree_sub
 from fedjax_sim.core.execution import Executor
+from fedjax_sim.core.keys import EF_SALT
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model
 from fedjax_sim.optimizers import optimizer_from_config
 
-EF_SALT = 2**31 - 9  # folded into a client's key: its error-feedback compressor's randomness
 PROXIMAL_MU = "client.proximal_mu"
 
 

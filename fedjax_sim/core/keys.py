@@ -22,8 +22,14 @@ NOISE_SALT = 2**31 - 3  # Gaussian noise on the aggregate (DP-FedAvg)
 # Salts folded into a client's key.
 UPDATE_SALT = 2**31 - 2  # per-client update transforms (compression, masking, ...)
 AUGMENT_SALT = 2**31 - 4  # data augmentation inside a local step (random crop and flip)
+EF_SALT = 2**31 - 9  # a client's error-feedback compressor (fold_in(client key, EF_SALT))
 # Salts folded into the root key.
 FINETUNE_SALT = 2**31 - 5  # fine-tuning at evaluation (personalization); clients fold their id
+# Salts of the aggregation pipeline's components.
+ADVERSARY_SALT = 2**31 - 6  # folded into key(data seed): the malicious set
+ATTACK_SALT = 2**31 - 7  # folded into the round key: a model-poisoning attack's randomness
+FTRL_SALT = 2**31 - 8  # folded into the round key: DP-FTRL's fresh noise draws
+GRAPH_SALT = 2**31 - 10  # folded into the aggregator's key: SecAgg+'s random neighbour graph
 
 # NumPy streams: np.random.default_rng([seed, TAG, ...]).
 SAMPLING_TAG = 0  # [seed, 0, round]: the round's cohort

@@ -70,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.aggregators.transforms import AggregationTransform
+from fedjax_sim.core.keys import FTRL_SALT
 from fedjax_sim.core.types import Params, PRNGKey, PyTree
 from fedjax_sim.privacy import CLIP_NORM, NOISE_MULTIPLIER
 from fedjax_sim.privacy.accounting import check_noise_multiplier
@@ -80,7 +81,6 @@ if TYPE_CHECKING:
 # Folded into the round key for the Gaussian draws Z_t (after core.keys' salts and
 # aggregators.adversary's 2**31 - 6 and 2**31 - 7), so they are independent of
 # gaussian_noise's (NOISE_SALT) and of every client's key.
-FTRL_SALT = 2**31 - 8
 
 STRATEGIES = ("banded", "blt", "blt_rational", "identity")
 BLT_STRATEGIES = ("blt", "blt_rational")
