@@ -7,8 +7,10 @@ are chosen to keep the file at a few seconds.
 import math
 
 import dp_accounting as dpa
+import numpy as np
 import pytest
 
+import fedjax_sim as fs
 from fedjax_sim.privacy import accounting
 
 DELTA = 1e-5
@@ -79,6 +81,12 @@ def test_tff_tutorial_epsilon():
     assert 1.9 < rdp <= 2.0
     # PLD accounting is tighter than the RDP bound (1.70747 with dp_accounting 0.6.0).
     assert 1.5 < pld < rdp
+    # At the package level, as the README shows it, with its inverse.
+    assert fs.privacy.epsilon(**TFF) == rdp
+    z = fs.privacy.noise_multiplier_for_epsilon(
+        target_epsilon=rdp, **{k: v for k, v in TFF.items() if k != "noise_multiplier"}
+    )
+    np.testing.assert_allclose(z, TFF["noise_multiplier"], rtol=1e-3)
 
 
 def test_noise_and_rounds_edge_cases():

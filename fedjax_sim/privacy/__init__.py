@@ -82,3 +82,11 @@ def fixed_denominator(expected_clients: float) -> AggregationTransform:
         return jax.tree.map(lambda a: a * scale.astype(a.dtype), aggregate), state
 
     return AggregationTransform(init=lambda params: (), server=server)
+
+
+# The accountant's two questions at the package level (host-side; dp_accounting loads lazily):
+# the epsilon a mechanism spends, and the noise multiplier that meets a target epsilon.
+from fedjax_sim.privacy import accounting  # noqa: E402
+
+epsilon = accounting.epsilon
+noise_multiplier_for_epsilon = accounting.noise_multiplier_for_epsilon
