@@ -21,3 +21,20 @@ def ruff(*args):
 def test_ruff(args):
     result = ruff(*args)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_aggregator_modules_do_not_import_their_package():
+    """``aggregators/__init__`` imports every aggregator module; one importing a name back
+    from the package would depend on how far the package's import had got (a cycle)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(REPO_ROOT) / "fedjax_sim" / "aggregators"
+    submodules = {p.stem for p in package.glob("*.py")}
+    for path in package.glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "fedjax_sim.aggregators":
+                names = {a.name for a in node.names}
+                assert names <= submodules, f"{path.name} imports {names - submodules}"

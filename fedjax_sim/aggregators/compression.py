@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from fedjax_sim.aggregators.base import Aggregator
 from fedjax_sim.aggregators.transforms import AggregationTransform, client_map
 from fedjax_sim.core.types import Array, PRNGKey, PyTree
 
@@ -241,7 +242,6 @@ def majority_vote_aggregator():
     server's step direction is the coordinate-wise vote of the clients' update signs (use it
     with ``compression.method = "sign"``, so each client uploads one bit per coordinate, and a
     small server learning rate: every coordinate moves by the full server rate)."""
-    from fedjax_sim.aggregators import Aggregator
 
     def apply(state, updates, weights, key):
         del key

@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from fedjax_sim.aggregators import Aggregator, weighted_mean
 from fedjax_sim.aggregators.adversary import FRACTION, Adversary
+from fedjax_sim.aggregators.base import Aggregator, weighted_mean
 from fedjax_sim.aggregators.compression import Compressor
 from fedjax_sim.aggregators.transforms import AggregationTransform, chain
 from fedjax_sim.privacy import (

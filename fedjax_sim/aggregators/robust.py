@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from fedjax_sim.aggregators import Aggregator
+from fedjax_sim.aggregators.base import Aggregator
 from fedjax_sim.core.types import Array, PyTree
 
 __all__ = [
