@@ -6,7 +6,7 @@ dropped), final test accuracy over seeds.
 
 The paper's setting is ``configs/default.py`` (30 devices, 10 per round, 20 local epochs of
 batch 10, client SGD at 0.01, 200 rounds); stragglers run U{1..K} of their K local steps
-(FedProx's code: a uniform number of iterations). Prints a Markdown table (README,
+(FedProx's code: a uniform number of iterations). Prints a Markdown table (docs/features.md,
 "Systems heterogeneity") and writes ``OUT/stragglers.json``.
 """
 
