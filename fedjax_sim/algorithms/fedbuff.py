@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim import aggregators
-from fedjax_sim.aggregators.transforms import chain
+from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
 from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     AsyncSettings,
@@ -20,12 +19,14 @@ from fedjax_sim.algorithms.base import (
     config_optimizer_hparams,
     local_update,
     optimizer_hparams,
+    pipeline_for,
     select_hparams,
 )
 from fedjax_sim.core.client import tree_sub
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Params, PyTree
+from fedjax_sim.features import pipeline_hparams_of_config
 from fedjax_sim.optimizers import optimizer_from_config
 
 STALENESS_EXPONENT = "algorithm_kwargs.staleness_exponent"
@@ -65,6 +66,7 @@ def fedbuff(
     weighting: str = "uniform",
     executor: Executor | None = None,
     hparams: Mapping[str, float] | None = None,
+    pipeline: Pipeline | None = None,
 ) -> FederatedAlgorithm:
     """FedBuff (Nguyen et al. 2022, "Federated Learning with Buffered Asynchronous
     Aggregation", Algorithm 1).
@@ -90,6 +92,8 @@ def fedbuff(
       executor: how clients run.
       hparams: the hyperparameters ``state.hparams`` keeps (default: ``staleness_exponent``
         and every injected optimizer hyperparameter).
+      pipeline: the aggregation pipeline each scaled update goes through (compression,
+        attacks, a robust or secure reducer; ``aggregators.pipeline``); default the mean.
 
     Returns:
       A ``FederatedAlgorithm`` whose state is a ``FedBuffState``.
@@ -104,13 +108,18 @@ def fedbuff(
     executor = (executor or Executor()).check()
     client_weight(jnp.zeros(()), weighting)
     loss_fn = mean_loss_fn(task, train=True)
+    if pipeline is None:
+        pipeline = build_pipeline(weighting=weighting)
+    if pipeline.error_feedback is not None:
+        raise ValueError("fedbuff keeps no per-client state for error feedback's residuals.")
     known = {
+        **pipeline.hparams,
         STALENESS_EXPONENT: float(staleness_exponent),
         **optimizer_hparams(client_optimizer, "client"),
         **optimizer_hparams(server_optimizer, "server"),
     }
     hparams = select_hparams(known, hparams)
-    server = ServerSide(server_optimizer, aggregators.weighted_mean(), chain())
+    server = ServerSide.of(server_optimizer, pipeline)
     depth = max_staleness + 1
 
     def init(params):
@@ -179,6 +188,7 @@ def hparams_of_config(config) -> dict[str, float]:
         STALENESS_EXPONENT: _settings(config)["staleness_exponent"],
         **config_optimizer_hparams(config.client, "client"),
         **config_optimizer_hparams(config.server, "server"),
+        **pipeline_hparams_of_config(config),
     }
 
 
@@ -198,6 +208,7 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
         weighting=config.weighting,
         executor=ctx.executor,
         hparams=hp,
+        pipeline=pipeline_for(config, ctx),
     )
 
 
@@ -207,4 +218,9 @@ SPEC = AlgorithmSpec(
     description="FedBuff: buffered asynchronous aggregation on the simulated clock",
     async_schedule=async_schedule,
     kwargs={"buffer_size": 0, "max_staleness": 10, "staleness_exponent": 0.5},
+    # DP is refused: the simulated clock, not random sampling, fills each buffer, so no
+    # accountant models who is in it; error feedback needs per-client state it lacks.
+    supports=frozenset(
+        {"robust_aggregation", "secure_aggregation", "compression", "update_attack", "data_attack"}
+    ),
 )
