@@ -107,7 +107,9 @@ def _representatives():
         if (build, spec.supports) in seen:
             continue
         seen.add((build, spec.supports))
-        out += [(a, f) for f in features.FEATURES if f in spec.supports]
+        # One worker runs an algorithm's cells, so its run without a feature is computed once.
+        group = pytest.mark.xdist_group(f"combinations-{a}")
+        out += [pytest.param(a, f, marks=group) for f in features.FEATURES if f in spec.supports]
     return out
 
 

@@ -175,7 +175,9 @@ def _cases():
             cases = [("vmap", 1)]
         else:
             cases = [("vmap", 1), ("chunked", 2), ("sequential", 2)]
-        yield from ((name, s, d) for s, d in cases)
+        # One worker runs an algorithm's cases, so its one-device references are computed once.
+        group = pytest.mark.xdist_group(f"contract-{name}")
+        yield from (pytest.param(name, s, d, marks=group) for s, d in cases)
 
 
 @pytest.mark.parametrize("name, strategy, devices", list(_cases()))

@@ -570,7 +570,10 @@ def test_a_spec_whose_hparams_disagree_with_its_algorithm_is_refused(tmp_path, s
     def claims_more(config):
         return {**toy_algorithm.hparams_of_config(config), "algorithm_kwargs.lr": 0.1}
 
-    bad = fs.AlgorithmSpec(toy_algorithm.build, claims_more, "declares a number it ignores")
+    bad = fs.AlgorithmSpec(
+        toy_algorithm.build, claims_more, "declares a number it ignores",
+        kwargs={"beta": 0.5, "lr": 0.1},
+    )  # fmt: skip
     fs.algorithms.register("zz_mismatched", bad)
     try:
         base = smoke(algorithm="zz_mismatched")

@@ -90,4 +90,6 @@ def build(config, ctx):
     )
 
 
-SPEC = fs.AlgorithmSpec(build, hparams_of_config, "FedAvg with a per-client update memory")
+SPEC = fs.AlgorithmSpec(
+    build, hparams_of_config, "FedAvg with a per-client update memory", kwargs={"beta": 0.5}
+)

@@ -11,7 +11,9 @@ which a killed run resumes bitwise.
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -288,7 +290,7 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
     states, alive = program.init()
     initial_params = program.params(states)  # the divergence reference (a function of the seed)
     diverged: list[int | None] = [None] * m_count
-    pending: list[tuple[int, jax.Array, jax.Array]] = []
+    pending: list[tuple[int, dict[str, jax.Array], jax.Array]] = []  # (round, metrics, alive)
     start = 0
     if resume.meta is not None:
         restored = resume.restore({"states": states, "alive": alive})
@@ -299,8 +301,7 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
             log.history = list(history)
         diverged = list(meta["diverged"])
         pending = [
-            (rr, jnp.asarray(lo, jnp.float32), jnp.asarray(al, bool))
-            for rr, lo, al in meta["pending"]
+            (rr, _restored_metrics(mt), jnp.asarray(al, bool)) for rr, mt, al in meta["pending"]
         ]
         source.restore(meta["source"])
         t_start -= meta["wall_s"]
@@ -316,7 +317,8 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
                 "histories": [log.history for log in logs],
                 "diverged": diverged,
                 "pending": [  # a host sync, only when saving
-                    [rr, np.asarray(lo).tolist(), np.asarray(al).tolist()] for rr, lo, al in pending
+                    [rr, {k: np.asarray(v).tolist() for k, v in m.items()}, np.asarray(a).tolist()]
+                    for rr, m, a in pending
                 ],
                 "source": source.bookkeeping(),
                 "wall_s": time.perf_counter() - t_start,
@@ -337,26 +339,67 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
     del initial_params
     bar = _Progress(progress, num_rounds, m_count, start, bar=not program.vectorized)
     done = start
+    ctrl_c = _DeferredInterrupt()
     try:
-        for r in range(start + 1, num_rounds + 1):
-            states, alive, metrics = program.step(states, alive, source.cohorts(r), r)
-            pending.append((r, metrics, alive))
-            done = r  # trained (its evaluation and checkpoint may still be to come)
-            bar.round_done()
-            if r % eval_every == 0 or r == num_rounds:
-                alive = _evaluate(
-                    r, program, states, alive, pending, evaluator, logs, diverged, raise_,
-                    limits, time.perf_counter() - t_start, bar, source,
-                )  # fmt: skip
-                pending.clear()
-            if resume.due(r, num_rounds):
-                save(r)
+        with ctrl_c:
+            for r in range(start + 1, num_rounds + 1):
+                states, alive, metrics = program.step(states, alive, source.cohorts(r), r)
+                pending.append((r, metrics, alive))
+                done = r  # trained (its evaluation and checkpoint may still be to come)
+                bar.round_done()
+                if r % eval_every == 0 or r == num_rounds:
+                    alive = _evaluate(
+                        r, program, states, alive, pending, evaluator, logs, diverged, raise_,
+                        limits, time.perf_counter() - t_start, bar, source,
+                    )  # fmt: skip
+                    pending.clear()
+                if resume.due(r, num_rounds):
+                    save(r)
+                ctrl_c.check()  # Ctrl-C stops here, after the round's evaluation and checkpoint
     except KeyboardInterrupt:
         where = resume.ckpt.directory if resume.ckpt is not None else None
         raise RunInterrupted(done, num_rounds, resume.saved_round, where) from None
     finally:
         bar.close()
     return LoopResult(states, alive, diverged, time.perf_counter() - t_start)
+
+
+class _DeferredInterrupt:
+    """Ctrl-C while training stops at the next round boundary, after that round's evaluation
+    and checkpoint (a ``KeyboardInterrupt`` raised inside a C extension can surface as a
+    ``SystemError`` instead); a second Ctrl-C stops at once. Installed only where the default
+    handler is (the main thread of a process that did not ignore SIGINT)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)  # the next Ctrl-C interrupts at once
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _restored_metrics(saved) -> dict[str, jax.Array]:
+    """A pending round's metrics from a checkpoint's meta (a bare list: an older checkpoint's
+    train losses)."""
+    if not isinstance(saved, dict):
+        saved = {"train_loss": saved}
+    return {k: jnp.asarray(v, jnp.float32) for k, v in saved.items()}
 
 
 def _evaluate(
