@@ -294,11 +294,13 @@ class ServerSide(NamedTuple):
         client_fn: ClientFn,
         executor: Executor,
         broadcast: PyTree | None = None,
+        server_rule=None,
     ) -> tuple[ServerState, dict]:
         """One round (``federated_round``) with these pieces."""
         return federated_round(
-            state, cohort, key, client_fn, executor=executor, server=self, broadcast=broadcast
-        )
+            state, cohort, key, client_fn, executor=executor, server=self, broadcast=broadcast,
+            server_rule=server_rule,
+        )  # fmt: skip
 
 
 def federated_round(
@@ -310,6 +312,7 @@ def federated_round(
     executor: Executor,
     server: ServerSide,
     broadcast: PyTree | None = None,
+    server_rule=None,
 ) -> tuple[ServerState, dict]:
     """One round of the composable server side.
 
@@ -324,6 +327,9 @@ def federated_round(
       executor: runs the clients.
       server: the transforms, the aggregator and the server optimizer.
       broadcast: what clients receive (default: ``state.params``).
+      server_rule: an algorithm's own server step after the shared one, ``(new state, sum
+        of the clients' extras) -> new state`` (SCAFFOLD's control-variate update), or
+        ``None``.
 
     Returns:
       ``(new state, metrics)``.
@@ -396,6 +402,8 @@ def federated_round(
         round=state.round + 1,
         client_states=client_states,
     )
+    if server_rule is not None:
+        new_state = server_rule(new_state, outputs.extras)
     metrics = weighted_client_metrics(outputs)
     if transforms.metrics is not None:
         metrics.update(transforms.metrics(transform_state))

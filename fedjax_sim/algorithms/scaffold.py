@@ -15,43 +15,48 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
 from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     BuildContext,
-    as_hparams,
+    ServerSide,
     client_weight,
     config_optimizer_hparams,
     local_update,
     optimizer_hparams,
+    pipeline_for,
     select_hparams,
-    weighted_client_metrics,
     with_optimizer_hparams,
 )
 from fedjax_sim.core.client import num_real_steps, tree_sub
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import Array, ClientOutput, FederatedAlgorithm, Params, PyTree
-from fedjax_sim.optimizers import injected_hyperparams, optimizer_from_config, optimizer_update
+from fedjax_sim.features import pipeline_hparams_of_config
+from fedjax_sim.optimizers import injected_hyperparams, optimizer_from_config
 
 
 class ScaffoldState(NamedTuple):
-    """SCAFFOLD's state between rounds.
+    """SCAFFOLD's state between rounds: ``ServerState``'s fields and the server's control
+    variate.
 
     Attributes:
       params: the global model ``x``.
-      control: the server's control variate ``c`` (shaped like the params).
       opt_state: the server optimizer's state.
+      aggregator_state: the aggregation pipeline's state.
       round: rounds applied so far (int32).
       hparams: the numeric hyperparameters (float32 scalars; see ``FederatedAlgorithm``).
       client_states: every client's control variate ``c_i``, each leaf ``[num_clients, ...]``.
+      control: the server's control variate ``c`` (shaped like the params).
     """
 
     params: Params
-    control: Params
     opt_state: PyTree
+    aggregator_state: PyTree
     round: Array
     hparams: Mapping[str, Array]
     client_states: PyTree
+    control: Params
 
 
 def scaffold(
@@ -63,6 +68,7 @@ def scaffold(
     weighting: str = "uniform",
     executor: Executor | None = None,
     hparams: Mapping[str, float] | None = None,
+    pipeline: Pipeline | None = None,
 ) -> FederatedAlgorithm:
     """SCAFFOLD (Karimireddy et al. 2020, Algorithm 1, option II).
 
@@ -79,6 +85,10 @@ def scaffold(
        (server minus client, as in FedAvg): with ``sgd(eta_g)`` this is the paper's
        ``x <- x + eta_g mean_S (y_i - x)``. It sets ``c <- c + |S|/N mean_S (c_i+ - c_i)``
        with ``N = num_clients``, which keeps ``c`` the mean of all ``N`` clients' ``c_i``.
+
+    Steps 1-2 are client work; step 3's model part is the shared server side
+    (``ServerSide``: the pipeline, then the server optimizer), its control part SCAFFOLD's
+    own server rule on the summed control deltas.
 
     The paper's means over ``S`` are uniform (``1/|S|``): ``weighting="uniform"``, the
     default. ``weighting="num_examples"`` weights the model deltas by client size instead (as
@@ -111,6 +121,11 @@ def scaffold(
       hparams: the hyperparameters ``state.hparams`` keeps (default: every injected one of
         the two optimizers, ``client.learning_rate``, ``server.learning_rate``, ...; a subset
         of those with their values).
+      pipeline: the aggregation pipeline the model deltas go through (default the mean).
+        The control-variate deltas are summed outside it (``ClientOutput.extras``): a robust
+        reducer or a model-poisoning attack sees the model deltas only, and features that
+        would leave the control deltas unprotected or uncounted (DP, secure aggregation,
+        compression) are refused by the spec.
 
     Returns:
       A ``FederatedAlgorithm`` whose state is a ``ScaffoldState``.
@@ -146,89 +161,62 @@ def scaffold(
     task = as_task(model)
     executor = (executor or Executor()).check()
     loss_fn = mean_loss_fn(task, train=True)
+    if pipeline is None:
+        pipeline = build_pipeline(weighting=weighting)
     known = {
+        **pipeline.hparams,
         **optimizer_hparams(client_optimizer, "client"),
         **optimizer_hparams(server_optimizer, "server"),
     }
     hparams = select_hparams(known, hparams)
+    server = ServerSide.of(server_optimizer, pipeline)
 
     def init(params):
-        zeros = jax.tree.map(jnp.zeros_like, params)
         table = jax.tree.map(lambda p: jnp.zeros((num_clients, *p.shape), p.dtype), params)
-        return ScaffoldState(
-            params=params,
-            control=zeros,
-            opt_state=server_optimizer.init(params),
-            round=jnp.zeros((), jnp.int32),
-            hparams=as_hparams(hparams),
-            client_states=table,
+        base = server.init(params, hparams, client_states=table)
+        return ScaffoldState(*base, control=jax.tree.map(jnp.zeros_like, params))
+
+    def client_fn(shared, data, c_i, ckey):
+        x, c = shared
+        opt_state = with_optimizer_hparams(client_optimizer.init(x), data["hparams"], "client")
+        lr = injected_hyperparams(opt_state)["learning_rate"]
+        correction = tree_sub(c, c_i)  # g - c_i + c
+        local = local_update(
+            x,
+            data,
+            ckey,
+            loss_fn=loss_fn,
+            optimizer=client_optimizer,
+            executor=executor,
+            opt_state=opt_state,
+            grad_transform=lambda g, p: jax.tree.map(jnp.add, g, correction),
+        )
+        k = num_real_steps(data["mask"]).astype(jnp.float32)
+        real = k > 0
+        delta = tree_sub(x, local.params)  # x - y
+        k_lr = k * lr
+        inv = jnp.where(k_lr > 0, 1.0 / jnp.where(k_lr > 0, k_lr, 1.0), 0.0)
+        # c_i+ = c_i - c + (x - y) / (K eta_l); a client without real steps keeps c_i.
+        new_ci = jax.tree.map(
+            lambda ci, cc, d: jnp.where(real, ci - cc + d * inv.astype(d.dtype), ci), c_i, c, delta
+        )
+        return ClientOutput(
+            update=delta,
+            weight=jnp.where(real, client_weight(data["num_examples"], weighting), 0.0),
+            metrics={"loss_sum": local.loss_sum, "num_seen": local.num_seen},
+            client_state=new_ci,
+            extras=tree_sub(new_ci, c_i),  # c_i+ - c_i, summed over the cohort
+        )
+
+    def server_rule(new, sum_dc):
+        # c + |S|/N * (1/|S|) sum_S (c_i+ - c_i) = c + sum_S (c_i+ - c_i) / N.
+        return new._replace(
+            control=jax.tree.map(lambda cc, s: cc + s / num_clients, new.control, sum_dc)
         )
 
     def apply(state, cohort, key):
-        def client_fn(shared, data, c_i, ckey):
-            x, c = shared
-            opt_state = with_optimizer_hparams(client_optimizer.init(x), data["hparams"], "client")
-            lr = injected_hyperparams(opt_state)["learning_rate"]
-            correction = tree_sub(c, c_i)  # g - c_i + c
-            local = local_update(
-                x,
-                data,
-                ckey,
-                loss_fn=loss_fn,
-                optimizer=client_optimizer,
-                executor=executor,
-                opt_state=opt_state,
-                grad_transform=lambda g, p: jax.tree.map(jnp.add, g, correction),
-            )
-            k = num_real_steps(data["mask"]).astype(jnp.float32)
-            real = k > 0
-            delta = tree_sub(x, local.params)  # x - y
-            k_lr = k * lr
-            inv = jnp.where(k_lr > 0, 1.0 / jnp.where(k_lr > 0, k_lr, 1.0), 0.0)
-            # c_i+ = c_i - c + (x - y) / (K eta_l); a client without real steps keeps c_i.
-            new_ci = jax.tree.map(
-                lambda ci, cc, d: jnp.where(real, ci - cc + d * inv.astype(d.dtype), ci),
-                c_i,
-                c,
-                delta,
-            )
-            w = jnp.where(real, client_weight(data["num_examples"], weighting), 0.0)
-            # Summed over the cohort with weight 1 per real client: (sum w_i (x - y_i),
-            # sum (c_i+ - c_i), sum w_i); the count of real clients is the weight sum.
-            weighted = jax.tree.map(lambda d: d * w.astype(d.dtype), delta)
-            return ClientOutput(
-                update=(weighted, tree_sub(new_ci, c_i), w),
-                weight=real.astype(jnp.float32),
-                metrics={"loss_sum": local.loss_sum, "num_seen": local.num_seen},
-                client_state=new_ci,
-            )
-
-        outputs, client_states = executor.run(
-            client_fn,
-            cohort,
-            key,
-            broadcast=(state.params, state.control),
-            client_states=state.client_states,
-            hparams=state.hparams,
-            sum_weighted_updates=True,
-        )
-        (sum_delta, sum_dc, sum_w), _ = outputs.update
-        inv_w = jnp.where(sum_w > 0, 1.0 / jnp.where(sum_w > 0, sum_w, 1.0), 0.0)
-        pseudo_grad = jax.tree.map(lambda s: s * inv_w.astype(s.dtype), sum_delta)
-        opt_state = with_optimizer_hparams(state.opt_state, state.hparams, "server")
-        updates, opt_state = optimizer_update(
-            server_optimizer, pseudo_grad, opt_state, state.params
-        )
-        # c + |S|/N * (1/|S|) sum_S (c_i+ - c_i) = c + sum_S (c_i+ - c_i) / N.
-        control = jax.tree.map(lambda cc, s: cc + s / num_clients, state.control, sum_dc)
-        new_state = state._replace(
-            params=optax.apply_updates(state.params, updates),
-            control=control,
-            opt_state=opt_state,
-            round=state.round + 1,
-            client_states=client_states,
-        )
-        return new_state, weighted_client_metrics(outputs)
+        shared = (state.params, state.control)
+        return server.round(state, cohort, key, client_fn, executor, shared, server_rule)
 
     return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
 
@@ -238,6 +226,7 @@ def hparams_of_config(config) -> dict[str, float]:
     return {
         **config_optimizer_hparams(config.client, "client"),
         **config_optimizer_hparams(config.server, "server"),
+        **pipeline_hparams_of_config(config),
     }
 
 
@@ -253,6 +242,7 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
         weighting=config.weighting,
         executor=ctx.executor,
         hparams=hparams_of_config(config),
+        pipeline=pipeline_for(config, ctx),
     )
 
 
@@ -270,4 +260,7 @@ SPEC = AlgorithmSpec(
     hparams=hparams_of_config,
     config_defaults=config_defaults,
     description="SCAFFOLD: control variates, option II (Karimireddy et al. 2020)",
+    # The control deltas bypass the pipeline: DP, secure aggregation and compression would
+    # leave them unprotected or uncounted; error feedback needs the per-client slot c_i holds.
+    supports=frozenset({"robust_aggregation", "update_attack", "data_attack"}),
 )

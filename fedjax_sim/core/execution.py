@@ -270,7 +270,9 @@ class Executor(NamedTuple):
             need no more, and large cohorts then cost no ``clients x params`` memory.
 
         Returns:
-          ``(outputs stacked over the cohort, updated client_states)``.
+          ``(outputs stacked over the cohort, updated client_states)``; ``outputs.extras``
+          is the clients' ``extras`` summed over the cohort (inside the loop where the
+          updates are summed).
         """
         strategy = self.resolved()
         if cohort.examples is not None:
@@ -313,7 +315,7 @@ class Executor(NamedTuple):
                     out = one(*args)
                     w = out.weight
                     weighted = jax.tree.map(lambda u: u * w.astype(u.dtype), out.update)
-                    return (weighted, w), out._replace(update=())
+                    return ((weighted, w), out.extras), out._replace(update=(), extras=())
 
                 return map_clients(
                     fn, inputs, strategy=strategy, chunk_size=self.chunk_size, reduce_sum=True
@@ -351,7 +353,10 @@ class Executor(NamedTuple):
                 out_specs=(P(), P(CLIENT_AXIS)),
             )((broadcast, hparams), per_client, client_states)
         if sum_weighted_updates:
-            outputs = outputs._replace(update=sums)
+            sums, extras = sums
+            outputs = outputs._replace(update=sums, extras=extras)
+        else:
+            outputs = outputs._replace(extras=jax.tree.map(lambda a: a.sum(0), outputs.extras))
         new_states = scatter_client_states(client_states, cohort.client_ids, outputs.client_state)
         return outputs, new_states
 
@@ -400,13 +405,13 @@ class Executor(NamedTuple):
 
         def summed(out):
             w = out.weight
-            return jax.tree.map(lambda u: u * w.astype(u.dtype), out.update), w
+            return (jax.tree.map(lambda u: u * w.astype(u.dtype), out.update), w), out.extras
 
         def body(carry, args):
             total, inner = carry
             inner, out = one(inner, args)
             total = jax.tree.map(jnp.add, total, summed(out))
-            return (total, inner), out._replace(update=())
+            return (total, inner), out._replace(update=(), extras=())
 
         start = (client_states, read(client_states, jnp.int32(0)), jnp.int32(0))
         if sum_weighted_updates:
@@ -414,7 +419,8 @@ class Executor(NamedTuple):
             sum_shape = jax.eval_shape(lambda a: summed(one(start, a)[1]), first)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sum_shape)
             (sums, (table, pending, at)), outputs = lax.scan(body, (zeros, start), per_client)
-            outputs = outputs._replace(update=sums)
+            outputs = outputs._replace(update=sums[0], extras=sums[1])
         else:
             (table, pending, at), outputs = lax.scan(one, start, per_client)
+            outputs = outputs._replace(extras=jax.tree.map(lambda a: a.sum(0), outputs.extras))
         return outputs, write(table, pending, at)

@@ -84,12 +84,16 @@ class ClientOutput(NamedTuple):
       weight: scalar aggregation weight (0 for padded clients).
       metrics: dict of per-client scalars (``loss``, ``num_examples``, ...).
       client_state: the client's new persistent state (``()`` for stateless algorithms).
+      extras: further outputs the server sums over the cohort as they are, outside the
+        aggregation pipeline (SCAFFOLD's control-variate delta); ``Executor.run`` returns
+        their sum. ``()``: none.
     """
 
     update: Params
     weight: Array
     metrics: Mapping[str, Array]
     client_state: PyTree
+    extras: PyTree = ()
 
 
 class FederatedAlgorithm(NamedTuple):
