@@ -135,7 +135,7 @@ def test_bad_input_is_refused():
         ({"client.kwargs.nesterov": True, "client.kwargs.momentum": 0.5}, "nesterov"),
         ({"client.kwargs.dampening": 0.1}, r"takes only client.kwargs.momentum; got \['damp"),
         ({"dp.clip_norm": 1.0}, r"'fednova' does not support dp \(dp.clip_norm=1.0\)"),
-        ({"aggregator": "median"}, "'fednova' does not support robust_aggregation"),
+        ({"aggregator": "secure"}, "'fednova' does not support secure_aggregation"),
     ]:
         config = fs.load_config("default:smoke")
         config.algorithm = "fednova"

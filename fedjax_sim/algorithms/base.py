@@ -295,11 +295,12 @@ class ServerSide(NamedTuple):
         executor: Executor,
         broadcast: PyTree | None = None,
         server_rule=None,
+        aggregate_rule=None,
     ) -> tuple[ServerState, dict]:
         """One round (``federated_round``) with these pieces."""
         return federated_round(
             state, cohort, key, client_fn, executor=executor, server=self, broadcast=broadcast,
-            server_rule=server_rule,
+            server_rule=server_rule, aggregate_rule=aggregate_rule,
         )  # fmt: skip
 
 
@@ -313,6 +314,7 @@ def federated_round(
     server: ServerSide,
     broadcast: PyTree | None = None,
     server_rule=None,
+    aggregate_rule=None,
 ) -> tuple[ServerState, dict]:
     """One round of the composable server side.
 
@@ -330,6 +332,8 @@ def federated_round(
       server_rule: an algorithm's own server step after the shared one, ``(new state, sum
         of the clients' extras) -> new state`` (SCAFFOLD's control-variate update), or
         ``None``.
+      aggregate_rule: ``(aggregate, sum of the clients' extras) -> pseudo-gradient``, applied
+        after the pipeline and before the server optimizer (FedNova's ``tau_eff``), or ``None``.
 
     Returns:
       ``(new state, metrics)``.
@@ -393,6 +397,8 @@ def federated_round(
             num_clients=jnp.maximum(jnp.sum(cohort.num_examples > 0), 1).astype(jnp.float32),
         )
         pseudo_grad, transform_state = transforms.server(pseudo_grad, transform_state, ctx)
+    if aggregate_rule is not None:
+        pseudo_grad = aggregate_rule(pseudo_grad, outputs.extras)
     opt_state = with_optimizer_hparams(state.opt_state, hp, "server")
     updates, opt_state = optimizer_update(server_optimizer, pseudo_grad, opt_state, state.params)
     new_state = state._replace(

@@ -15,17 +15,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
 from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     BuildContext,
-    ServerState,
-    as_hparams,
+    ServerSide,
     client_weight,
     config_optimizer_hparams,
     local_update,
     optimizer_hparams,
+    pipeline_for,
     select_hparams,
-    weighted_client_metrics,
     with_optimizer_hparams,
 )
 from fedjax_sim.algorithms.fedavg import PROXIMAL_MU
@@ -33,11 +33,11 @@ from fedjax_sim.core.client import num_real_steps, tree_sub
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import Array, ClientOutput, FederatedAlgorithm
+from fedjax_sim.features import pipeline_hparams_of_config
 from fedjax_sim.optimizers import (
     get_optimizer,
     injected_hyperparams,
     optimizer_from_config,
-    optimizer_update,
 )
 
 # config.client.optimizer names FedNova knows the accumulation vector a_i of.
@@ -54,6 +54,7 @@ def fednova(
     weighting: str = "num_examples",
     executor: Executor | None = None,
     hparams: Mapping[str, float] | None = None,
+    pipeline: Pipeline | None = None,
 ) -> FederatedAlgorithm:
     """FedNova (Wang et al. 2020, Section 5): normalized averaging.
 
@@ -98,6 +99,9 @@ def fednova(
       executor: how clients run (default ``Executor()``).
       hparams: the hyperparameters ``state.hparams`` keeps (default: all of the above; a
         subset with their values).
+      pipeline: the aggregation pipeline the normalized updates go through (default the
+        mean); ``tau_eff``'s terms are summed beside it (``ClientOutput.extras``) and scale
+        its output before the server optimizer.
 
     Returns:
       A ``FederatedAlgorithm`` whose state is a ``ServerState``.
@@ -117,83 +121,65 @@ def fednova(
     task = as_task(model)
     executor = (executor or Executor()).check()
     loss_fn = mean_loss_fn(task, train=True)
+    if pipeline is None:
+        pipeline = build_pipeline(weighting=weighting)
     known = {
+        **pipeline.hparams,
         PROXIMAL_MU: float(proximal_mu),
         **optimizer_hparams(client_optimizer, "client"),
         **optimizer_hparams(server_optimizer, "server"),
     }
     hparams = select_hparams(known, hparams)
 
+    server = ServerSide.of(server_optimizer, pipeline)
+
     def init(params):
-        return ServerState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            aggregator_state=(),
-            round=jnp.zeros((), jnp.int32),
-            hparams=as_hparams(hparams),
+        return server.init(params, hparams)
+
+    def client_fn(x, data, client_state, ckey):
+        hp = data["hparams"]
+        opt_state = with_optimizer_hparams(client_optimizer.init(x), hp, "client")
+        opt_hp = injected_hyperparams(opt_state)
+        lr = opt_hp["learning_rate"]
+        rho = opt_hp.get("momentum", jnp.zeros((), jnp.float32))
+        mu = hp[PROXIMAL_MU] if PROXIMAL_MU in hp else jnp.asarray(proximal_mu, jnp.float32)
+
+        def prox(g, p):
+            return jax.tree.map(lambda g, p, a: g + mu.astype(g.dtype) * (p - a), g, p, x)
+
+        local = local_update(
+            x,
+            data,
+            ckey,
+            loss_fn=loss_fn,
+            optimizer=client_optimizer,
+            executor=executor,
+            opt_state=opt_state,
+            # A built-in 0 leaves the term out; a sweep over it builds it in.
+            grad_transform=prox if proximal_mu else None,
         )
+        tau = num_real_steps(data["mask"]).astype(jnp.float32)
+        a = accumulation_norm(tau, rho, lr * mu, data["mask"].shape[0])
+        inv_a = jnp.where(a > 0, 1.0 / jnp.where(a > 0, a, 1.0), 0.0)
+        w = jnp.where(tau > 0, client_weight(data["num_examples"], weighting), 0.0)
+        steps = jnp.where(mu > 0, tau, a)
+        return ClientOutput(
+            # eta d_i = (x - y_i) / ||a_i||_1 goes through the pipeline ...
+            update=jax.tree.map(lambda d: d * inv_a.astype(d.dtype), tree_sub(x, local.params)),
+            weight=w,
+            metrics={"loss_sum": local.loss_sum, "num_seen": local.num_seen},
+            client_state=client_state,
+            extras=(w * steps, w),  # ... and this client's term of tau_eff is summed beside it
+        )
+
+    def aggregate_rule(mean_normalized, sums):
+        weighted_steps, total = sums
+        # tau_eff = sum_i p_i ||a_i||_1 (or p_i tau_i with a proximal term).
+        tau_eff = weighted_steps * jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
+        return jax.tree.map(lambda s: s * tau_eff.astype(s.dtype), mean_normalized)
 
     def apply(state, cohort, key):
-        def client_fn(x, data, client_state, ckey):
-            hp = data["hparams"]
-            opt_state = with_optimizer_hparams(client_optimizer.init(x), hp, "client")
-            opt_hp = injected_hyperparams(opt_state)
-            lr = opt_hp["learning_rate"]
-            rho = opt_hp.get("momentum", jnp.zeros((), jnp.float32))
-            mu = hp[PROXIMAL_MU] if PROXIMAL_MU in hp else jnp.asarray(proximal_mu, jnp.float32)
-
-            def prox(g, p):
-                return jax.tree.map(lambda g, p, a: g + mu.astype(g.dtype) * (p - a), g, p, x)
-
-            local = local_update(
-                x,
-                data,
-                ckey,
-                loss_fn=loss_fn,
-                optimizer=client_optimizer,
-                executor=executor,
-                opt_state=opt_state,
-                # A built-in 0 leaves the term out; a sweep over it builds it in.
-                grad_transform=prox if proximal_mu else None,
-            )
-            tau = num_real_steps(data["mask"]).astype(jnp.float32)
-            a = accumulation_norm(tau, rho, lr * mu, cohort.num_steps)
-            inv_a = jnp.where(a > 0, 1.0 / jnp.where(a > 0, a, 1.0), 0.0)
-            # eta d_i = (x - y_i) / ||a_i||_1, and this client's term of tau_eff.
-            normalized = jax.tree.map(
-                lambda d: d * inv_a.astype(d.dtype), tree_sub(x, local.params)
-            )
-            steps = jnp.where(mu > 0, tau, a)
-            return ClientOutput(
-                update=(normalized, steps),
-                weight=jnp.where(tau > 0, client_weight(data["num_examples"], weighting), 0.0),
-                metrics={"loss_sum": local.loss_sum, "num_seen": local.num_seen},
-                client_state=client_state,
-            )
-
-        outputs, _ = executor.run(
-            client_fn,
-            cohort,
-            key,
-            broadcast=state.params,
-            hparams=state.hparams,
-            sum_weighted_updates=True,
-        )
-        (sum_normalized, sum_steps), sum_w = outputs.update
-        inv_w = jnp.where(sum_w > 0, 1.0 / jnp.where(sum_w > 0, sum_w, 1.0), 0.0)
-        tau_eff = sum_steps * inv_w  # sum_i p_i ||a_i||_1 (or p_i tau_i with a proximal term)
-        scale = tau_eff * inv_w
-        pseudo_grad = jax.tree.map(lambda s: s * scale.astype(s.dtype), sum_normalized)
-        opt_state = with_optimizer_hparams(state.opt_state, state.hparams, "server")
-        updates, opt_state = optimizer_update(
-            server_optimizer, pseudo_grad, opt_state, state.params
-        )
-        new_state = state._replace(
-            params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state,
-            round=state.round + 1,
-        )
-        return new_state, weighted_client_metrics(outputs)
+        return server.round(state, cohort, key, client_fn, executor, aggregate_rule=aggregate_rule)
 
     return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
 
@@ -243,6 +229,7 @@ def hparams_of_config(config) -> dict[str, float]:
         PROXIMAL_MU: float(config.client.get("proximal_mu", 0.0)),
         **config_optimizer_hparams(config.client, "client"),
         **config_optimizer_hparams(config.server, "server"),
+        **pipeline_hparams_of_config(config),
     }
 
 
@@ -277,6 +264,7 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
         weighting=config.weighting,
         executor=ctx.executor,
         hparams=hp,
+        pipeline=pipeline_for(config, ctx),
     )
 
 
@@ -284,5 +272,9 @@ SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
     description="FedNova: normalized averaging for unequal local steps (Wang et al. 2020)",
-    supports=frozenset({"proximal_term"}),
+    # tau_eff (summed outside the pipeline) scales the aggregate after DP noise or SecAgg
+    # would have acted, and carries the clients' step counts in the clear: both refused.
+    supports=frozenset(
+        {"robust_aggregation", "compression", "update_attack", "data_attack", "proximal_term"}
+    ),
 )
