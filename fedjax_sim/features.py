@@ -157,11 +157,12 @@ def pipeline_of(config, task, num_clients: int) -> Pipeline:
     """
     hp = pipeline_hparams_of_config(config)
     return build_pipeline(
+        dp_numbers=_takes_dp(config),
         weighting=config.weighting,
         aggregator=aggregator_of(config),
         transforms=compression_transforms(config),
-        clip_norm=hp[CLIP_NORM],
-        noise_multiplier=hp[NOISE_MULTIPLIER],
+        clip_norm=hp.get(CLIP_NORM, 0.0),
+        noise_multiplier=hp.get(NOISE_MULTIPLIER, 0.0),
         expected_clients=expected_clients_of(config, num_clients),
         adaptive_clipping=adaptive_of(config),
         adversary=adversary_of(config, task),
@@ -171,11 +172,15 @@ def pipeline_of(config, task, num_clients: int) -> Pipeline:
 
 
 def pipeline_hparams_of_config(config) -> dict[str, float]:
-    """The numbers ``pipeline_of(config)``'s pipeline keeps in ``state.hparams``."""
+    """The numbers ``pipeline_of(config)``'s pipeline keeps in ``state.hparams`` (the DP
+    numbers only for an algorithm that takes DP)."""
     adaptive = adaptive_of(config)
-    return {
+    dp = {
         CLIP_NORM: float(config.dp.clip_norm) if "dp" in config else 0.0,
         NOISE_MULTIPLIER: float(config.dp.noise_multiplier) if "dp" in config else 0.0,
+    }
+    return {
+        **(dp if _takes_dp(config) else {}),
         **({FRACTION: attack_of(config)[1]} if attack_of(config) else {}),
         **{f"dp.{k}": v for k, v in (adaptive or {}).items()},
     }
@@ -196,6 +201,13 @@ def error_feedback_of(config) -> Compressor | None:
     if group is None or group.method == "none" or not group.get("error_feedback", False):
         return None
     return compressor(str(group.method), **group.kwargs.to_dict())
+
+
+def _takes_dp(config) -> bool:
+    """Whether ``config.algorithm`` (registered) takes DP."""
+    from fedjax_sim import algorithms  # the registry imports this module
+
+    return "dp" in algorithms.get_spec(str(config.algorithm)).supports
 
 
 def aggregator_of(config) -> aggregators.Aggregator:

@@ -194,7 +194,7 @@ def test_bad_arguments_are_refused():
     "field, value, message",
     [
         ("algorithm_kwargs.alpha", 0.0, "alpha must be a finite number > 0"),
-        ("aggregator", "median", "'feddyn' does not support robust_aggregation"),
+        ("aggregator", "secure", "'feddyn' does not support secure_aggregation"),
         ("client.proximal_mu", 0.1, "does not support proximal_term"),
         ("dp.clip_norm", 1.0, r"does not support dp \(dp.clip_norm"),
         ("algorithm_kwargs.alhpa", 0.5, r"no algorithm_kwargs.alhpa \(did you mean 'alpha'\?\)"),

@@ -64,6 +64,7 @@ def build_pipeline(
     adversary: Adversary | None = None,
     attack_fraction: float = 0.0,
     error_feedback: Compressor | None = None,
+    dp_numbers: bool = True,
 ) -> Pipeline:
     """The pipeline of these settings, checked (see ``fs.fedopt`` for each one's meaning).
 
@@ -78,11 +79,16 @@ def build_pipeline(
       adversary: malicious clients, a fraction ``attack_fraction`` of the population.
       attack_fraction: see ``adversary``.
       error_feedback: a compressor for error feedback (no clipping may follow it).
+      dp_numbers: keep ``dp.clip_norm`` and ``dp.noise_multiplier`` in ``hparams`` (so a
+        sweep can trace them from 0); ``False`` for an algorithm that takes no DP (they must
+        then be 0).
 
     Returns:
       A ``Pipeline``.
     """
     _check_numbers(clip_norm, noise_multiplier, weighting, aggregator)
+    if not dp_numbers and (clip_norm or noise_multiplier or adaptive_clipping is not None):
+        raise ValueError("this algorithm takes no DP: clip_norm and noise_multiplier must be 0.")
     if adaptive_clipping is not None:
         _check_adaptive(clip_norm, noise_multiplier, transforms, adaptive_clipping)
         stages = chain(privacy_adaptive.adaptive_clipping(clip_norm, expected_clients))
@@ -99,9 +105,9 @@ def build_pipeline(
             "error feedback needs no clipping after it (dp.clip_norm = 0): the residual must "
             "be what compression dropped."
         )
+    dp = {CLIP_NORM: float(clip_norm), NOISE_MULTIPLIER: float(noise_multiplier)}
     hparams = {
-        CLIP_NORM: float(clip_norm),
-        NOISE_MULTIPLIER: float(noise_multiplier),
+        **(dp if dp_numbers else {}),
         **({FRACTION: float(attack_fraction)} if adversary is not None else {}),
         **{f"dp.{k}": float(v) for k, v in (adaptive_clipping or {}).items()},
     }

@@ -330,8 +330,8 @@ def federated_round(
       server: the transforms, the aggregator and the server optimizer.
       broadcast: what clients receive (default: ``state.params``).
       server_rule: an algorithm's own server step after the shared one, ``(new state, sum
-        of the clients' extras) -> new state`` (SCAFFOLD's control-variate update), or
-        ``None``.
+        of the clients' extras, the pseudo-gradient the optimizer got) -> new state``
+        (SCAFFOLD's control-variate update, FedDyn's ``h``), or ``None``.
       aggregate_rule: ``(aggregate, sum of the clients' extras) -> pseudo-gradient``, applied
         after the pipeline and before the server optimizer (FedNova's ``tau_eff``), or ``None``.
 
@@ -409,7 +409,7 @@ def federated_round(
         client_states=client_states,
     )
     if server_rule is not None:
-        new_state = server_rule(new_state, outputs.extras)
+        new_state = server_rule(new_state, outputs.extras, pseudo_grad)
     metrics = weighted_client_metrics(outputs)
     if transforms.metrics is not None:
         metrics.update(transforms.metrics(transform_state))

@@ -109,7 +109,7 @@ def fedbuff(
     client_weight(jnp.zeros(()), weighting)
     loss_fn = mean_loss_fn(task, train=True)
     if pipeline is None:
-        pipeline = build_pipeline(weighting=weighting)
+        pipeline = build_pipeline(weighting=weighting, dp_numbers=False)
     if pipeline.error_feedback is not None:
         raise ValueError("fedbuff keeps no per-client state for error feedback's residuals.")
     known = {

@@ -11,21 +11,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.aggregators import aggregate, weighted_mean
+from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
 from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     BuildContext,
-    as_hparams,
+    ServerSide,
     config_optimizer_hparams,
     local_update,
     optimizer_hparams,
+    pipeline_for,
     select_hparams,
-    weighted_client_metrics,
 )
 from fedjax_sim.core.client import num_real_steps, tree_sub
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
-from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Params
+from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Params, PyTree
+from fedjax_sim.features import pipeline_hparams_of_config
 from fedjax_sim.optimizers import optimizer_from_config
 
 ALPHA = "algorithm_kwargs.alpha"
@@ -35,22 +36,26 @@ DEFAULT_ALPHA = 0.01
 
 
 class FedDynState(NamedTuple):
-    """FedDyn's state between rounds.
+    """FedDyn's state between rounds: ``ServerState``'s fields and the server's ``h``.
 
     Attributes:
       params: the server model theta^t (what the driver evaluates and broadcasts).
-      h: the server state h^t (shaped like the params; starts at 0).
+      opt_state: the server step's state (SGD at 1.0: ``theta - mean delta``).
+      aggregator_state: the aggregation pipeline's state.
       round: rounds applied so far (int32).
       hparams: ``algorithm_kwargs.alpha`` and the client optimizer's injected numbers.
       client_states: every client's gradient memory grad L_k(theta_k^t) (shaped like the
         params, with a leading ``[num_clients]`` axis; starts at 0).
+      h: the server state h^t (shaped like the params; starts at 0).
     """
 
     params: Params
-    h: Params
+    opt_state: PyTree
+    aggregator_state: PyTree
     round: jax.Array
     hparams: Mapping[str, jax.Array]
     client_states: Params
+    h: Params
 
 
 def feddyn(
@@ -61,6 +66,7 @@ def feddyn(
     alpha: float = DEFAULT_ALPHA,
     executor: Executor | None = None,
     hparams: Mapping[str, float] | None = None,
+    pipeline: Pipeline | None = None,
 ) -> FederatedAlgorithm:
     """FedDyn (Acar et al. 2021, "Federated Learning Based on Dynamic Regularization",
     Algorithm 1).
@@ -96,6 +102,10 @@ def feddyn(
       hparams: the hyperparameters ``state.hparams`` keeps (default: ``alpha`` and every
         injected client optimizer hyperparameter), a subset with their values; ``alpha`` is
         always kept.
+      pipeline: the aggregation pipeline the deltas ``theta^{t-1} - theta_k^t`` go through
+        (default the mean). Its output is the mean over ``P_t``; ``h`` is updated from it
+        times ``|P_t|`` (the participants counted beside it, ``ClientOutput.extras``), so a
+        robust reducer or compression acts on both ``theta^t`` and ``h``.
 
     Returns:
       A ``FederatedAlgorithm`` whose state is a ``FedDynState``.
@@ -106,85 +116,73 @@ def feddyn(
     task = as_task(model)
     executor = (executor or Executor()).check()
     loss_fn = mean_loss_fn(task, train=True)
-    known = {ALPHA: float(alpha), **optimizer_hparams(client_optimizer, "client")}
+    if pipeline is None:
+        pipeline = build_pipeline(weighting="uniform", dp_numbers=False)
+    known = {
+        ALPHA: float(alpha),
+        **pipeline.hparams,
+        **optimizer_hparams(client_optimizer, "client"),
+    }
     hparams = {ALPHA: float(alpha), **select_hparams(known, hparams)}
     _check_alpha(hparams[ALPHA])
-    mean = weighted_mean()
+    # theta - mean delta = mean theta_k: FedDyn's server has no learning rate.
+    server = ServerSide.of(optax.sgd(1.0), pipeline)
 
     def init(params):
-        zeros = jax.tree.map(jnp.zeros_like, params)
         memory = jax.tree.map(lambda p: jnp.zeros((num_clients, *p.shape), p.dtype), params)
-        return FedDynState(
-            params=params,
-            h=zeros,
-            round=jnp.zeros((), jnp.int32),
-            hparams=as_hparams(hparams),
-            client_states=memory,
+        base = server.init(params, hparams, client_states=memory)
+        return FedDynState(*base, h=jax.tree.map(jnp.zeros_like, params))
+
+    def client_fn(server_params, data, grad_memory, ckey):
+        a = data["hparams"][ALPHA]
+
+        def dynamic_regularizer(grads, params):
+            # d/dtheta [-<grad L_k, theta> + alpha/2 ||theta - theta^{t-1}||^2]
+            return jax.tree.map(
+                lambda g, p, s, m: g + a.astype(g.dtype) * (p - s) - m,
+                grads,
+                params,
+                server_params,
+                grad_memory,
+            )
+
+        local = local_update(
+            server_params,
+            data,
+            ckey,
+            loss_fn=loss_fn,
+            optimizer=client_optimizer,
+            executor=executor,
+            grad_transform=dynamic_regularizer,
+        )
+        delta = tree_sub(server_params, local.params)  # theta^{t-1} - theta_k^t
+        # grad L_k <- grad L_k - alpha (theta_k^t - theta^{t-1})
+        new_memory = jax.tree.map(lambda m, d: m + a.astype(d.dtype) * d, grad_memory, delta)
+        took_part = (num_real_steps(data["mask"]) > 0).astype(jnp.float32)
+        return ClientOutput(
+            update=delta,
+            weight=took_part,  # a uniform mean over P_t
+            metrics={"loss_sum": local.loss_sum, "num_seen": local.num_seen},
+            client_state=new_memory,
+            extras=took_part,  # |P_t|
         )
 
     def apply(state, cohort, key):
-        def client_fn(server_params, data, grad_memory, ckey):
-            hp = data["hparams"]
-            a = hp[ALPHA]
-
-            def dynamic_regularizer(grads, params):
-                # d/dtheta [-<grad L_k, theta> + alpha/2 ||theta - theta^{t-1}||^2]
-                return jax.tree.map(
-                    lambda g, p, s, m: g + a.astype(g.dtype) * (p - s) - m,
-                    grads,
-                    params,
-                    server_params,
-                    grad_memory,
-                )
-
-            local = local_update(
-                server_params,
-                data,
-                ckey,
-                loss_fn=loss_fn,
-                optimizer=client_optimizer,
-                executor=executor,
-                grad_transform=dynamic_regularizer,
-            )
-            delta = tree_sub(server_params, local.params)  # theta^{t-1} - theta_k^t
-            # grad L_k <- grad L_k - alpha (theta_k^t - theta^{t-1})
-            new_memory = jax.tree.map(lambda m, d: m + a.astype(d.dtype) * d, grad_memory, delta)
-            took_part = num_real_steps(data["mask"]) > 0
-            return ClientOutput(
-                update=delta,
-                weight=took_part.astype(jnp.float32),
-                metrics={"loss_sum": local.loss_sum, "num_seen": local.num_seen},
-                client_state=new_memory,
-            )
-
-        outputs, client_states = executor.run(
-            client_fn,
-            cohort,
-            key,
-            broadcast=state.params,
-            client_states=state.client_states,
-            hparams=state.hparams,
-            sum_weighted_updates=True,
-        )
-        # Weights are 1 for P_t, 0 otherwise: the sums are over P_t and count |P_t|.
-        delta_sum, participants = outputs.update
-        mean_delta, _ = aggregate(mean, (), outputs, key)
         a = state.hparams[ALPHA]
-        # h^t = h^{t-1} - alpha/m sum_{P_t} (theta_k^t - theta^{t-1})
-        h = jax.tree.map(lambda h, s: h + (a / num_clients).astype(s.dtype) * s, state.h, delta_sum)
-        # theta^t = mean_{P_t} theta_k^t - h^t / alpha
-        new_params = jax.tree.map(
-            lambda p, d, h: p - d - h / a.astype(h.dtype), state.params, mean_delta, h
-        )
-        anyone = participants > 0
-        new_params = jax.tree.map(lambda n, p: jnp.where(anyone, n, p), new_params, state.params)
-        new_state = state._replace(
-            params=new_params,
-            h=h,
-            round=state.round + 1,
-            client_states=client_states,
-        )
-        return new_state, weighted_client_metrics(outputs)
+
+        def server_rule(new, participants, mean_delta):
+            # h^t = h^{t-1} - alpha/m sum_{P_t} (theta_k^t - theta^{t-1}), the sum being
+            # |P_t| times the pipeline's mean; theta^t = mean_{P_t} theta_k^t - h^t / alpha.
+            scale = (a / num_clients) * participants
+            h = jax.tree.map(lambda h, d: h + scale.astype(d.dtype) * d, new.h, mean_delta)
+            params = jax.tree.map(lambda p, h: p - h / a.astype(h.dtype), new.params, h)
+            anyone = participants > 0  # a round without participants changes nothing
+            keep = lambda n, o: jnp.where(anyone, n, o)  # noqa: E731
+            return new._replace(
+                params=jax.tree.map(keep, params, state.params), h=jax.tree.map(keep, h, state.h)
+            )
+
+        return server.round(state, cohort, key, client_fn, executor, None, server_rule)
 
     return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
 
@@ -204,6 +202,7 @@ def hparams_of_config(config) -> dict[str, float]:
     return {
         ALPHA: float(config.algorithm_kwargs.get("alpha", DEFAULT_ALPHA)),
         **config_optimizer_hparams(config.client, "client"),
+        **pipeline_hparams_of_config(config),
     }
 
 
@@ -234,6 +233,7 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
         alpha=hp[ALPHA],
         executor=ctx.executor,
         hparams=hp,
+        pipeline=pipeline_for(config, ctx),
     )
 
 
@@ -242,4 +242,8 @@ SPEC = AlgorithmSpec(
     hparams=hparams_of_config,
     description="FedDyn: dynamic regularization with per-client gradient memory (Acar et al. 2021)",
     kwargs={"alpha": DEFAULT_ALPHA},
+    # h's update multiplies the aggregate by the participant count, sent beside the pipeline:
+    # DP's and adaptive clipping's accounting and SecAgg would not cover it. Error feedback
+    # needs the per-client slot the gradient memory holds.
+    supports=frozenset({"robust_aggregation", "compression", "update_attack", "data_attack"}),
 )

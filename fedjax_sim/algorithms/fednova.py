@@ -122,7 +122,7 @@ def fednova(
     executor = (executor or Executor()).check()
     loss_fn = mean_loss_fn(task, train=True)
     if pipeline is None:
-        pipeline = build_pipeline(weighting=weighting)
+        pipeline = build_pipeline(weighting=weighting, dp_numbers=False)
     known = {
         **pipeline.hparams,
         PROXIMAL_MU: float(proximal_mu),

@@ -81,7 +81,8 @@ def fedper(
     executor = (executor or Executor()).check()
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     if pipeline is None:  # the aggregator alone
-        pipeline, aggregator = build_pipeline(weighting=weighting, aggregator=aggregator), None
+        pipeline = build_pipeline(weighting=weighting, aggregator=aggregator, dp_numbers=False)
+        aggregator = None
     known = {
         **pipeline.hparams,
         **optimizer_hparams(client_optimizer, "client"),

@@ -105,7 +105,8 @@ def fedrep(
     executor = (executor or Executor()).check()
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     if pipeline is None:  # the aggregator alone
-        pipeline, aggregator = build_pipeline(weighting=weighting, aggregator=aggregator), None
+        pipeline = build_pipeline(weighting=weighting, aggregator=aggregator, dp_numbers=False)
+        aggregator = None
     known = {
         **pipeline.hparams,
         HEAD_EPOCHS: float(head_epochs),

@@ -173,7 +173,7 @@ def personal_head_algorithm(
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}.")
     if pipeline is None:
-        pipeline = build_pipeline(weighting=weighting, aggregator=aggregator)
+        pipeline = build_pipeline(weighting=weighting, aggregator=aggregator, dp_numbers=False)
     elif aggregator is not None:
         raise ValueError("pass the aggregator inside the pipeline, not beside it.")
     if pipeline.error_feedback is not None:

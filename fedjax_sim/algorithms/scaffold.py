@@ -162,7 +162,7 @@ def scaffold(
     executor = (executor or Executor()).check()
     loss_fn = mean_loss_fn(task, train=True)
     if pipeline is None:
-        pipeline = build_pipeline(weighting=weighting)
+        pipeline = build_pipeline(weighting=weighting, dp_numbers=False)
     known = {
         **pipeline.hparams,
         **optimizer_hparams(client_optimizer, "client"),
@@ -208,7 +208,8 @@ def scaffold(
             extras=tree_sub(new_ci, c_i),  # c_i+ - c_i, summed over the cohort
         )
 
-    def server_rule(new, sum_dc):
+    def server_rule(new, sum_dc, pseudo_grad):
+        del pseudo_grad
         # c + |S|/N * (1/|S|) sum_S (c_i+ - c_i) = c + sum_S (c_i+ - c_i) / N.
         return new._replace(
             control=jax.tree.map(lambda cc, s: cc + s / num_clients, new.control, sum_dc)
