@@ -186,3 +186,33 @@ def test_round_metrics_of_the_algorithm_and_the_pipeline_reach_metrics_jsonl(tmp
         assert math.isfinite(r["personal_train_loss"]) and r["personal_train_loss"] > 0
         assert r["dp_clip_norm"] > 0
     assert records[0]["dp_clip_norm"] != records[1]["dp_clip_norm"]
+
+
+def test_the_dp_cell_adds_noise_of_the_formula_and_logs_dp_accountings_epsilon():
+    """What the DP cells build, checked against the formulas: the pipeline every DP-taking
+    algorithm gets adds N(0, (z S / n)^2) to the mean, and the run's accountant gives the
+    Gaussian mechanism's epsilon (every client every round: replace-one sensitivity 2 S against
+    noise z S, so multiplier z / 2), composed by hand and converted with dp_accounting."""
+    import dp_accounting as dpa
+
+    config = _config("fedavg", "dp")
+    z, clip = SETTINGS["dp"]["dp.noise_multiplier"], SETTINGS["dp"]["dp.clip_norm"]
+    exp = fs.build_experiment(config)
+    pipeline = features.pipeline_of(config, exp.task, CLIENTS)
+    zeros = {"w": np.zeros((200, 100), np.float32)}
+    ctx = fs.aggregators.transforms.ServerContext(
+        key=jax.random.key(3),
+        hparams={k: np.float32(v) for k, v in pipeline.hparams.items()},
+        client_ids=np.arange(CLIENTS),
+        weights=np.ones(CLIENTS, np.float32),
+        num_clients=np.float32(CLIENTS),
+    )
+    noised, _ = pipeline.transforms.server(zeros, pipeline.transforms.init(zeros), ctx)
+    std = float(np.std(np.asarray(noised["w"])))
+    assert std == pytest.approx(z * clip / CLIENTS, rel=0.03)  # 20,000 draws: 0.5% std error
+    rounds, delta = 3, float(config.dp.delta)
+    orders = dpa.rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS
+    by_hand = [rounds * 2 * a / z**2 for a in orders]
+    expected = dpa.rdp.compute_epsilon(orders, by_hand, delta)[0]
+    got = accountant_of(exp.config, exp.data.train.num_clients).epsilon(rounds)
+    assert got == pytest.approx(expected, rel=1e-9)
