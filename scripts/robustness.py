@@ -8,7 +8,8 @@ seed, ``aggregators.attacks.malicious_clients``); 10 clients a round, so Krum an
 assume ``num_byzantine = 2`` and the trimmed mean trims 20% from each end. The attacks: none,
 label flipping (data poisoning, y -> 9 - y), sign flipping, scaling (x10), Gaussian
 (std 1), ALIE (Baruch et al. 2019, its z_max) and IPM (Xie et al. 2020, epsilon 0.5). Prints a
-Markdown table (docs/features.md, "Privacy, security, communication") and writes ``OUT/robustness.json``.
+Markdown table (docs/features.md, "Privacy, security, communication") and writes
+``OUT/robustness.json``.
 """
 
 from __future__ import annotations
