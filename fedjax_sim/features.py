@@ -155,18 +155,18 @@ def pipeline_of(config, task, num_clients: int) -> Pipeline:
       task: the model's task (an attack's label count).
       num_clients: the training population (the expected cohort under Poisson sampling).
     """
-    hp = pipeline_hparams_of_config(config)
+    attack = attack_of(config)
     return build_pipeline(
         dp_numbers=_takes_dp(config),
         weighting=config.weighting,
         aggregator=aggregator_of(config),
         transforms=compression_transforms(config),
-        clip_norm=hp.get(CLIP_NORM, 0.0),
-        noise_multiplier=hp.get(NOISE_MULTIPLIER, 0.0),
+        # The config's own numbers, so an algorithm without DP refuses them (never drops them).
+        **_dp_numbers_of(config),
         expected_clients=expected_clients_of(config, num_clients),
         adaptive_clipping=adaptive_of(config),
         adversary=adversary_of(config, task),
-        attack_fraction=hp.get(FRACTION, 0.0),
+        attack_fraction=attack[1] if attack else 0.0,
         error_feedback=error_feedback_of(config),
     )
 
@@ -174,16 +174,23 @@ def pipeline_of(config, task, num_clients: int) -> Pipeline:
 def pipeline_hparams_of_config(config) -> dict[str, float]:
     """The numbers ``pipeline_of(config)``'s pipeline keeps in ``state.hparams`` (the DP
     numbers only for an algorithm that takes DP)."""
-    adaptive = adaptive_of(config)
-    dp = {
-        CLIP_NORM: float(config.dp.clip_norm) if "dp" in config else 0.0,
-        NOISE_MULTIPLIER: float(config.dp.noise_multiplier) if "dp" in config else 0.0,
-    }
+    adaptive, attack = adaptive_of(config), attack_of(config)
+    dp = _dp_numbers_of(config)
     return {
-        **(dp if _takes_dp(config) else {}),
-        **({FRACTION: attack_of(config)[1]} if attack_of(config) else {}),
+        **(
+            {CLIP_NORM: dp["clip_norm"], NOISE_MULTIPLIER: dp["noise_multiplier"]}
+            if _takes_dp(config)
+            else {}
+        ),
+        **({FRACTION: attack[1]} if attack else {}),
         **{f"dp.{k}": v for k, v in (adaptive or {}).items()},
     }
+
+
+def _dp_numbers_of(config) -> dict[str, float]:
+    """``{"clip_norm", "noise_multiplier"}`` of ``config.dp`` (0 where it has none)."""
+    dp = config.get("dp")
+    return {k: float(dp[k]) if dp is not None else 0.0 for k in ("clip_norm", "noise_multiplier")}
 
 
 def compression_transforms(config) -> tuple[AggregationTransform, ...]:

@@ -217,3 +217,19 @@ def test_the_dp_cell_adds_noise_of_the_formula_and_logs_dp_accountings_epsilon()
     expected = dpa.rdp.compute_epsilon(orders, by_hand, delta)[0]
     got = accountant_of(exp.config, exp.data.train.num_clients).epsilon(rounds)
     assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_build_from_a_hand_made_context_makes_the_same_check():
+    # A BuildContext without the framework's pipeline (user code calling a spec's build): the
+    # build reads the config's pipeline itself and refuses what the algorithm does not take,
+    # instead of dropping it.
+    config = _config("scaffold", "dp")
+    exp = fs.build_experiment(_config("scaffold"))
+    ctx = fs.BuildContext(exp.task, exp.executor, CLIENTS)
+    with pytest.raises(features.UnsupportedError, match="'scaffold' does not support dp"):
+        fs.algorithms.get_spec("scaffold").build(config, ctx)
+    # What it does take is built in: the same round as the framework's build.
+    config = _config("scaffold", "robust_aggregation")
+    own = fs.algorithms.get_spec("scaffold").build(config, ctx)
+    framework = fs.build_experiment(config).algorithm
+    assert own.hparams == framework.hparams

@@ -67,11 +67,13 @@ class BuildContext(NamedTuple):
 
 def pipeline_for(config, ctx: BuildContext) -> Pipeline:
     """The pipeline the framework built (``ctx.pipeline``), or, for a context made by hand,
-    the one ``config`` switches on: a build never drops the config's features."""
+    the one ``config`` switches on after the same support check ``fs.algorithms.build``
+    makes: a build never drops the config's features."""
     if ctx.pipeline is not None:
         return ctx.pipeline
-    from fedjax_sim import features
+    from fedjax_sim import algorithms, features
 
+    algorithms.check_support(config)
     return features.pipeline_of(config, ctx.task, ctx.num_clients)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import optax
 
 from fedjax_sim.aggregators import Aggregator
-from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
+from fedjax_sim.aggregators.pipeline import Pipeline
 from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     BuildContext,
@@ -19,6 +19,7 @@ from fedjax_sim.algorithms.base import (
 )
 from fedjax_sim.algorithms.heads import (
     body_and_head_model,
+    body_pipeline,
     choose_head,
     personal_head_algorithm,
 )
@@ -80,9 +81,7 @@ def fedper(
     split = choose_head(task, head_layers, algorithm="fedper")
     executor = (executor or Executor()).check()
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
-    if pipeline is None:  # the aggregator alone
-        pipeline = build_pipeline(weighting=weighting, aggregator=aggregator, dp_numbers=False)
-        aggregator = None
+    pipeline = body_pipeline(pipeline, aggregator, weighting)
     known = {
         **pipeline.hparams,
         **optimizer_hparams(client_optimizer, "client"),
@@ -111,7 +110,6 @@ def fedper(
         num_clients=num_clients,
         hparams=hparams,
         weighting=weighting,
-        aggregator=aggregator,
         executor=executor,
         pipeline=pipeline,
     )

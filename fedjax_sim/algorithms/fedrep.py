@@ -10,7 +10,7 @@ import optax
 from jax import lax
 
 from fedjax_sim.aggregators import Aggregator
-from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
+from fedjax_sim.aggregators.pipeline import Pipeline
 from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     BuildContext,
@@ -23,6 +23,7 @@ from fedjax_sim.algorithms.base import (
 )
 from fedjax_sim.algorithms.heads import (
     body_and_head_model,
+    body_pipeline,
     choose_head,
     is_count,
     personal_head_algorithm,
@@ -104,9 +105,7 @@ def fedrep(
     split = choose_head(task, head_layers, algorithm="fedrep")
     executor = (executor or Executor()).check()
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
-    if pipeline is None:  # the aggregator alone
-        pipeline = build_pipeline(weighting=weighting, aggregator=aggregator, dp_numbers=False)
-        aggregator = None
+    pipeline = body_pipeline(pipeline, aggregator, weighting)
     known = {
         **pipeline.hparams,
         HEAD_EPOCHS: float(head_epochs),
@@ -156,7 +155,6 @@ def fedrep(
         num_clients=num_clients,
         hparams=hparams,
         weighting=weighting,
-        aggregator=aggregator,
         executor=executor,
         pipeline=pipeline,
     )

@@ -132,19 +132,18 @@ def personal_head_algorithm(
     server_optimizer: optax.GradientTransformation,
     num_clients: int,
     hparams: Mapping[str, float],
+    pipeline: Pipeline,
     weighting: str = "num_examples",
-    aggregator: Aggregator | None = None,
     executor: Executor | None = None,
-    pipeline: Pipeline | None = None,
 ) -> FederatedAlgorithm:
     """The round shared by FedPer and FedRep: the body is federated, heads stay on clients.
 
     Every client's head lives in ``state.client_states`` (each leaf ``[num_clients, ...]``),
     starting at the initial model's head. A sampled client runs ``client_update`` from the
     server's body and its own head, keeps its new head and uploads only its body: the update
-    is ``body - new body`` (the FedAvg sign), aggregated with ``aggregator`` (default the
-    ``weighting``-weighted mean) and applied by ``server_optimizer`` (``sgd(1.0)``: the mean
-    of the bodies). Heads of clients not sampled do not change.
+    is ``body - new body`` (the FedAvg sign), goes through ``pipeline`` (its reducer weighs
+    clients by ``weighting``) and ``server_optimizer`` (``sgd(1.0)``: the mean of the
+    bodies). Heads of clients not sampled do not change.
 
     ``state.params`` (what the driver evaluates as the global model) is the global body with
     the ``weighting``-weighted mean of the heads the round's clients ended with (FedRep's
@@ -156,12 +155,9 @@ def personal_head_algorithm(
       client_update: a client's local work (see ``ClientUpdate``).
       server_optimizer: applied to the aggregated body update.
       num_clients: the training population (rows of the head table).
-      hparams: the numbers ``state.hparams`` keeps (their values).
+      hparams: the numbers ``state.hparams`` keeps (their values, the pipeline's included).
+      pipeline: the aggregation pipeline the body updates go through (``body_pipeline``).
       weighting: ``num_examples`` or ``uniform``, for the body and the reported head.
-      aggregator: how the body updates combine (default the weighted mean).
-      pipeline: the aggregation pipeline the body updates go through instead (its clipping,
-        compression, attacks and reducer; ``aggregators.pipeline``); ``hparams`` holds its
-        numbers.
       executor: how clients run.
 
     Returns:
@@ -172,12 +168,6 @@ def personal_head_algorithm(
     client_weight(jnp.zeros(()), weighting)  # validates the name eagerly
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}.")
-    if pipeline is None:
-        pipeline = build_pipeline(weighting=weighting, aggregator=aggregator, dp_numbers=False)
-    elif aggregator is not None:
-        raise ValueError("pass the aggregator inside the pipeline, not beside it.")
-    if pipeline.error_feedback is not None:
-        raise ValueError("error feedback needs a residual per client; the heads take that slot.")
     server = ServerSide.of(server_optimizer, pipeline)
 
     def init(params):
@@ -218,6 +208,21 @@ def personal_head_algorithm(
     return FederatedAlgorithm(
         init=init, apply=apply, lazy_examples=True, hparams=dict(hparams), personalize=personalize
     )
+
+
+def body_pipeline(
+    pipeline: Pipeline | None, aggregator: Aggregator | None, weighting: str
+) -> Pipeline:
+    """FedPer's and FedRep's aggregation pipeline: ``pipeline`` (a config's build passes the
+    framework's), or one with ``aggregator`` alone; never error feedback (the heads take the
+    per-client slot) or DP numbers (the reported model averages unnoised heads)."""
+    if pipeline is None:
+        pipeline = build_pipeline(weighting=weighting, aggregator=aggregator, dp_numbers=False)
+    elif aggregator is not None:
+        raise ValueError("pass the aggregator inside the pipeline, not beside it.")
+    if pipeline.error_feedback is not None:
+        raise ValueError("error feedback needs a residual per client; the heads take that slot.")
+    return pipeline
 
 
 def body_and_head_model(config) -> dict:

@@ -410,11 +410,11 @@ def _evaluate(
     recorded as its mean over the rounds since the previous evaluation."""
     m_count = program.num_members
     rounds = [rr for rr, _, _ in pending]
-    rows = {
-        k: np.asarray(jnp.stack([mt[k] for _, mt, _ in pending]), np.float64) for k in pending[0][1]
-    }
+    metrics, alive_rows = jax.device_get(
+        ([mt for _, mt, _ in pending], jnp.stack([al for _, _, al in pending]))
+    )
+    rows = {k: np.asarray([mt[k] for mt in metrics], np.float64) for k in metrics[0]}
     loss_rows = rows["train_loss"]
-    alive_rows = np.asarray(jnp.stack([al for _, _, al in pending]))
     newly_dead = []
     for m in range(m_count):
         if diverged[m] is not None:
