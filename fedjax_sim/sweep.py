@@ -41,7 +41,7 @@ import itertools
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -295,7 +295,7 @@ def run_sweep(
     # Build every group's data (one dataset per data seed) and experiments, and validate
     # every member's settings before any training (bad cohort sizes, unknown models, noise
     # without clipping...).
-    group_exps = {}
+    prepared: dict[str, _Group] = {}
     try:
         for key, idx in groups.items():
             config = _group_config([members[i][2] for i in idx])
@@ -308,7 +308,6 @@ def run_sweep(
                     )
                 exps[d] = build_experiment(config, fd, num_devices=1)
             _check_same_shapes(exps)
-            group_exps[key] = exps
             exp = next(iter(exps.values()))
             for i in idx:
                 config = members[i][2]
@@ -320,6 +319,8 @@ def run_sweep(
                         f"{sorted(declared)} but the algorithm it builds keeps "
                         f"{sorted(algo.hparams)} in state.hparams; make them the same."
                     )
+            members_of = [members[i] for i in idx]
+            prepared[key] = _prepare_group(members_of, exps, seed_strategy=seed_strategy)
     except Exception:
         checkpoint.remove_created(created)  # leave no empty workdir behind a refused sweep
         raise
@@ -329,22 +330,26 @@ def run_sweep(
             print(f"fedjax-sim sweep: moved the earlier results to {previous}")
     checkpoint.write_lines_atomically(spec_path, [json.dumps(spec, indent=2)])
     results: list[dict[str, Any] | None] = [None] * len(members)
+    all_finished = True
     for gi, (key, idx) in enumerate(groups.items()):
         if progress:
             print(f"fedjax-sim sweep: group {gi + 1}/{len(groups)}: {len(idx)} member(s)")
-        out = _run_group(
-            [members[i] for i in idx],
+        out, finished = _train_group(
+            prepared.pop(key),  # dropped once trained: its device examples go with it
             workdir,
-            group_exps[key],
             progress=progress,
-            seed_strategy=seed_strategy,
             ckpt_dir=group_dirs[key] if every > 0 or resumable[key] else None,
             every=every,
             keep=keep,
             spec=spec,
         )
+        all_finished &= finished
         for i, res in zip(idx, out, strict=True):
             results[i] = res
+    index_path = workdir / "sweep.json"
+    if all_finished and index_path.exists():  # a finished sweep called again: as written
+        index = json.loads(index_path.read_text())
+        return {"members": results, "groups": len(groups), "wall_s": index["wall_s"]}
     wall = time.perf_counter() - t0
     index = {
         "axes": {k: list(v) for k, v in axes.items()},
@@ -353,7 +358,7 @@ def run_sweep(
         "members": [{"label": r["label"], **r["summary"]} for r in results],
     }
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "sweep.json").write_text(json.dumps(index, indent=2) + "\n")
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
     return {"members": results, "groups": len(groups), "wall_s": round(wall, 3)}
 
 
@@ -410,42 +415,32 @@ def _group_config(configs):
     return config
 
 
-def _run_group(members, workdir: Path, exps, **kwargs):
+class _Group(NamedTuple):
+    """A group ready to train: its members in stream-major order (``order[j]`` is the
+    position in the group of the ``j``-th), their program, source, evaluator and accountants,
+    and the rounds they train (``dp.target_epsilon`` may stop them early)."""
+
+    members: list
+    order: list[int]
+    exp: Any
+    source: Any
+    program: VectorProgram
+    evaluator: Any
+    accountants: list
+    num_rounds: int
+
+
+def _prepare_group(members, exps: dict, *, seed_strategy: str) -> _Group:
+    """Builds a group's program and checks it (a trace of round 1: nothing compiled, run or
+    placed on a device) before the sweep touches its workdir."""
     # Stream-major order: members sharing a (seed, data seed) stream, and so every cohort,
     # are contiguous.
     streams = [_stream(c) for _, _, c in members]
     order = sorted(range(len(members)), key=lambda i: streams.index(streams[i]))
-    results = _run_streams([members[i] for i in order], workdir, exps, **kwargs)
-    out: list[Any] = [None] * len(members)
-    for j, i in enumerate(order):
-        out[i] = results[j]
-    return out
-
-
-def _stream(config) -> tuple[int, int]:
-    """What fixes a member's cohorts and keys: its seed and its data seed."""
-    return int(config.seed), data_seed_of(config)
-
-
-def _run_streams(
-    members,
-    workdir: Path,
-    exps: dict,
-    *,
-    progress: bool,
-    seed_strategy: str,
-    ckpt_dir: Path | None = None,
-    every: int = 0,
-    keep: int = 3,
-    spec: dict[str, Any] | None = None,
-):
-    """One program for members that differ only in vectorized axes, sorted by stream
-    (``driver.programs.VectorProgram``), trained by the driver loop."""
-    t_start = time.perf_counter()
+    members = [members[i] for i in order]
     configs = [c for _, _, c in members]
     config = configs[0]
-    data_seeds = sorted(exps)
-    exp = exps[data_seeds[0]]
+    exp = exps[min(exps)]
     algo_spec = algorithms.get_spec(config.algorithm)
     member_streams = [_stream(c) for c in configs]
     source = cohort_source(
@@ -472,6 +467,48 @@ def _run_streams(
     evaluator = make_evaluator(
         exp, tests, trains, member_eval, vectorized=True, data_seeds={k: k[0] for k in keys}
     )
+    population = exp.data.train.num_clients
+    accountants = [privacy.accountant_of(c, population) for c in configs]
+    limits = {
+        privacy.rounds_within_budget(c, a, config.num_rounds)
+        for c, a in zip(configs, accountants, strict=True)
+    }
+    if len(limits) > 1:
+        raise ValueError(
+            f"dp.target_epsilon stops these sweep members after different rounds "
+            f"({sorted(limits)}); one program trains them together: sweep the noise "
+            "multiplier without a target, or run each member alone."
+        )
+    program.check(source.preview(1), 1)
+    return _Group(members, order, exp, source, program, evaluator, accountants, limits.pop())
+
+
+def _stream(config) -> tuple[int, int]:
+    """What fixes a member's cohorts and keys: its seed and its data seed."""
+    return int(config.seed), data_seed_of(config)
+
+
+def _train_group(
+    group: _Group,
+    workdir: Path,
+    *,
+    progress: bool,
+    ckpt_dir: Path | None = None,
+    every: int = 0,
+    keep: int = 3,
+    spec: dict[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], bool]:
+    """Trains a prepared group with the driver loop; returns its members' results in the
+    group's order and whether it had finished before (a rerun: nothing trained, the members'
+    summaries stay as written)."""
+    t_start = time.perf_counter()
+    members, program, source, num_rounds = (
+        group.members,
+        group.program,
+        group.source,
+        group.num_rounds,
+    )
+    config = members[0][2]
     labels = [label for label, _, _ in members]
     resume = Resume(ckpt_dir, every=every, keep=keep, identity={"sweep": spec, "labels": labels})
     if resume.meta is not None and resume.meta.get("labels") != labels:
@@ -480,22 +517,8 @@ def _run_streams(
             f"{resume.ckpt.directory} holds a checkpoint of members {resume.meta.get('labels')}, "
             f"not {labels}; pass --overwrite to start afresh."
         )
-    population = exp.data.train.num_clients
-    accountants = [privacy.accountant_of(c, population) for c in configs]
-    limits = {
-        privacy.rounds_within_budget(c, a, config.num_rounds)
-        for c, a in zip(configs, accountants, strict=True)
-    }
-    if len(limits) > 1:
-        resume.close()
-        raise ValueError(
-            f"dp.target_epsilon stops these sweep members after different rounds "
-            f"({sorted(limits)}); one program trains them together: sweep the noise "
-            "multiplier without a target, or run each member alone."
-        )
-    num_rounds = limits.pop()
     logs = []
-    for (label, _, _), cfg, acct in zip(members, configs, accountants, strict=True):
+    for (label, _, cfg), acct in zip(members, group.accountants, strict=True):
         d = workdir / label
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(cfg.to_json(indent=2) + "\n")
@@ -503,7 +526,7 @@ def _run_streams(
     out = run_loop(
         program,
         source,
-        evaluator,
+        group.evaluator,
         logs,
         resume,
         num_rounds=num_rounds,
@@ -513,30 +536,36 @@ def _run_streams(
         progress=progress,
         wall_start=t_start,
     )
-    results = []
+    finished = (
+        resume.round is not None
+        and resume.round >= num_rounds
+        and all((workdir / label / "summary.json").exists() for label in labels)
+    )
+    results: list[Any] = [None] * len(members)
     params = jax.device_get(out.states.params)
-    for m, (label, values, _) in enumerate(members):
-        summary = logs[m].summary(
-            num_rounds,
-            out.wall_s,
-            **execution_summary(exp.strategy, program, source),
-            sweep_members=program.num_members,
-            sweep_values=values,
-            data_seed=member_streams[m][1],
-            device_examples=source.num_device_examples,
-            diverged=out.diverged[m] is not None,
-            diverged_round=out.diverged[m],
-        )
-        results.append(
-            {
-                "label": label,
-                "values": values,
-                "summary": summary,
-                "history": logs[m].history,
-                "params": jax.tree.map(lambda a, m=m: a[m], params),
-            }
-        )
-    return results
+    for m, (label, values, cfg) in enumerate(members):
+        if finished:  # a finished group called again: its summaries (timings) stay as written
+            summary = json.loads((workdir / label / "summary.json").read_text())
+        else:
+            summary = logs[m].summary(
+                num_rounds,
+                out.wall_s,
+                **execution_summary(group.exp.strategy, program, source),
+                sweep_members=program.num_members,
+                sweep_values=values,
+                data_seed=data_seed_of(cfg),
+                device_examples=source.num_device_examples,
+                diverged=out.diverged[m] is not None,
+                diverged_round=out.diverged[m],
+            )
+        results[group.order[m]] = {
+            "label": label,
+            "values": values,
+            "summary": summary,
+            "history": logs[m].history,
+            "params": jax.tree.map(lambda a, m=m: a[m], params),
+        }
+    return results, finished
 
 
 def _check_same_shapes(exps) -> None:

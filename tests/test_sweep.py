@@ -612,3 +612,48 @@ def test_systems_fedbuff_and_personalization_members_equal_solo_runs(tmp_path, s
         solo = assert_equals_solo_run(tmp_path, base, m, federated_data=synthetic)
         assert "personal_client_accuracy_p10" in solo["history"][-1]
         assert solo["history"][-1]["sim_time_s"] > 0
+
+
+def test_a_round_that_fails_to_trace_is_refused_before_the_workdir_is_touched(tmp_path, synthetic):
+    from tests import toy_algorithm
+
+    def build(config, ctx):
+        algo = toy_algorithm.build(config, ctx)
+
+        def apply(state, cohort, key):
+            raise ValueError("refused while tracing the round")
+
+        return algo._replace(apply=apply)
+
+    spec = fs.AlgorithmSpec(
+        build, toy_algorithm.hparams_of_config, "fails to trace", kwargs={"beta": 0.5}
+    )
+    fs.algorithms.register("zz_trace_fails", spec)
+    try:
+        workdir = tmp_path / "s"
+        workdir.mkdir()
+        (workdir / "sweep.json").write_text("{}\n")  # earlier results --overwrite must keep
+        with pytest.raises(ValueError, match="refused while tracing the round"):
+            sweep.run_sweep(
+                smoke(algorithm="zz_trace_fails"), {"client.learning_rate": [0.01, 0.1]},
+                workdir, federated_data=synthetic, overwrite=True,
+            )  # fmt: skip
+        assert sorted(p.name for p in workdir.iterdir()) == ["sweep.json"]  # nothing moved
+    finally:
+        del fs.algorithms.ALGORITHMS["zz_trace_fails"]
+
+
+def test_a_finished_sweep_called_again_keeps_its_summaries(tmp_path, synthetic):
+    config = smoke(num_rounds=2, checkpoint_every=2)
+    axes = {"client.learning_rate": [0.01, 0.1]}
+    first = sweep.run_sweep(config, axes, tmp_path / "s", federated_data=synthetic)
+    files = sorted((tmp_path / "s").rglob("*.json")) + sorted((tmp_path / "s").rglob("*.jsonl"))
+    before = {p: p.read_bytes() for p in files}
+    assert any(p.name == "summary.json" for p in before) and (tmp_path / "s/sweep.json") in before
+    again = sweep.run_sweep(config, axes, tmp_path / "s", federated_data=synthetic)
+    assert {p: p.read_bytes() for p in files} == before  # timings and records as written
+    assert again["wall_s"] == first["wall_s"]
+    for a, b in zip(first["members"], again["members"], strict=True):
+        assert a["summary"] == b["summary"]
+        for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
+            assert np.asarray(x).tobytes() == np.asarray(y).tobytes()

@@ -81,11 +81,25 @@ class _Program:
         return self._round(states, alive, *self._round_args(cohorts, r))
 
     def check(self, cohorts: list[Cohort], r: int) -> None:
-        """Traces round ``r`` on the abstract initial state (nothing is compiled or run, and
-        the round call reuses the trace): a setting the algorithm refuses while tracing fails
-        here, before a run writes anything."""
+        """Traces round ``r`` on the abstract initial state and examples (nothing is compiled,
+        run or placed on a device, and the round call reuses the trace): a setting the
+        algorithm refuses while tracing fails here, before a run writes anything."""
         states, alive = jax.eval_shape(self.init)
-        self._round.trace(states, alive, *self._round_args(cohorts, r))
+        self._round.trace(states, alive, *self._round_args(cohorts, r, abstract=True))
+
+    def _device_examples(self, abstract: bool = False) -> tuple:
+        """The source's examples as the round takes them (``()`` when cohorts carry their
+        own): placed on the program's devices at the first round, not when it is built, so a
+        sweep can build (and check) every group's program before it trains the first."""
+        if self._host_examples is None:
+            return ()
+        if abstract:
+            return (
+                jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self._host_examples),
+            )
+        if self._examples is None:
+            self._examples = (replicate(jax.device_put(self._host_examples), self.mesh),)
+        return self._examples
 
     @property
     def compiles(self) -> int:
@@ -102,7 +116,7 @@ class SoloProgram(_Program):
     def __init__(self, algorithm, model, seed: int, mesh, examples):
         self.algorithm, self.model, self.mesh = algorithm, model, mesh
         self.root = jax.random.key(seed)
-        self.examples = () if examples is None else (replicate(jax.device_put(examples), mesh),)
+        self._host_examples, self._examples = examples, None
 
         def solo_round(state, alive, cohort, r, *examples):
             if examples:  # only the indices travelled; gather the examples here
@@ -118,9 +132,9 @@ class SoloProgram(_Program):
         state = initial_state(self.algorithm, self.model, self.root)
         return self.place({"states": state, "alive": jnp.ones((1,), bool)})
 
-    def _round_args(self, cohorts: list[Cohort], r: int) -> tuple:
+    def _round_args(self, cohorts: list[Cohort], r: int, abstract: bool = False) -> tuple:
         (cohort,) = cohorts
-        return (cohort, jnp.asarray(r, jnp.int32), *self.examples)
+        return (cohort, jnp.asarray(r, jnp.int32), *self._device_examples(abstract))
 
 
 class VectorProgram(_Program):
@@ -177,7 +191,7 @@ class VectorProgram(_Program):
         self.stream_roots = replicate(stream_roots, mesh)
         if seed_strategy == "auto":
             seed_strategy = "sequential" if jax.default_backend() == "cpu" else "vmap"
-        self.examples = () if examples is None else (replicate(jax.device_put(examples), mesh),)
+        self._host_examples, self._examples = examples, None
 
         def run_streams(args, r, examples):
             def one_stream(a):
@@ -235,6 +249,7 @@ class VectorProgram(_Program):
         states = jax.jit(jax.vmap(init_member))(self.roots, self.hparams)
         return self.place({"states": states, "alive": jnp.ones((self.num_members,), bool)})
 
-    def _round_args(self, cohorts: list[Cohort], r: int) -> tuple:
+    def _round_args(self, cohorts: list[Cohort], r: int, abstract: bool = False) -> tuple:
         stacked = jax.tree.map(lambda *a: np.stack(a), *cohorts, *cohorts[:1] * self.pad)
-        return (stacked, self.stream_roots, jnp.asarray(r, jnp.int32), *self.examples)
+        args = (stacked, self.stream_roots, jnp.asarray(r, jnp.int32))
+        return args + self._device_examples(abstract)
