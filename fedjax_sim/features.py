@@ -153,7 +153,8 @@ def pipeline_of(config, task, num_clients: int) -> Pipeline:
     Args:
       config: the experiment config (``aggregator``, ``dp``, ``compression``, ``attack``).
       task: the model's task (an attack's label count).
-      num_clients: the training population (the expected cohort under Poisson sampling).
+      num_clients: the training population (the expected cohort under Poisson sampling,
+        the rows of error feedback's residual table).
     """
     attack = attack_of(config)
     return build_pipeline(
@@ -168,6 +169,7 @@ def pipeline_of(config, task, num_clients: int) -> Pipeline:
         adversary=adversary_of(config, task),
         attack_fraction=attack[1] if attack else 0.0,
         error_feedback=error_feedback_of(config),
+        num_clients=num_clients,
     )
 
 

@@ -102,9 +102,9 @@ def test_error_feedback_keeps_what_top_k_dropped_as_the_clients_residual():
         d = delta_of(c)
         kept = compression.top_k(d, 0.5)
         sent.append(kept)
-        row = jax.tree.map(lambda a, c=c: a[c], state.client_states)
+        row = jax.tree.map(lambda a, c=c: a[c], state.aggregator_state[2])  # the residuals
         tree_allclose(row, jax.tree.map(lambda a, b: a - b, d, kept), rtol=1e-5, atol=1e-7)
-    untouched = jax.tree.map(lambda a: a[3], state.client_states)  # never sampled: zero
+    untouched = jax.tree.map(lambda a: a[3], state.aggregator_state[2])  # never sampled: zero
     assert all(not a.any() for a in jax.tree.leaves(untouched))
     mean_sent = jax.tree.map(lambda *a: sum(a) / 3, *sent)
     tree_allclose(

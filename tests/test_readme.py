@@ -108,9 +108,21 @@ def test_readme_add_your_own_algorithm_runs(tmp_path, monkeypatch):
     plain, _ = fs.build_experiment(config).algorithm.apply(state, cohort, jax.random.key(1))
     kernel = lambda s: np.asarray(s.params["Dense_0"]["kernel"])  # noqa: E731
     assert not np.allclose(kernel(compressed), kernel(plain))
+    # Error feedback is the pipeline's (its residuals are the pipeline's per-client state):
+    # the algorithm takes it without a line of its own; what it does not declare is refused.
     config.compression.method, config.compression.error_feedback = "top_k", True
+    with pytest.raises(ValueError, match="set compression.kwargs.ratio"):
+        fs.build_experiment(config)
+    levels = config.compression.kwargs.levels
+    config.compression.kwargs = {"ratio": 0.1}
+    exp = fs.build_experiment(config)
+    state, _ = exp.algorithm.apply(exp.algorithm.init(state.params), cohort, jax.random.key(1))
+    assert all(float(np.abs(r[:10]).sum()) > 0 for r in jax.tree.leaves(state.aggregator_state[2]))
+    config.client.proximal_mu = 0.1
     with pytest.raises(fs.features.UnsupportedError, match="'scaled_fedavg' does not support"):
         fs.build_experiment(config)
+    config.client.proximal_mu = 0.0
+    config.compression.kwargs = {"levels": levels}
     # At update_scale 1 it is FedAvg: the same run as the built-in fedavg with the same
     # pipeline (test accuracy 0.5307 both; the losses agree to 4e-9 relative: the multiply by
     # 1.0 and the injected learning rate round differently).

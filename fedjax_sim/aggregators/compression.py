@@ -270,6 +270,7 @@ def bits_per_update(method: str, d: int, **params) -> int:
     }
     if method not in counters:
         raise ValueError(f"unknown compression {method!r}; known: {', '.join(sorted(counters))}.")
+    _check_required(method, params)
     return counters[method]()
 
 
@@ -294,7 +295,20 @@ def compressor(method: str, **params) -> Compressor:
     }
     if method not in builders:
         raise ValueError(f"unknown compression {method!r}; known: {', '.join(sorted(builders))}.")
+    _check_required(method, params)
     return builders[method]()
+
+
+REQUIRED = {"qsgd": "levels", "uniform": "bits", "top_k": "ratio", "random_k": "ratio"}
+
+
+def _check_required(method: str, params) -> None:
+    need = REQUIRED.get(method)
+    if need is not None and need not in params:
+        raise ValueError(
+            f"compression {method!r} needs its parameter {need!r}: set "
+            f"compression.kwargs.{need} (got {sorted(params) or 'none'})."
+        )
 
 
 def _checked(validate, value, fn):

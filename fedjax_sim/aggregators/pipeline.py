@@ -2,12 +2,12 @@
 
 A ``Pipeline`` is everything between the clients' updates and the server optimizer that is not
 the algorithm's own: the adversary (data poisoning before local training, model poisoning of
-the uploads), the transforms' client stage on each update (clipping, compression), the
-reducer (mean, robust, secure), and the transforms' server stage on the aggregate (DP noise,
-adaptive clipping's clip-norm update). ``algorithms.base.ServerSide`` runs it; an algorithm
-built on ``ServerSide`` takes every feature the pipeline has. Error feedback keeps a
-per-client residual, so it lives in the algorithm's client work (FedOpt's) and the pipeline
-only carries its compressor.
+the uploads), error feedback (each client's update plus its residual, compressed; the
+residuals are the pipeline's per-client state), the transforms' client stage on each update
+(clipping, compression), the reducer (mean, robust, secure), and the transforms' server
+stage on the aggregate (DP noise, adaptive clipping's clip-norm update).
+``algorithms.base.ServerSide`` runs it; an algorithm built on ``ServerSide`` takes every
+feature the pipeline has.
 
 The numbers the pipeline reads from ``state.hparams`` each round (``dp.clip_norm``,
 ``dp.noise_multiplier``, adaptive clipping's, ``attack.fraction``) are ``Pipeline.hparams``;
@@ -41,8 +41,9 @@ class Pipeline(NamedTuple):
     aggregator: reduces the clients' (transformed) updates.
     transforms: client stages on each update, server stages on the aggregate.
     adversary: malicious clients, or ``None``.
-    error_feedback: the compressor an algorithm applies with error feedback, or ``None``.
+    error_feedback: the compressor applied with error feedback to each update, or ``None``.
     hparams: ``{name: value}`` the pipeline reads from ``state.hparams``.
+    num_clients: the population: rows of the error-feedback residual table (0 without).
     """
 
     aggregator: Aggregator
@@ -50,6 +51,7 @@ class Pipeline(NamedTuple):
     adversary: Adversary | None = None
     error_feedback: Compressor | None = None
     hparams: Mapping[str, float] = {}  # noqa: RUF012 (never mutated)
+    num_clients: int = 0
 
 
 def build_pipeline(
@@ -64,6 +66,7 @@ def build_pipeline(
     adversary: Adversary | None = None,
     attack_fraction: float = 0.0,
     error_feedback: Compressor | None = None,
+    num_clients: int = 0,
     dp_numbers: bool = True,
 ) -> Pipeline:
     """The pipeline of these settings, checked (see ``fs.fedopt`` for each one's meaning).
@@ -79,6 +82,8 @@ def build_pipeline(
       adversary: malicious clients, a fraction ``attack_fraction`` of the population.
       attack_fraction: see ``adversary``.
       error_feedback: a compressor for error feedback (no clipping may follow it).
+      num_clients: the population (client ids index the residual table); needed with
+        ``error_feedback``.
       dp_numbers: keep ``dp.clip_norm`` and ``dp.noise_multiplier`` in ``hparams`` (so a
         sweep can trace them from 0); ``False`` for an algorithm that takes no DP (they must
         then be 0).
@@ -105,13 +110,22 @@ def build_pipeline(
             "error feedback needs no clipping after it (dp.clip_norm = 0): the residual must "
             "be what compression dropped."
         )
+    if error_feedback is not None and not num_clients:
+        raise ValueError("error feedback needs num_clients (its residual table's rows).")
     dp = {CLIP_NORM: float(clip_norm), NOISE_MULTIPLIER: float(noise_multiplier)}
     hparams = {
         **(dp if dp_numbers else {}),
         **({FRACTION: float(attack_fraction)} if adversary is not None else {}),
         **{f"dp.{k}": float(v) for k, v in (adaptive_clipping or {}).items()},
     }
-    return Pipeline(aggregator or weighted_mean(), stages, adversary, error_feedback, hparams)
+    return Pipeline(
+        aggregator or weighted_mean(),
+        stages,
+        adversary,
+        error_feedback,
+        hparams,
+        int(num_clients) if error_feedback is not None else 0,
+    )
 
 
 def _check_adaptive(clip_norm, noise_multiplier, transforms, settings) -> None:

@@ -26,11 +26,12 @@ import optax
 
 from fedjax_sim.aggregators import Aggregator, aggregate
 from fedjax_sim.aggregators.adversary import FRACTION, Adversary
+from fedjax_sim.aggregators.compression import Compressor, with_error_feedback
 from fedjax_sim.aggregators.pipeline import Pipeline
 from fedjax_sim.aggregators.transforms import AggregationTransform, ClientContext, ServerContext
 from fedjax_sim.core.client import LocalResult, local_train
 from fedjax_sim.core.execution import ClientFn, Executor
-from fedjax_sim.core.keys import AGGREGATE_SALT, UPDATE_SALT
+from fedjax_sim.core.keys import AGGREGATE_SALT, EF_SALT, UPDATE_SALT
 from fedjax_sim.core.task import Task
 from fedjax_sim.core.types import ClientOutput, Cohort, FederatedAlgorithm, Params, PyTree
 from fedjax_sim.features import FEATURES
@@ -263,26 +264,48 @@ class ServerSide(NamedTuple):
       transforms: client stages on each update, server stages on the aggregate.
       adversary: malicious clients (``aggregators.adversary``; their fraction is the
         hyperparameter ``attack.fraction``), or ``None``.
+      error_feedback: a compressor applied with error feedback to each client's update (its
+        residual, what compression dropped, is per-client state of the pipeline), or ``None``.
+      num_clients: the population (rows of the residual table; needed with error feedback).
     """
 
     server_optimizer: optax.GradientTransformation
     aggregator: Aggregator
     transforms: AggregationTransform
     adversary: Adversary | None = None
+    error_feedback: Compressor | None = None
+    num_clients: int = 0
 
     @classmethod
     def of(cls, server_optimizer: optax.GradientTransformation, pipeline: Pipeline) -> ServerSide:
-        """The server side that runs ``pipeline`` (its error feedback is the algorithm's)."""
-        return cls(server_optimizer, pipeline.aggregator, pipeline.transforms, pipeline.adversary)
+        """The server side that runs ``pipeline``."""
+        return cls(
+            server_optimizer,
+            pipeline.aggregator,
+            pipeline.transforms,
+            pipeline.adversary,
+            pipeline.error_feedback,
+            pipeline.num_clients,
+        )
 
     def init(
         self, params: Params, hparams: Mapping[str, float], client_states: PyTree = ()
     ) -> ServerState:
-        """The state at round 0 with ``hparams``' values and optional per-client state."""
+        """The state at round 0 with ``hparams``' values and optional per-client state.
+        ``aggregator_state`` is the pipeline's: ``(reducer's, transforms', error-feedback
+        residuals)``, the residuals a zero ``[num_clients, ...]`` table per leaf (or ``()``)."""
+        residuals = ()
+        if self.error_feedback is not None:
+            n = self.num_clients
+            residuals = jax.tree.map(lambda p: jnp.zeros((n, *p.shape), p.dtype), params)
         return ServerState(
             params=params,
             opt_state=self.server_optimizer.init(params),
-            aggregator_state=(self.aggregator.init(params), self.transforms.init(params)),
+            aggregator_state=(
+                self.aggregator.init(params),
+                self.transforms.init(params),
+                residuals,
+            ),
             round=jnp.zeros((), jnp.int32),
             hparams=as_hparams(hparams),
             client_states=client_states,
@@ -346,7 +369,11 @@ def federated_round(
         server.server_optimizer,
     )
     hp = state.hparams
-    agg_state, transform_state = state.aggregator_state
+    agg_state, transform_state, residuals = state.aggregator_state
+    client_states = state.client_states
+    if server.error_feedback is not None:
+        client_fn = _with_error_feedback(client_fn, server.error_feedback)
+        client_states = (client_states, residuals)
     per_client = transforms.client
     if per_client is not None:
         inner = client_fn
@@ -378,10 +405,12 @@ def federated_round(
         cohort,
         key,
         broadcast=state.params if broadcast is None else broadcast,
-        client_states=state.client_states,
+        client_states=client_states,
         hparams=hp,
         sum_weighted_updates=aggregator.from_sums is not None and not attacked,
     )
+    if server.error_feedback is not None:
+        client_states, residuals = client_states
     agg_key = jax.random.fold_in(key, AGGREGATE_SALT)
     if attacked:
         updates = adversary.attack_updates(
@@ -406,7 +435,7 @@ def federated_round(
     new_state = state._replace(
         params=optax.apply_updates(state.params, updates),
         opt_state=opt_state,
-        aggregator_state=(agg_state, transform_state),
+        aggregator_state=(agg_state, transform_state, residuals),
         round=state.round + 1,
         client_states=client_states,
     )
@@ -416,6 +445,23 @@ def federated_round(
     if transforms.metrics is not None:
         metrics.update(transforms.metrics(transform_state))
     return new_state, metrics
+
+
+def _with_error_feedback(client_fn: ClientFn, compressor: Compressor) -> ClientFn:
+    """``client_fn`` whose update is compressed with error feedback (Stich et al. 2018): the
+    client state becomes ``(the algorithm's, the residual)``; the residual adds to the update
+    before compression and keeps what compression dropped. A client whose update does not
+    count (weight 0: no real steps) keeps its residual."""
+    feedback = with_error_feedback(compressor)
+
+    def with_feedback(shared, data, both, ckey):
+        own, residual = both
+        out = client_fn(shared, data, own, ckey)
+        update, new = feedback(out.update, residual, jax.random.fold_in(ckey, EF_SALT))
+        new = jax.tree.map(lambda n, o: jnp.where(out.weight > 0, n, o), new, residual)
+        return out._replace(update=update, client_state=(out.client_state, new))
+
+    return with_feedback
 
 
 # ---------------------------------------------------------------- pieces of client work

@@ -176,8 +176,7 @@ SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
     description="Ditto: FedAvg global model plus a lambda-regularized personal model per client",
-    # Each acts on the global model, which is fedopt's; error feedback's residual table
-    # would take the per-client slot the personal models hold.
-    supports=ALL_FEATURES - {"error_feedback"},
+    # Each acts on the global model, which is fedopt's.
+    supports=ALL_FEATURES,
     kwargs={"ditto_lambda": 1.0},  # 'lambda' is a Python keyword
 )

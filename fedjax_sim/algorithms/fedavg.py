@@ -13,7 +13,6 @@ from fedjax_sim.aggregators import Aggregator
 from fedjax_sim.aggregators.adversary import Adversary
 from fedjax_sim.aggregators.compression import (
     Compressor,
-    with_error_feedback,
 )
 from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
 from fedjax_sim.aggregators.transforms import AggregationTransform
@@ -33,7 +32,6 @@ from fedjax_sim.algorithms.base import (
 )
 from fedjax_sim.core.client import tree_sub
 from fedjax_sim.core.execution import Executor
-from fedjax_sim.core.keys import EF_SALT
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model
 from fedjax_sim.optimizers import optimizer_from_config
@@ -104,8 +102,9 @@ def fedopt(
         ``attack_fraction`` of the population (hyperparameter ``attack.fraction``).
       error_feedback: a compressor ``(update, key) -> update`` applied with error feedback
         (Stich et al. 2018; ``aggregators.compression.with_error_feedback``): each client
-        keeps what compression dropped as its residual (``state.client_states``, a
-        ``[num_clients, ...]`` table) and adds it to its next update.
+        keeps what compression dropped as its residual (the pipeline's per-client state,
+        ``state.aggregator_state[2]``, a ``[num_clients, ...]`` table) and adds it to its
+        next update.
       num_clients: the population (the residual table's rows; needed with error feedback).
       executor: how clients run (default ``Executor()``: strategy ``auto``, one device).
       hparams: the hyperparameters ``state.hparams`` keeps (default: the three numbers above
@@ -134,8 +133,8 @@ def fedopt(
             adversary=adversary,
             attack_fraction=attack_fraction,
             error_feedback=error_feedback,
+            num_clients=num_clients or 0,
         )
-    error_feedback = pipeline.error_feedback
     loss_fn = mean_loss_fn(task, train=True)
     known = {
         PROXIMAL_MU: float(proximal_mu),
@@ -146,16 +145,9 @@ def fedopt(
     hparams = select_hparams(known, hparams)
 
     server = ServerSide.of(server_optimizer, pipeline)
-    if error_feedback is not None:
-        if not num_clients:
-            raise ValueError("error feedback needs num_clients (its residual table's rows).")
-        feedback = with_error_feedback(error_feedback)
 
     def init(params):
-        if error_feedback is None:
-            return server.init(params, hparams)
-        table = jax.tree.map(lambda p: jax.numpy.zeros((num_clients, *p.shape), p.dtype), params)
-        return server.init(params, hparams, client_states=table)
+        return server.init(params, hparams)
 
     def apply(state, cohort, key):
         def client_fn(broadcast, data, client_state, ckey):
@@ -169,18 +161,9 @@ def fedopt(
                 executor=executor,
                 grad_transform=prox if proximal_mu else None,
             )
-            update = tree_sub(broadcast, local.params)
-            weight = client_weight(data["num_examples"], weighting)
-            if error_feedback is not None:
-                ekey = jax.random.fold_in(ckey, EF_SALT)
-                update, residual = feedback(update, client_state, ekey)
-                # A client whose update does not count (no real steps) keeps its residual.
-                client_state = jax.tree.map(
-                    lambda new, old: jax.numpy.where(weight > 0, new, old), residual, client_state
-                )
             return ClientOutput(
-                update=update,
-                weight=weight,
+                update=tree_sub(broadcast, local.params),
+                weight=client_weight(data["num_examples"], weighting),
                 metrics={"loss_sum": local.loss_sum, "num_seen": local.num_seen},
                 client_state=client_state,
             )

@@ -26,7 +26,7 @@ from fedjax_sim.core.client import tree_sub
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Params, PyTree
-from fedjax_sim.features import pipeline_hparams_of_config
+from fedjax_sim.features import FEATURES, pipeline_hparams_of_config
 from fedjax_sim.optimizers import optimizer_from_config
 
 STALENESS_EXPONENT = "algorithm_kwargs.staleness_exponent"
@@ -110,8 +110,6 @@ def fedbuff(
     loss_fn = mean_loss_fn(task, train=True)
     if pipeline is None:
         pipeline = build_pipeline(weighting=weighting, dp_numbers=False)
-    if pipeline.error_feedback is not None:
-        raise ValueError("fedbuff keeps no per-client state for error feedback's residuals.")
     known = {
         **pipeline.hparams,
         STALENESS_EXPONENT: float(staleness_exponent),
@@ -219,8 +217,6 @@ SPEC = AlgorithmSpec(
     async_schedule=async_schedule,
     kwargs={"buffer_size": 0, "max_staleness": 10, "staleness_exponent": 0.5},
     # DP is refused: the simulated clock, not random sampling, fills each buffer, so no
-    # accountant models who is in it; error feedback needs per-client state it lacks.
-    supports=frozenset(
-        {"robust_aggregation", "secure_aggregation", "compression", "update_attack", "data_attack"}
-    ),
+    # accountant models who is in it.
+    supports=frozenset(FEATURES) - {"dp", "adaptive_clipping", "proximal_term"},
 )

@@ -243,7 +243,8 @@ SPEC = AlgorithmSpec(
     description="FedDyn: dynamic regularization with per-client gradient memory (Acar et al. 2021)",
     kwargs={"alpha": DEFAULT_ALPHA},
     # h's update multiplies the aggregate by the participant count, sent beside the pipeline:
-    # DP's and adaptive clipping's accounting and SecAgg would not cover it. Error feedback
-    # needs the per-client slot the gradient memory holds.
-    supports=frozenset({"robust_aggregation", "compression", "update_attack", "data_attack"}),
+    # DP's and adaptive clipping's accounting and SecAgg would not cover it.
+    supports=frozenset(
+        {"robust_aggregation", "compression", "error_feedback", "update_attack", "data_attack"}
+    ),
 )

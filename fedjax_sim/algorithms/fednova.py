@@ -33,7 +33,7 @@ from fedjax_sim.core.client import num_real_steps, tree_sub
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import Array, ClientOutput, FederatedAlgorithm
-from fedjax_sim.features import pipeline_hparams_of_config
+from fedjax_sim.features import FEATURES, pipeline_hparams_of_config
 from fedjax_sim.optimizers import (
     get_optimizer,
     injected_hyperparams,
@@ -274,7 +274,5 @@ SPEC = AlgorithmSpec(
     description="FedNova: normalized averaging for unequal local steps (Wang et al. 2020)",
     # tau_eff (summed outside the pipeline) scales the aggregate after DP noise or SecAgg
     # would have acted, and carries the clients' step counts in the clear: both refused.
-    supports=frozenset(
-        {"robust_aggregation", "compression", "update_attack", "data_attack", "proximal_term"}
-    ),
+    supports=frozenset(FEATURES) - {"secure_aggregation", "dp", "adaptive_clipping"},
 )

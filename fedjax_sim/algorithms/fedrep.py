@@ -194,7 +194,7 @@ SPEC = AlgorithmSpec(
     hparams=hparams_of_config,
     config_defaults=body_and_head_model,
     # DP is refused: the reported model averages the cohort's personal heads, unnoised.
-    supports=frozenset(FEATURES) - {"dp", "adaptive_clipping", "error_feedback", "proximal_term"},
+    supports=frozenset(FEATURES) - {"dp", "adaptive_clipping", "proximal_term"},
     kwargs={"head_layers": 1, "head_epochs": 10},
     description="FedRep: personal heads trained first, then the shared representation (FedAvg)",
 )

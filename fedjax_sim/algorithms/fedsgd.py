@@ -71,8 +71,6 @@ def fedsgd(
     client_weight(jnp.zeros(()), weighting)
     if pipeline is None:
         pipeline = build_pipeline(weighting=weighting, aggregator=aggregator, transforms=transforms)
-    if pipeline.error_feedback is not None:
-        raise ValueError("fedsgd keeps no per-client state for error feedback's residuals.")
     known = {**pipeline.hparams, **optimizer_hparams(server_optimizer, "server")}
     hparams = select_hparams(known, hparams)
 
@@ -144,5 +142,5 @@ SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
     description="FedSGD: one full-batch gradient per client (McMahan et al. 2017)",
-    supports=frozenset(FEATURES) - {"error_feedback", "proximal_term"},
+    supports=frozenset(FEATURES) - {"proximal_term"},
 )

@@ -214,14 +214,12 @@ def body_pipeline(
     pipeline: Pipeline | None, aggregator: Aggregator | None, weighting: str
 ) -> Pipeline:
     """FedPer's and FedRep's aggregation pipeline: ``pipeline`` (a config's build passes the
-    framework's), or one with ``aggregator`` alone; never error feedback (the heads take the
-    per-client slot) or DP numbers (the reported model averages unnoised heads)."""
+    framework's), or one with ``aggregator`` alone; never DP numbers (the reported model
+    averages unnoised heads)."""
     if pipeline is None:
         pipeline = build_pipeline(weighting=weighting, aggregator=aggregator, dp_numbers=False)
     elif aggregator is not None:
         raise ValueError("pass the aggregator inside the pipeline, not beside it.")
-    if pipeline.error_feedback is not None:
-        raise ValueError("error feedback needs a residual per client; the heads take that slot.")
     return pipeline
 
 
