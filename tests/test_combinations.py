@@ -1,5 +1,5 @@
 """The algorithm x feature matrix, generated from the registry: every cell either builds the
-feature into the round, where one round shows its effect against the same round without it,
+feature into the round, where two rounds show its effect against the same rounds without it,
 or is refused before any data loads with a message naming the algorithm and the feature."""
 
 import functools
@@ -36,8 +36,21 @@ SETTINGS = {
     "data_attack": {"attack.name": "label_flip", "attack.fraction": 0.5},
     "proximal_term": {"client.proximal_mu": 1.0},
 }
+# The robust reducers the cells take in turn (one per algorithm, in registry order), so each
+# is in some algorithm's round without a compilation per algorithm and reducer.
+ROBUST = [
+    {"aggregator": "median"},
+    {"aggregator": "krum", "aggregator_kwargs": {"num_byzantine": 1}},
+    {"aggregator": "trimmed_mean", "aggregator_kwargs": {"trim_fraction": 0.25}},
+]
 CLIENTS = 8
 CELLS = [(a, f) for a in sorted(fs.algorithms.ALGORITHMS) for f in features.FEATURES]
+
+
+def _settings(algorithm, feature):
+    if feature == "robust_aggregation":
+        return ROBUST[sorted(fs.algorithms.ALGORITHMS).index(algorithm) % len(ROBUST)]
+    return SETTINGS[feature]
 
 
 def _config(algorithm, feature=None):
@@ -47,7 +60,7 @@ def _config(algorithm, feature=None):
     config.clients_per_round = CLIENTS  # every client (so every attacker) in the round
     config.weighting = "uniform"  # what DP needs; the same for the run without the feature
     config.client.local_epochs, config.client.max_local_steps = 1, 3
-    for path, value in SETTINGS[feature].items() if feature else ():
+    for path, value in _settings(algorithm, feature).items() if feature else ():
         if isinstance(value, dict):
             for k, v in value.items():
                 sweep._set(config, f"{path}.{k}", v)
@@ -60,6 +73,13 @@ def test_every_feature_has_settings_that_switch_on_it_alone():
     assert set(SETTINGS) == set(features.FEATURES)
     for name in features.FEATURES:
         assert list(features.features_of(_config("fedavg", name))) == [name]
+    for settings in ROBUST:
+        config = _config("fedavg")
+        config.aggregator = settings["aggregator"]
+        assert list(features.features_of(config)) == ["robust_aggregation"]
+    algos = {p.values[0] for p in _representatives()}
+    reducers = {_settings(a, "robust_aggregation")["aggregator"] for a in algos}
+    assert reducers == {r["aggregator"] for r in ROBUST}  # each reducer is in some cell
     assert features.features_of(_config("fedavg")) == {}
 
 
@@ -115,23 +135,25 @@ def _representatives():
 
 
 @functools.cache
-def _one_round(algorithm, feature):
-    """``(experiment, state after one round on every client, its metrics)``."""
+def _two_rounds(algorithm, feature):
+    """``(experiment, state after two rounds on every client, the second round's metrics)``
+    (one compilation: the rounds differ only in their batches and keys)."""
     exp = fs.build_experiment(_config(algorithm, feature))
-    train = exp.data.train
-    cohort = pack_cohort(
-        train,
-        np.arange(CLIENTS),
-        batch_size=exp.config.client.batch_size,
-        max_local_steps=3,
-        num_steps=3,
-        num_clients=exp.cohort_slots,
-        seed=0,
-        round_num=1,
-    )
     state = exp.algorithm.init(exp.model.init(jax.random.key(0)))
-    state, metrics = jax.jit(exp.algorithm.apply)(state, cohort, jax.random.key(1))
-    assert math.isfinite(float(metrics["train_loss"]))
+    apply = jax.jit(exp.algorithm.apply)
+    for r in (1, 2):
+        cohort = pack_cohort(
+            exp.data.train,
+            np.arange(CLIENTS),
+            batch_size=exp.config.client.batch_size,
+            max_local_steps=3,
+            num_steps=3,
+            num_clients=exp.cohort_slots,
+            seed=0,
+            round_num=r,
+        )
+        state, metrics = apply(state, cohort, jax.random.key(r))
+        assert math.isfinite(float(metrics["train_loss"]))
     return exp, state, metrics
 
 
@@ -144,8 +166,8 @@ def _differs(a, b):
 
 @pytest.mark.parametrize("algorithm, feature", _representatives())
 def test_a_supported_cell_builds_the_feature_into_the_round(algorithm, feature):
-    base_exp, base, base_metrics = _one_round(algorithm, None)
-    exp, state, metrics = _one_round(algorithm, feature)
+    base_exp, base, base_metrics = _two_rounds(algorithm, None)
+    exp, state, metrics = _two_rounds(algorithm, feature)
     # The feature changed what the round computed.
     assert _differs(state.params, base.params)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(base.params))
