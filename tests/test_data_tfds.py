@@ -4,7 +4,6 @@ other TFDS loaders on TFDS's mock data."""
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedjax_sim.data import centralized
-from fedjax_sim.data.files import CACHE_DIR_ENV, DataFileError, DataNotFoundError
+from fedjax_sim.data.files import DataFileError, DataNotFoundError, default_cache_dir
 from fedjax_sim.data.registry import load_federated
 from tests.conftest_data import real_data
 
@@ -31,11 +30,12 @@ MNIST_FILES = (
 
 
 @pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory) -> Path:
-    """TFDS's prepared-data folder: ``$FEDJAX_SIM_CACHE/tfds`` when set (kept between runs),
-    else a fresh temporary folder (MNIST is prepared from the files once per session)."""
-    env = os.environ.get(CACHE_DIR_ENV)
-    return Path(env) / "tfds" if env else tmp_path_factory.mktemp("tfds")
+def tfds_dir() -> Path:
+    """TFDS's prepared-data folder: the package's default (``$FEDJAX_SIM_CACHE/tfds``, else
+    ``~/.cache/fedjax_sim/tfds``), the one the registry's MNIST runs (``test_real_training``)
+    read, so the suite prepares MNIST there once; workers that reach it together take turns
+    on its lock (``test_data_offline`` proves that on a fresh folder of its own)."""
+    return default_cache_dir() / "tfds"
 
 
 @pytest.fixture(scope="module")
