@@ -27,12 +27,12 @@ import optax
 from fedjax_sim.aggregators import Aggregator, aggregate
 from fedjax_sim.aggregators.adversary import FRACTION, Adversary
 from fedjax_sim.aggregators.compression import Compressor, with_error_feedback
-from fedjax_sim.aggregators.pipeline import Pipeline
+from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
 from fedjax_sim.aggregators.transforms import AggregationTransform, ClientContext, ServerContext
 from fedjax_sim.core.client import LocalResult, local_train
 from fedjax_sim.core.execution import ClientFn, Executor
 from fedjax_sim.core.keys import AGGREGATE_SALT, EF_SALT, UPDATE_SALT
-from fedjax_sim.core.task import Task
+from fedjax_sim.core.task import Task, as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, Cohort, FederatedAlgorithm, Params, PyTree
 from fedjax_sim.features import FEATURES
 from fedjax_sim.optimizers import (
@@ -327,6 +327,70 @@ class ServerSide(NamedTuple):
             state, cohort, key, client_fn, executor=executor, server=self, broadcast=broadcast,
             server_rule=server_rule, aggregate_rule=aggregate_rule,
         )  # fmt: skip
+
+
+class Setup(NamedTuple):
+    """What an algorithm factory starts from (``setup``)."""
+
+    task: Task
+    executor: Executor
+    loss_fn: Callable
+    hparams: dict[str, float]
+    server: ServerSide
+
+
+def setup(
+    model,
+    executor: Executor | None,
+    weighting: str,
+    pipeline: Pipeline | None,
+    hparams: Mapping[str, float] | None,
+    own: Mapping[str, float] | None = None,
+    client_optimizer: optax.GradientTransformation | None = None,
+    server_optimizer: optax.GradientTransformation | None = None,
+) -> Setup:
+    """The first lines of every factory, once: the model as a ``Task`` and its mean training
+    loss, the executor checked, ``weighting`` checked, the pipeline (default: the mean, no DP
+    numbers), the hyperparameters ``state.hparams`` keeps (the pipeline's, the algorithm's
+    ``own``, the injected ones of the two optimizers; ``hparams`` picks a subset with values)
+    and the ``ServerSide`` (``server_optimizer``, default ``optax.sgd(1.0)``, over the
+    pipeline). Positional, so a factory's call is one line of its own arguments:
+    ``setup(model, executor, weighting, pipeline, hparams, own, client_optimizer,
+    server_optimizer)``.
+
+    Returns:
+      ``Setup(task, executor, loss_fn, hparams, server)``.
+
+    Raises:
+      TypeError: an optimizer that is not an ``optax.GradientTransformation``.
+      ValueError: an unknown weighting, or ``hparams`` naming an unknown hyperparameter.
+    """
+    for name, opt in (
+        ("client_optimizer", client_optimizer),
+        ("server_optimizer", server_optimizer),
+    ):
+        if opt is not None and not isinstance(opt, optax.GradientTransformation):
+            raise TypeError(
+                f"{name} must be an optax.GradientTransformation, got {type(opt).__name__}."
+            )
+    client_weight(jnp.zeros(()), weighting)  # validates the name eagerly
+    task = as_task(model)
+    if pipeline is None:
+        pipeline = build_pipeline(weighting=weighting, dp_numbers=False)
+    server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
+    known = {
+        **pipeline.hparams,
+        **(own or {}),
+        **(optimizer_hparams(client_optimizer, "client") if client_optimizer else {}),
+        **optimizer_hparams(server_optimizer, "server"),
+    }
+    return Setup(
+        task,
+        (executor or Executor()).check(),
+        mean_loss_fn(task, train=True),
+        select_hparams(known, hparams),
+        ServerSide.of(server_optimizer, pipeline),
+    )
 
 
 def federated_round(

@@ -107,16 +107,11 @@ def ditto(
     def apply(state, cohort, key):
         def personal_fn(w, data, v, ckey):
             hp = data["hparams"]
+            # grad F_k(v) + lambda (v - w^t): FedProx's proximal gradient, anchored at w^t.
             local = local_update(
-                v,
-                data,
-                ckey,
-                loss_fn=loss_fn,
-                optimizer=client_optimizer,
-                executor=executor,
-                # grad F_k(v) + lambda (v - w^t): FedProx's proximal gradient, anchored at w^t.
+                v, data, ckey, loss_fn=loss_fn, optimizer=client_optimizer, executor=executor,
                 grad_transform=partial(proximal_gradient, mu=hp[LAMBDA], anchor=w),
-            )
+            )  # fmt: skip
             return ClientOutput(
                 update=(),
                 weight=data["num_examples"],

@@ -5,15 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import partial
 
-import jax
 import optax
 
 from fedjax_sim import features
 from fedjax_sim.aggregators import Aggregator
 from fedjax_sim.aggregators.adversary import Adversary
-from fedjax_sim.aggregators.compression import (
-    Compressor,
-)
+from fedjax_sim.aggregators.compression import Compressor
 from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
 from fedjax_sim.aggregators.transforms import AggregationTransform
 from fedjax_sim.algorithms.base import (
@@ -21,18 +18,15 @@ from fedjax_sim.algorithms.base import (
     UNROLL_STEPS,  # noqa: F401 (re-exported: its old home)
     AlgorithmSpec,
     BuildContext,
-    ServerSide,
     client_weight,
     config_optimizer_hparams,
     local_update,
-    optimizer_hparams,
     pipeline_for,
     proximal_gradient,
-    select_hparams,
+    setup,
 )
 from fedjax_sim.core.client import tree_sub
 from fedjax_sim.core.execution import Executor
-from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model
 from fedjax_sim.optimizers import optimizer_from_config
 
@@ -116,9 +110,6 @@ def fedopt(
     Returns:
       A ``FederatedAlgorithm`` whose state is a ``ServerState``.
     """
-    task = as_task(model)
-    executor = (executor or Executor()).check()
-    client_weight(jax.numpy.zeros(()), weighting)  # validates the name eagerly
     if proximal_mu < 0:
         raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}.")
     if pipeline is None:
@@ -135,16 +126,10 @@ def fedopt(
             error_feedback=error_feedback,
             num_clients=num_clients or 0,
         )
-    loss_fn = mean_loss_fn(task, train=True)
-    known = {
-        PROXIMAL_MU: float(proximal_mu),
-        **pipeline.hparams,
-        **optimizer_hparams(client_optimizer, "client"),
-        **optimizer_hparams(server_optimizer, "server"),
-    }
-    hparams = select_hparams(known, hparams)
-
-    server = ServerSide.of(server_optimizer, pipeline)
+    own = {PROXIMAL_MU: float(proximal_mu)}
+    _, executor, loss_fn, hparams, server = setup(
+        model, executor, weighting, pipeline, hparams, own, client_optimizer, server_optimizer
+    )
 
     def init(params):
         return server.init(params, hparams)

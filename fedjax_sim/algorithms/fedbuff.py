@@ -9,22 +9,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
+from fedjax_sim.aggregators.pipeline import Pipeline
 from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     AsyncSettings,
     BuildContext,
-    ServerSide,
     client_weight,
     config_optimizer_hparams,
     local_update,
-    optimizer_hparams,
     pipeline_for,
-    select_hparams,
+    setup,
 )
 from fedjax_sim.core.client import tree_sub
 from fedjax_sim.core.execution import Executor
-from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Params, PyTree
 from fedjax_sim.features import FEATURES, pipeline_hparams_of_config
 from fedjax_sim.optimizers import optimizer_from_config
@@ -104,20 +101,10 @@ def fedbuff(
         raise ValueError(
             f"staleness_exponent must be >= 0 (0: no down-weighting), got {staleness_exponent}."
         )
-    task = as_task(model)
-    executor = (executor or Executor()).check()
-    client_weight(jnp.zeros(()), weighting)
-    loss_fn = mean_loss_fn(task, train=True)
-    if pipeline is None:
-        pipeline = build_pipeline(weighting=weighting, dp_numbers=False)
-    known = {
-        **pipeline.hparams,
-        STALENESS_EXPONENT: float(staleness_exponent),
-        **optimizer_hparams(client_optimizer, "client"),
-        **optimizer_hparams(server_optimizer, "server"),
-    }
-    hparams = select_hparams(known, hparams)
-    server = ServerSide.of(server_optimizer, pipeline)
+    own = {STALENESS_EXPONENT: float(staleness_exponent)}
+    _, executor, loss_fn, hparams, server = setup(
+        model, executor, weighting, pipeline, hparams, own, client_optimizer, server_optimizer
+    )
     depth = max_staleness + 1
 
     def init(params):

@@ -11,20 +11,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
+from fedjax_sim.aggregators.pipeline import Pipeline
 from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     BuildContext,
-    ServerSide,
     config_optimizer_hparams,
     local_update,
-    optimizer_hparams,
     pipeline_for,
-    select_hparams,
+    setup,
 )
 from fedjax_sim.core.client import num_real_steps, tree_sub
 from fedjax_sim.core.execution import Executor
-from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Params, PyTree
 from fedjax_sim.features import pipeline_hparams_of_config
 from fedjax_sim.optimizers import optimizer_from_config
@@ -113,20 +110,12 @@ def feddyn(
     _check_alpha(alpha)
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise ValueError(f"num_clients must be a positive int (the population), got {num_clients}.")
-    task = as_task(model)
-    executor = (executor or Executor()).check()
-    loss_fn = mean_loss_fn(task, train=True)
-    if pipeline is None:
-        pipeline = build_pipeline(weighting="uniform", dp_numbers=False)
-    known = {
-        ALPHA: float(alpha),
-        **pipeline.hparams,
-        **optimizer_hparams(client_optimizer, "client"),
-    }
-    hparams = {ALPHA: float(alpha), **select_hparams(known, hparams)}
+    # theta - mean delta = mean theta_k: FedDyn's server has no learning rate (sgd(1.0)).
+    _, executor, loss_fn, hparams, server = setup(
+        model, executor, "uniform", pipeline, hparams, {ALPHA: float(alpha)}, client_optimizer
+    )
+    hparams = {ALPHA: float(alpha), **hparams}
     _check_alpha(hparams[ALPHA])
-    # theta - mean delta = mean theta_k: FedDyn's server has no learning rate.
-    server = ServerSide.of(optax.sgd(1.0), pipeline)
 
     def init(params):
         memory = jax.tree.map(lambda p: jnp.zeros((num_clients, *p.shape), p.dtype), params)
@@ -140,21 +129,13 @@ def feddyn(
             # d/dtheta [-<grad L_k, theta> + alpha/2 ||theta - theta^{t-1}||^2]
             return jax.tree.map(
                 lambda g, p, s, m: g + a.astype(g.dtype) * (p - s) - m,
-                grads,
-                params,
-                server_params,
-                grad_memory,
-            )
+                grads, params, server_params, grad_memory,
+            )  # fmt: skip
 
         local = local_update(
-            server_params,
-            data,
-            ckey,
-            loss_fn=loss_fn,
-            optimizer=client_optimizer,
-            executor=executor,
-            grad_transform=dynamic_regularizer,
-        )
+            server_params, data, ckey, loss_fn=loss_fn, optimizer=client_optimizer,
+            executor=executor, grad_transform=dynamic_regularizer,
+        )  # fmt: skip
         delta = tree_sub(server_params, local.params)  # theta^{t-1} - theta_k^t
         # grad L_k <- grad L_k - alpha (theta_k^t - theta^{t-1})
         new_memory = jax.tree.map(lambda m, d: m + a.astype(d.dtype) * d, grad_memory, delta)

@@ -15,23 +15,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
+from fedjax_sim.aggregators.pipeline import Pipeline
 from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     BuildContext,
-    ServerSide,
     client_weight,
     config_optimizer_hparams,
     local_update,
-    optimizer_hparams,
     pipeline_for,
-    select_hparams,
+    setup,
     with_optimizer_hparams,
 )
 from fedjax_sim.algorithms.fedavg import PROXIMAL_MU
 from fedjax_sim.core.client import num_real_steps, tree_sub
 from fedjax_sim.core.execution import Executor
-from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import Array, ClientOutput, FederatedAlgorithm
 from fedjax_sim.features import FEATURES, pipeline_hparams_of_config
 from fedjax_sim.optimizers import (
@@ -107,31 +104,12 @@ def fednova(
       A ``FederatedAlgorithm`` whose state is a ``ServerState``.
     """
     _check_numbers(client_learning_rate, momentum, proximal_mu)
-    client_weight(jnp.zeros(()), weighting)  # validates the name eagerly
-    if server_optimizer is not None and not isinstance(
-        server_optimizer, optax.GradientTransformation
-    ):
-        raise TypeError(
-            "server_optimizer must be an optax.GradientTransformation, got "
-            f"{type(server_optimizer).__name__}."
-        )
-    server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     extra = {} if momentum is None else {"momentum": float(momentum)}
     client_optimizer = get_optimizer("sgd", float(client_learning_rate), inject=True, **extra)
-    task = as_task(model)
-    executor = (executor or Executor()).check()
-    loss_fn = mean_loss_fn(task, train=True)
-    if pipeline is None:
-        pipeline = build_pipeline(weighting=weighting, dp_numbers=False)
-    known = {
-        **pipeline.hparams,
-        PROXIMAL_MU: float(proximal_mu),
-        **optimizer_hparams(client_optimizer, "client"),
-        **optimizer_hparams(server_optimizer, "server"),
-    }
-    hparams = select_hparams(known, hparams)
-
-    server = ServerSide.of(server_optimizer, pipeline)
+    own = {PROXIMAL_MU: float(proximal_mu)}
+    _, executor, loss_fn, hparams, server = setup(
+        model, executor, weighting, pipeline, hparams, own, client_optimizer, server_optimizer
+    )
 
     def init(params):
         return server.init(params, hparams)

@@ -19,23 +19,21 @@ import optax
 from jax import lax
 
 from fedjax_sim.aggregators import weighted_mean
+from fedjax_sim.aggregators.pipeline import Pipeline
 from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     BuildContext,
-    ServerState,
-    as_hparams,
     client_weight,
     config_optimizer_hparams,
     local_update,
-    optimizer_hparams,
-    select_hparams,
-    weighted_client_metrics,
+    pipeline_for,
+    setup,
     with_optimizer_hparams,
 )
 from fedjax_sim.core.client import match_vma, num_real_steps, step_batch, tree_sub
 from fedjax_sim.core.execution import Executor
-from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Params
+from fedjax_sim.features import pipeline_hparams_of_config
 from fedjax_sim.optimizers import OPTIMIZER_NAMES, optimizer_from_config, optimizer_update
 
 SERVER_LEARNING_RATE = "server.learning_rate"
@@ -49,6 +47,7 @@ def mime(
     weighting: str = "uniform",
     executor: Executor | None = None,
     hparams: Mapping[str, float] | None = None,
+    pipeline: Pipeline | None = None,
 ) -> FederatedAlgorithm:
     """Mime (Karimireddy et al. 2021, Algorithm 1): base-optimizer steps with SVRG-style
     control variates and the server's optimizer state held fixed on the clients.
@@ -87,6 +86,8 @@ def mime(
       executor: how clients run (default ``Executor()``).
       hparams: the hyperparameters ``state.hparams`` keeps (default: all of them; a subset
         with their values).
+      pipeline: the aggregation pipeline the deltas go through (default the mean); the
+        full-batch gradients (``c``, and MimeLite's for ``s``) are averaged beside it.
 
     Returns:
       A ``FederatedAlgorithm`` whose state is a ``ServerState`` with the base optimizer's
@@ -100,6 +101,7 @@ def mime(
         weighting=weighting,
         executor=executor,
         hparams=hparams,
+        pipeline=pipeline,
     )
 
 
@@ -111,6 +113,7 @@ def mimelite(
     weighting: str = "uniform",
     executor: Executor | None = None,
     hparams: Mapping[str, float] | None = None,
+    pipeline: Pipeline | None = None,
 ) -> FederatedAlgorithm:
     """MimeLite (Karimireddy et al. 2021, Algorithm 1 without the control variate).
 
@@ -128,6 +131,7 @@ def mimelite(
       weighting: ``uniform`` (the paper) or ``num_examples`` (FedJAX).
       executor: how clients run (default ``Executor()``).
       hparams: the hyperparameters ``state.hparams`` keeps (see ``mime``).
+      pipeline: see ``mime``.
 
     Returns:
       A ``FederatedAlgorithm`` whose state is a ``ServerState`` (``opt_state``: ``s``).
@@ -140,6 +144,7 @@ def mimelite(
         weighting=weighting,
         executor=executor,
         hparams=hparams,
+        pipeline=pipeline,
     )
 
 
@@ -152,6 +157,7 @@ def _mime_family(
     weighting,
     executor,
     hparams,
+    pipeline,
 ) -> FederatedAlgorithm:
     if not isinstance(base_optimizer, optax.GradientTransformation):
         raise TypeError(
@@ -163,96 +169,72 @@ def _mime_family(
             f"server_learning_rate must be >= 0, got {server_learning_rate}; a negative step "
             "moves away from the clients' models."
         )
-    client_weight(jnp.zeros(()), weighting)  # validates the name eagerly
-    task = as_task(model)
-    executor = (executor or Executor()).check()
-    loss_fn = mean_loss_fn(task, train=True)
-    known = {
-        **optimizer_hparams(base_optimizer, "client"),
-        SERVER_LEARNING_RATE: float(server_learning_rate),
-    }
-    hparams = select_hparams(known, hparams)
-    mean = weighted_mean()
+    own = {SERVER_LEARNING_RATE: float(server_learning_rate)}
+    _, executor, loss_fn, hparams, server = setup(
+        model, executor, weighting, pipeline, hparams, own, base_optimizer
+    )
+    # The server side's "optimizer" only holds s: the server rule replaces its step.
+    holds_s = optax.GradientTransformation(base_optimizer.init, lambda g, s, p=None: (g, s))
+    server = server._replace(server_optimizer=holds_s)
     # s is held fixed on the clients: the step U(g, s) with the state's update discarded.
     fixed_state = optax.GradientTransformation(
         base_optimizer.init,
         lambda g, s, p=None: (optimizer_update(base_optimizer, g, s, p)[0], s),
     )
+    sequential = executor.resolved() == "sequential"
 
-    def init(params):
-        return ServerState(
-            params=params,
-            opt_state=base_optimizer.init(params),
-            aggregator_state=(),
-            round=jnp.zeros((), jnp.int32),
-            hparams=as_hparams(hparams),
-        )
+    def full_batch_grad(params, data, ckey):
+        return _full_batch_grad(loss_fn, params, data, ckey, all_steps=not sequential)
+
+    def train_client(shared, data, client_state, ckey):
+        x, s, c = shared
+        local_loss = loss_fn if c is None else _corrected_loss(loss_fn, x, c)
+        # s, the server's state, is held fixed (fixed_state discards its updates).
+        local = local_update(
+            x, data, ckey, loss_fn=local_loss, optimizer=fixed_state, executor=executor,
+            opt_state=s,
+        )  # fmt: skip
+        weight = client_weight(data["num_examples"], weighting)
+        # MimeLite sends its full-batch gradient at x beside the delta (summed, weighted).
+        extras = () if c is not None else _weighted(full_batch_grad(x, data, ckey), weight)
+        metrics = {"loss_sum": local.loss_sum, "num_seen": local.num_seen}
+        return ClientOutput(tree_sub(x, local.params), weight, metrics, client_state, extras)
+
+    def grad_client(x, data, client_state, ckey):  # Mime's first pass: grad f_i(x)
+        weight = client_weight(data["num_examples"], weighting)
+        return ClientOutput(full_batch_grad(x, data, ckey), weight, {}, client_state)
 
     def apply(state, cohort, key):
         hp = state.hparams
-        sequential = executor.resolved() == "sequential"
-
-        def full_batch_grad(params, data, ckey):
-            return _full_batch_grad(loss_fn, params, data, ckey, all_steps=not sequential)
-
-        def train(x, s, data, ckey, local_loss):
-            return local_update(
-                x,
-                data,
-                ckey,
-                loss_fn=local_loss,
-                optimizer=fixed_state,
-                executor=executor,
-                opt_state=s,  # the server's state, held fixed (fixed_state discards updates)
-            )
-
-        def output(update, local, data):
-            return ClientOutput(
-                update=update,
-                weight=client_weight(data["num_examples"], weighting),
-                metrics={"loss_sum": local.loss_sum, "num_seen": local.num_seen},
-                client_state=(),
-            )
-
-        def run(client_fn, broadcast):
+        c = None
+        if control_variate:  # c: the cohort's mean full-batch gradient, before local work
             outputs, _ = executor.run(
-                client_fn, cohort, key, broadcast=broadcast, hparams=hp, sum_weighted_updates=True
-            )
-            return mean.from_sums((), *outputs.update, key)[0], outputs
+                grad_client, cohort, key, broadcast=state.params, hparams=hp,
+                sum_weighted_updates=True,
+            )  # fmt: skip
+            c = weighted_mean().from_sums((), *outputs.update, key)[0]
 
-        if control_variate:
+        def server_rule(new, sums, mean_delta):
+            mean_grad = c if c is not None else weighted_mean().from_sums((), *sums, key)[0]
+            # s <- V(mean gradient, s): the base optimizer's new state after one step on it.
+            s = with_optimizer_hparams(state.opt_state, hp, "client")
+            _, s = optimizer_update(base_optimizer, mean_grad, s, state.params)
+            lr = hp[SERVER_LEARNING_RATE]
+            params = jax.tree.map(lambda p, d: p - lr.astype(p.dtype) * d, state.params, mean_delta)
+            return new._replace(params=params, opt_state=s)
 
-            def grad_client(x, data, client_state, ckey):
-                g = full_batch_grad(x, data, ckey)
-                weight = client_weight(data["num_examples"], weighting)
-                return ClientOutput(g, weight, {}, client_state)
+        shared = (state.params, state.opt_state, c)
+        return server.round(state, cohort, key, train_client, executor, shared, server_rule)
 
-            def train_client(shared, data, client_state, ckey):
-                x, s, c = shared
-                local = train(x, s, data, ckey, _corrected_loss(loss_fn, x, c))
-                return output(tree_sub(x, local.params), local, data)
-
-            mean_grad, _ = run(grad_client, state.params)
-            mean_delta, outputs = run(train_client, (state.params, state.opt_state, mean_grad))
-        else:
-
-            def train_client(shared, data, client_state, ckey):
-                x, s = shared
-                local = train(x, s, data, ckey, loss_fn)
-                delta = tree_sub(x, local.params)
-                return output((delta, full_batch_grad(x, data, ckey)), local, data)
-
-            (mean_delta, mean_grad), outputs = run(train_client, (state.params, state.opt_state))
-
-        # s <- V(mean gradient, s): the base optimizer's new state after one step on it.
-        opt_state = with_optimizer_hparams(state.opt_state, hp, "client")
-        _, opt_state = optimizer_update(base_optimizer, mean_grad, opt_state, state.params)
-        lr = hp[SERVER_LEARNING_RATE]
-        params = jax.tree.map(lambda p, d: p - lr.astype(p.dtype) * d, state.params, mean_delta)
-        new_state = state._replace(params=params, opt_state=opt_state, round=state.round + 1)
-        return new_state, weighted_client_metrics(outputs)
+    def init(params):
+        return server.init(params, hparams)
 
     return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
+
+
+def _weighted(tree, weight):
+    """``(weight * tree, weight)``: a client's share of a weighted mean, summed over clients."""
+    return jax.tree.map(lambda g: g * weight.astype(g.dtype), tree), weight
 
 
 def _corrected_loss(loss_fn, x: Params, c: Params):
@@ -301,10 +283,12 @@ def _full_batch_grad(loss_fn, params: Params, data: dict, key, *, all_steps: boo
 
 
 def hparams_of_config(config) -> dict[str, float]:
-    """The base optimizer's (``config.client``) sweepable numbers and ``server.learning_rate``."""
+    """The base optimizer's (``config.client``) sweepable numbers, ``server.learning_rate`` and
+    the pipeline's (``attack.fraction``)."""
     return {
         **config_optimizer_hparams(config.client, "client"),
         SERVER_LEARNING_RATE: float(config.server.learning_rate),
+        **pipeline_hparams_of_config(config),
     }
 
 
@@ -333,6 +317,7 @@ def _from_config(config, ctx: BuildContext, factory) -> FederatedAlgorithm:
         weighting=config.weighting,
         executor=ctx.executor,
         hparams=hp,
+        pipeline=pipeline_for(config, ctx),
     )
 
 
@@ -346,14 +331,19 @@ def build_lite(config, ctx: BuildContext) -> FederatedAlgorithm:
     return _from_config(config, ctx, mimelite)
 
 
+# The deltas go through the pipeline; the full-batch gradients are averaged beside it, in the
+# clear and uncompressed: DP, secure aggregation and compression would leave them out, so
+# they are refused. Mime's first pass (c) trains on no data, so it takes no data poisoning.
 SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
     description="Mime: client.* base optimizer, server-held state, control variates "
     "(Karimireddy et al. 2021)",
+    supports=frozenset({"robust_aggregation", "update_attack"}),
 )
 LITE_SPEC = AlgorithmSpec(
     build=build_lite,
     hparams=hparams_of_config,
     description="MimeLite: client.* base optimizer, server-held state (Karimireddy et al. 2021)",
+    supports=frozenset({"robust_aggregation", "update_attack", "data_attack"}),
 )

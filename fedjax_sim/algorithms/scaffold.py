@@ -15,22 +15,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
+from fedjax_sim.aggregators.pipeline import Pipeline
 from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     BuildContext,
-    ServerSide,
     client_weight,
     config_optimizer_hparams,
     local_update,
-    optimizer_hparams,
     pipeline_for,
-    select_hparams,
+    setup,
     with_optimizer_hparams,
 )
 from fedjax_sim.core.client import num_real_steps, tree_sub
 from fedjax_sim.core.execution import Executor
-from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import Array, ClientOutput, FederatedAlgorithm, Params, PyTree
 from fedjax_sim.features import pipeline_hparams_of_config
 from fedjax_sim.optimizers import injected_hyperparams, optimizer_from_config
@@ -130,46 +127,13 @@ def scaffold(
     Returns:
       A ``FederatedAlgorithm`` whose state is a ``ScaffoldState``.
     """
-    for name, opt in (
-        ("client_optimizer", client_optimizer),
-        ("server_optimizer", server_optimizer),
-    ):
-        if not isinstance(opt, optax.GradientTransformation | None) or (
-            opt is None and name == "client_optimizer"
-        ):
-            raise TypeError(
-                f"{name} must be an optax.GradientTransformation, got {type(opt).__name__}."
-            )
-    hyper = injected_hyperparams(client_optimizer.init(jnp.zeros((), jnp.float32))) or {}
-    client_lr = hyper.get("learning_rate")
-    if client_lr is None:
-        raise ValueError(
-            "SCAFFOLD's control-variate update (x - y) / (K eta_l) needs the client learning "
-            "rate: build the client optimizer with its hyperparameters injected, e.g. "
-            "fs.get_optimizer('sgd', 0.1, inject=True)."
-        )
-    if not float(client_lr) > 0:
-        raise ValueError(
-            f"the client learning rate must be > 0 for SCAFFOLD (option II divides by it), got "
-            f"{float(client_lr)}."
-        )
+    _check_client_learning_rate(client_optimizer)
     if int(num_clients) < 1:
         raise ValueError(f"num_clients must be >= 1 (the population), got {num_clients}.")
     num_clients = int(num_clients)
-    client_weight(jnp.zeros(()), weighting)  # validates the name eagerly
-    server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
-    task = as_task(model)
-    executor = (executor or Executor()).check()
-    loss_fn = mean_loss_fn(task, train=True)
-    if pipeline is None:
-        pipeline = build_pipeline(weighting=weighting, dp_numbers=False)
-    known = {
-        **pipeline.hparams,
-        **optimizer_hparams(client_optimizer, "client"),
-        **optimizer_hparams(server_optimizer, "server"),
-    }
-    hparams = select_hparams(known, hparams)
-    server = ServerSide.of(server_optimizer, pipeline)
+    _, executor, loss_fn, hparams, server = setup(
+        model, executor, weighting, pipeline, hparams, None, client_optimizer, server_optimizer
+    )
 
     def init(params):
         table = jax.tree.map(lambda p: jnp.zeros((num_clients, *p.shape), p.dtype), params)
@@ -220,6 +184,28 @@ def scaffold(
         return server.round(state, cohort, key, client_fn, executor, shared, server_rule)
 
     return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
+
+
+def _check_client_learning_rate(client_optimizer) -> None:
+    """Option II divides by the client learning rate: it must be injected and positive."""
+    if not isinstance(client_optimizer, optax.GradientTransformation):
+        raise TypeError(
+            "client_optimizer must be an optax.GradientTransformation, got "
+            f"{type(client_optimizer).__name__}."
+        )
+    hyper = injected_hyperparams(client_optimizer.init(jnp.zeros((), jnp.float32))) or {}
+    client_lr = hyper.get("learning_rate")
+    if client_lr is None:
+        raise ValueError(
+            "SCAFFOLD's control-variate update (x - y) / (K eta_l) needs the client learning "
+            "rate: build the client optimizer with its hyperparameters injected, e.g. "
+            "fs.get_optimizer('sgd', 0.1, inject=True)."
+        )
+    if not float(client_lr) > 0:
+        raise ValueError(
+            f"the client learning rate must be > 0 for SCAFFOLD (option II divides by it), got "
+            f"{float(client_lr)}."
+        )
 
 
 def hparams_of_config(config) -> dict[str, float]:
