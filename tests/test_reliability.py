@@ -347,3 +347,29 @@ def test_the_progress_bar_names_its_loss_and_shows_epsilon_under_dp(tmp_path, ca
     assert f"train_loss={last['train_loss']:.4f}" in err
     assert f"test_acc={last['test_accuracy']:.4f}" in err
     assert f"eps={last['epsilon']:.3f}" in err
+
+
+@pytest.mark.parametrize("num_devices", [1, 2])
+def test_the_check_before_writing_is_the_trace_the_round_reuses(num_devices):
+    # program.check traces round 1 on abstract arguments placed as the round gets them
+    # (replicated on a mesh), so the first round does not trace the algorithm a second time.
+    from fedjax_sim.simulation import build_experiment, cohort_source, data_seed_of
+
+    config = _config(num_devices=num_devices, data_on_device="device", checkpoint_every=0)
+    exp = build_experiment(config)
+    traces = []
+
+    def apply(*args):
+        traces.append(1)
+        return exp.algorithm.apply(*args)
+
+    algorithm = exp.algorithm._replace(apply=apply)
+    stream = [(int(config.seed), data_seed_of(config))]
+    source = cohort_source(exp, {stream[0][1]: exp.data.train}, stream, exp.num_steps)
+    program = programs.SoloProgram(algorithm, exp.model, 0, exp.mesh, source.examples)
+    assert (program.mesh is None) == (num_devices == 1)
+    program.check(source.preview(1), 1)
+    assert len(traces) == 1
+    states, alive = program.init()
+    program.step(states, alive, source.cohorts(1), 1)
+    assert len(traces) == 1

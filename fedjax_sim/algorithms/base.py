@@ -345,18 +345,17 @@ def setup(
     weighting: str,
     pipeline: Pipeline | None,
     hparams: Mapping[str, float] | None,
-    own: Mapping[str, float] | None = None,
-    client_optimizer: optax.GradientTransformation | None = None,
-    server_optimizer: optax.GradientTransformation | None = None,
+    own: Mapping[str, float] | None,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
 ) -> Setup:
     """The first lines of every factory, once: the model as a ``Task`` and its mean training
     loss, the executor checked, ``weighting`` checked, the pipeline (default: the mean, no DP
     numbers), the hyperparameters ``state.hparams`` keeps (the pipeline's, the algorithm's
     ``own``, the injected ones of the two optimizers; ``hparams`` picks a subset with values)
-    and the ``ServerSide`` (``server_optimizer``, default ``optax.sgd(1.0)``, over the
-    pipeline). Positional, so a factory's call is one line of its own arguments:
-    ``setup(model, executor, weighting, pipeline, hparams, own, client_optimizer,
-    server_optimizer)``.
+    and the ``ServerSide`` (``server_optimizer`` over the pipeline). Positional, so a
+    factory's call is one line of its own arguments: ``setup(model, executor, weighting,
+    pipeline, hparams, own, client_optimizer, server_optimizer)``.
 
     Returns:
       ``Setup(task, executor, loss_fn, hparams, server)``.
@@ -369,7 +368,7 @@ def setup(
         ("client_optimizer", client_optimizer),
         ("server_optimizer", server_optimizer),
     ):
-        if opt is not None and not isinstance(opt, optax.GradientTransformation):
+        if not isinstance(opt, optax.GradientTransformation):
             raise TypeError(
                 f"{name} must be an optax.GradientTransformation, got {type(opt).__name__}."
             )
@@ -377,11 +376,10 @@ def setup(
     task = as_task(model)
     if pipeline is None:
         pipeline = build_pipeline(weighting=weighting, dp_numbers=False)
-    server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
     known = {
         **pipeline.hparams,
         **(own or {}),
-        **(optimizer_hparams(client_optimizer, "client") if client_optimizer else {}),
+        **optimizer_hparams(client_optimizer, "client"),
         **optimizer_hparams(server_optimizer, "server"),
     }
     return Setup(

@@ -111,8 +111,9 @@ def feddyn(
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise ValueError(f"num_clients must be a positive int (the population), got {num_clients}.")
     # theta - mean delta = mean theta_k: FedDyn's server has no learning rate (sgd(1.0)).
+    own, server_optimizer = {ALPHA: float(alpha)}, optax.sgd(1.0)
     _, executor, loss_fn, hparams, server = setup(
-        model, executor, "uniform", pipeline, hparams, {ALPHA: float(alpha)}, client_optimizer
+        model, executor, "uniform", pipeline, hparams, own, client_optimizer, server_optimizer
     )
     hparams = {ALPHA: float(alpha), **hparams}
     _check_alpha(hparams[ALPHA])

@@ -171,7 +171,7 @@ def _mime_family(
         )
     own = {SERVER_LEARNING_RATE: float(server_learning_rate)}
     _, executor, loss_fn, hparams, server = setup(
-        model, executor, weighting, pipeline, hparams, own, base_optimizer
+        model, executor, weighting, pipeline, hparams, own, base_optimizer, optax.sgd(1.0)
     )
     # The server side's "optimizer" only holds s: the server rule replaces its step.
     holds_s = optax.GradientTransformation(base_optimizer.init, lambda g, s, p=None: (g, s))
@@ -333,7 +333,8 @@ def build_lite(config, ctx: BuildContext) -> FederatedAlgorithm:
 
 # The deltas go through the pipeline; the full-batch gradients are averaged beside it, in the
 # clear and uncompressed: DP, secure aggregation and compression would leave them out, so
-# they are refused. Mime's first pass (c) trains on no data, so it takes no data poisoning.
+# they are refused. Mime's first pass (c) would see clean data while its second sees the
+# poisoned data, so it takes no data poisoning.
 SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,

@@ -110,7 +110,8 @@ class FederatedAlgorithm(NamedTuple):
       never from Python closures, so a sweep vmaps over states whose ``hparams`` differ and
       trains every member in one compiled program.
     - ``client_states`` (optional): per-client persistent state (control variates, personal
-      models, error-feedback residuals), every leaf with a leading ``[num_clients]`` axis.
+      models), every leaf with a leading ``[num_clients]`` axis (error feedback's residuals
+      are the aggregation pipeline's, in ``aggregator_state``).
       It is part of the state, so the driver keeps, checkpoints and resumes it with the rest;
       ``Executor.run`` gathers the cohort's rows and scatters their new values back.
 

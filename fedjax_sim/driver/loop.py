@@ -33,7 +33,7 @@ class TrainingDiverged(RuntimeError):
 
 
 # Bumped when the checkpoint's tree or meta changes shape; older checkpoints are refused.
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4  # 4: aggregator_state holds the error-feedback residuals
 
 
 class RunInterrupted(KeyboardInterrupt):

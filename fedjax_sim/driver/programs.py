@@ -84,8 +84,16 @@ class _Program:
         """Traces round ``r`` on the abstract initial state and examples (nothing is compiled,
         run or placed on a device, and the round call reuses the trace): a setting the
         algorithm refuses while tracing fails here, before a run writes anything."""
-        states, alive = jax.eval_shape(self.init)
+        states, alive = self._abstract(jax.eval_shape(self.init))
         self._round.trace(states, alive, *self._round_args(cohorts, r, abstract=True))
+
+    def _abstract(self, tree):
+        """``tree``'s shapes and dtypes, placed as the round gets its arrays (replicated on
+        the mesh, if any), so the round call reuses the trace."""
+        sharding = None if self.mesh is None else NamedSharding(self.mesh, P())
+        return jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree
+        )
 
     def _device_examples(self, abstract: bool = False) -> tuple:
         """The source's examples as the round takes them (``()`` when cohorts carry their
@@ -94,9 +102,7 @@ class _Program:
         if self._host_examples is None:
             return ()
         if abstract:
-            return (
-                jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self._host_examples),
-            )
+            return (self._abstract(self._host_examples),)
         if self._examples is None:
             self._examples = (replicate(jax.device_put(self._host_examples), self.mesh),)
         return self._examples
