@@ -65,9 +65,9 @@ class Experiment(NamedTuple):
     num_steps: int  # local steps of the longest client
     executor: Executor  # strategy (resolved), chunk size, the mesh the cohort is split over
     cohort_slots: int  # clients per packed cohort (a multiple of the device count)
-    model_bytes: int  # bytes of the model's parameters (the simulated clock's transfers)
+    model_bytes: int  # bytes one client downloads a round (AlgorithmSpec.messages: the model)
     async_settings: AsyncSettings | None  # an asynchronous algorithm's buffer (FedBuff)
-    upload_bytes: int | None = None  # one client's upload (compressed / masked); None: model
+    upload_bytes: int | None = None  # one client's upload (compressed / masked, extras beside)
 
     @property
     def strategy(self) -> str:
@@ -151,14 +151,25 @@ def build_experiment(
     algorithm = build_algorithm(config, task, executor, train.num_clients)
     n_dev = executor.num_devices
     slots = -(-capacity // n_dev) * n_dev
-    shapes = jax.eval_shape(model.init, jax.random.key(0))
-    model_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
-    num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
-    upload = upload_bytes_of(config, num_params, model_bytes)
+    # What a client receives and sends, as the algorithm declares it: the bytes the records
+    # count and the simulated clock transfers.
+    messages = spec.messages(config, task, jax.eval_shape(model.init, jax.random.key(0)))
+    update_bytes = tree_bytes(messages.update)
+    upload = upload_bytes_of(config, tree_size(messages.update), update_bytes)
     return Experiment(
-        config, federated_data, model, task, algorithm, num_steps, executor, slots, model_bytes,
-        async_settings, upload,
+        config, federated_data, model, task, algorithm, num_steps, executor, slots,
+        tree_bytes(messages.down), async_settings, upload + tree_bytes(messages.extras),
     )  # fmt: skip
+
+
+def tree_size(tree) -> int:
+    """Numbers in a tree of arrays or shapes."""
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of a tree of arrays or shapes."""
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
 def upload_bytes_of(config, num_params: int, model_bytes: int) -> int:

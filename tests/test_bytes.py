@@ -1,5 +1,6 @@
-"""Bytes accounting: every record counts what the reporting clients downloaded (the model) and
-uploaded (the model, the compressed update, or SecAgg's masked vector), by hand."""
+"""Bytes accounting: every record counts what the reporting clients downloaded (what the
+algorithm sends: the model, SCAFFOLD's control variate too, FedPer's body only) and uploaded
+(the update, compressed or SecAgg-masked, plus what the algorithm sends beside it), by hand."""
 
 import json
 import math
@@ -112,3 +113,32 @@ def test_error_feedback_keeps_what_top_k_dropped_as_the_clients_residual():
     )
     with pytest.raises(ValueError, match="error feedback needs num_clients"):
         fs.fedavg(model, optax.sgd(0.1), error_feedback=top, **kw)
+
+
+def test_each_algorithm_counts_what_its_clients_receive_and_send(tmp_path):
+    # By hand, on default:smoke's logreg (PARAMS float32 numbers) and, for FedPer/FedRep, the
+    # mlp their config switches to (60-200-200-10; the head is the last layer).
+    body = (60 * 200 + 200) + (200 * 200 + 200)
+    sgd_state = 4 + 4  # optax.sgd injected: its step count (int32) and learning rate (float32)
+    expected = {  # algorithm: (down, up) in bytes per client and round
+        "fedavg": (MODEL_BYTES, MODEL_BYTES),
+        "scaffold": (2 * MODEL_BYTES, 2 * MODEL_BYTES),  # model + c down; delta + c_i delta up
+        "fednova": (MODEL_BYTES, MODEL_BYTES + 2 * 4),  # + tau_eff's two terms
+        "feddyn": (MODEL_BYTES, MODEL_BYTES + 4),  # + the participant count
+        "mime": (2 * MODEL_BYTES + sgd_state, 2 * MODEL_BYTES),  # x, s, c; gradient, delta
+        "mimelite": (MODEL_BYTES + sgd_state, 2 * MODEL_BYTES + 4),  # x, s; delta, grad, w
+        "fedper": (4 * body, 4 * body),  # the body only
+        "fedrep": (4 * body, 4 * body),
+    }
+    for algorithm, (down, up) in expected.items():
+        config = _config()
+        fs.algorithms.switch_algorithm(config, algorithm)
+        exp = fs.build_experiment(config)
+        assert (exp.model_bytes, exp.upload_bytes) == (down, up), algorithm
+    # The records count them per reporting client: SCAFFOLD's doubled traffic.
+    config = _config(num_rounds=2, eval_every=2)
+    fs.algorithms.switch_algorithm(config, "scaffold")
+    fs.simulate(config, tmp_path, progress=False)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    clients = 2 * config.clients_per_round
+    assert (record["bytes_down"], record["bytes_up"]) == (clients * 2 * MODEL_BYTES,) * 2

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fedjax_sim as fs
-from fedjax_sim import features, sweep
+from fedjax_sim import features, simulation, sweep
 from fedjax_sim.aggregators import compression, secure
 from fedjax_sim.data import pack_cohort
 from fedjax_sim.driver.privacy import accountant_of
@@ -170,22 +170,29 @@ def test_a_supported_cell_builds_the_feature_into_the_round(algorithm, feature):
     exp, state, metrics = _two_rounds(algorithm, feature)
     # The feature changed what the round computed.
     assert _differs(state.params, base.params)
-    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(base.params))
-    # What the run reports follows what was built: upload bytes and epsilon.
-    assert base_exp.upload_bytes == base_exp.model_bytes
+    # What the run reports follows what was built: upload bytes (of the update the pipeline
+    # sees, plus what the algorithm sends beside it) and epsilon.
+    messages = fs.algorithms.get_spec(algorithm).messages(exp.config, exp.task, base.params)
+    update_bytes, extras_bytes = (
+        simulation.tree_bytes(messages.update),
+        simulation.tree_bytes(messages.extras),
+    )
+    num_params = simulation.tree_size(messages.update)
+    assert base_exp.upload_bytes == update_bytes + extras_bytes
+    assert base_exp.model_bytes == exp.model_bytes == simulation.tree_bytes(messages.down)
     if feature in ("compression", "error_feedback"):
         method, kwargs = SETTINGS[feature]["compression.method"], SETTINGS[feature]
         bits = compression.bits_per_update(method, num_params, **kwargs["compression.kwargs"])
-        assert exp.upload_bytes == -(-bits // 8) < exp.model_bytes
+        assert exp.upload_bytes == -(-bits // 8) + extras_bytes < base_exp.upload_bytes
     elif feature == "secure_aggregation":
         expected = secure.secagg_bytes(num_params, CLIENTS, 32, None)["up"]
-        assert exp.upload_bytes == int(expected)
+        assert exp.upload_bytes == int(expected) + extras_bytes
         # Quantized to 24 bits within [-10, 10]: the mean up to the quantization step (an
         # adaptive server optimizer magnifies it: FedAdagrad's first step is about lr sign(g)).
         for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(base.params)):
             np.testing.assert_allclose(x, y, atol=1e-3)
     else:
-        assert exp.upload_bytes == exp.model_bytes
+        assert exp.upload_bytes == base_exp.upload_bytes
     population = exp.data.train.num_clients
     assert accountant_of(base_exp.config, population) is None
     assert (accountant_of(exp.config, population) is not None) == (feature == "dp")

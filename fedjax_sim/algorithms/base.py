@@ -78,6 +78,29 @@ def pipeline_for(config, ctx: BuildContext) -> Pipeline:
     return features.pipeline_of(config, ctx.task, ctx.num_clients)
 
 
+class Messages(NamedTuple):
+    """What one client receives and sends in a round, as trees of ``jax.ShapeDtypeStruct``
+    (the bytes the run reports and the simulated clock transfers).
+
+    Attributes:
+      down: what the server sends a client (FedAvg: the model).
+      update: the upload that goes through the aggregation pipeline (its compression and
+        secure aggregation price it).
+      extras: what a client sends beside the pipeline, uncompressed (SCAFFOLD's control
+        delta); ``()`` for none.
+    """
+
+    down: PyTree
+    update: PyTree
+    extras: PyTree = ()
+
+
+def model_messages(config, task, params: PyTree) -> Messages:
+    """The default ``AlgorithmSpec.messages``: the model down, an update of its shape up."""
+    del config, task
+    return Messages(params, params)
+
+
 class AsyncSettings(NamedTuple):
     """What an asynchronous algorithm asks of the driver's schedule (``driver.asynchronous``):
     a server step every ``buffer_size`` arrived updates; updates staler than ``max_staleness``
@@ -110,6 +133,8 @@ class AlgorithmSpec(NamedTuple):
         (``features.check_support``), never ignored.
       kwargs: the ``algorithm_kwargs`` ``build`` reads, with their defaults (whose types
         the config's values must have); any other key is refused.
+      messages: ``(config, task, params shapes) -> Messages``, what a client receives and
+        sends each round (default ``model_messages``: the model each way).
     """
 
     build: Callable[[Any, BuildContext], FederatedAlgorithm]
@@ -119,6 +144,7 @@ class AlgorithmSpec(NamedTuple):
     config_defaults: Callable[[Any], dict[str, Any]] | None = None
     supports: frozenset[str] = frozenset()
     kwargs: Mapping[str, Any] = {}  # noqa: RUF012 (never mutated)
+    messages: Callable[[Any, Any, PyTree], Messages] = model_messages
 
 
 class ServerState(NamedTuple):

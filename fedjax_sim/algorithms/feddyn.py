@@ -15,6 +15,7 @@ from fedjax_sim.aggregators.pipeline import Pipeline
 from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     BuildContext,
+    Messages,
     config_optimizer_hparams,
     local_update,
     pipeline_for,
@@ -219,6 +220,12 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
     )
 
 
+def messages(config, task, params) -> Messages:
+    """The model down; the delta and the participant count up."""
+    del config, task
+    return Messages(down=params, update=params, extras=jax.ShapeDtypeStruct((), jnp.float32))
+
+
 SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
@@ -229,4 +236,5 @@ SPEC = AlgorithmSpec(
     supports=frozenset(
         {"robust_aggregation", "compression", "error_feedback", "update_attack", "data_attack"}
     ),
+    messages=messages,
 )

@@ -19,6 +19,7 @@ from fedjax_sim.aggregators.pipeline import Pipeline
 from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     BuildContext,
+    Messages,
     client_weight,
     config_optimizer_hparams,
     local_update,
@@ -247,6 +248,16 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
     )
 
 
+def messages(config, task, params) -> Messages:
+    """The model down; the normalized delta and ``tau_eff``'s two terms up."""
+    del config, task
+    return Messages(
+        down=params,
+        update=params,
+        extras=(jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32)),
+    )
+
+
 SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
@@ -254,4 +265,5 @@ SPEC = AlgorithmSpec(
     # tau_eff (summed outside the pipeline) scales the aggregate after DP noise or SecAgg
     # would have acted, and carries the clients' step counts in the clear: both refused.
     supports=frozenset(FEATURES) - {"secure_aggregation", "dp", "adaptive_clipping"},
+    messages=messages,
 )

@@ -19,6 +19,7 @@ from fedjax_sim.algorithms.base import (
 )
 from fedjax_sim.algorithms.heads import (
     body_and_head_model,
+    body_messages,
     body_pipeline,
     choose_head,
     personal_head_algorithm,
@@ -148,4 +149,5 @@ SPEC = AlgorithmSpec(
     supports=frozenset(FEATURES) - {"dp", "adaptive_clipping", "proximal_term"},
     kwargs={"head_layers": 1},
     description="FedPer: FedAvg of the base layers, personal head layers on every client",
+    messages=body_messages,
 )

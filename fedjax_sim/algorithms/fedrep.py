@@ -23,6 +23,7 @@ from fedjax_sim.algorithms.base import (
 )
 from fedjax_sim.algorithms.heads import (
     body_and_head_model,
+    body_messages,
     body_pipeline,
     choose_head,
     is_count,
@@ -197,4 +198,5 @@ SPEC = AlgorithmSpec(
     supports=frozenset(FEATURES) - {"dp", "adaptive_clipping", "proximal_term"},
     kwargs={"head_layers": 1, "head_epochs": 10},
     description="FedRep: personal heads trained first, then the shared representation (FedAvg)",
+    messages=body_messages,
 )

@@ -20,7 +20,7 @@ import optax
 
 from fedjax_sim.aggregators import Aggregator
 from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
-from fedjax_sim.algorithms.base import ServerSide, ServerState, client_weight
+from fedjax_sim.algorithms.base import Messages, ServerSide, ServerState, client_weight
 from fedjax_sim.core.client import tree_sub
 from fedjax_sim.core.execution import Executor, gather_client_states
 from fedjax_sim.core.task import as_task
@@ -221,6 +221,14 @@ def body_pipeline(
     elif aggregator is not None:
         raise ValueError("pass the aggregator inside the pipeline, not beside it.")
     return pipeline
+
+
+def body_messages(config, task, params):
+    """FedPer's and FedRep's ``AlgorithmSpec.messages``: the body down and up (the heads never
+    leave the clients)."""
+    head_layers = config.algorithm_kwargs.get("head_layers", 1)
+    body, _ = choose_head(task, head_layers, algorithm=str(config.algorithm)).split(params)
+    return Messages(down=body, update=body)
 
 
 def body_and_head_model(config) -> dict:

@@ -23,6 +23,7 @@ from fedjax_sim.aggregators.pipeline import Pipeline
 from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     BuildContext,
+    Messages,
     client_weight,
     config_optimizer_hparams,
     local_update,
@@ -331,6 +332,28 @@ def build_lite(config, ctx: BuildContext) -> FederatedAlgorithm:
     return _from_config(config, ctx, mimelite)
 
 
+def _base_state(config, params):
+    return jax.eval_shape(optimizer_from_config(config.client).init, params)
+
+
+def messages(config, task, params) -> Messages:
+    """Mime: the model down, its full-batch gradient up (first pass); ``s`` and ``c`` down,
+    the delta up (second)."""
+    del task
+    return Messages(
+        down=(params, _base_state(config, params), params), update=params, extras=params
+    )
+
+
+def lite_messages(config, task, params) -> Messages:
+    """MimeLite: the model and ``s`` down; the delta, its full-batch gradient and weight up."""
+    del task
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    return Messages(
+        down=(params, _base_state(config, params)), update=params, extras=(params, scalar)
+    )
+
+
 # The deltas go through the pipeline; the full-batch gradients are averaged beside it, in the
 # clear and uncompressed: DP, secure aggregation and compression would leave them out, so
 # they are refused. Mime's first pass (c) would see clean data while its second sees the
@@ -341,10 +364,12 @@ SPEC = AlgorithmSpec(
     description="Mime: client.* base optimizer, server-held state, control variates "
     "(Karimireddy et al. 2021)",
     supports=frozenset({"robust_aggregation", "update_attack"}),
+    messages=messages,
 )
 LITE_SPEC = AlgorithmSpec(
     build=build_lite,
     hparams=hparams_of_config,
     description="MimeLite: client.* base optimizer, server-held state (Karimireddy et al. 2021)",
     supports=frozenset({"robust_aggregation", "update_attack", "data_attack"}),
+    messages=lite_messages,
 )

@@ -19,6 +19,7 @@ from fedjax_sim.aggregators.pipeline import Pipeline
 from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     BuildContext,
+    Messages,
     client_weight,
     config_optimizer_hparams,
     local_update,
@@ -243,6 +244,12 @@ def config_defaults(config) -> dict:
     return {"client.max_local_steps": 50} if not config.client.max_local_steps else {}
 
 
+def messages(config, task, params) -> Messages:
+    """The model and the control variate ``c`` down; the delta and ``c_i+ - c_i`` up."""
+    del config, task
+    return Messages(down=(params, params), update=params, extras=params)
+
+
 SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
@@ -251,4 +258,5 @@ SPEC = AlgorithmSpec(
     # The control deltas bypass the pipeline: DP, secure aggregation and compression would
     # leave them unprotected or uncounted; error feedback needs the per-client slot c_i holds.
     supports=frozenset({"robust_aggregation", "update_attack", "data_attack"}),
+    messages=messages,
 )
