@@ -72,6 +72,7 @@ from fedjax_sim.core.client import local_train, tree_sub
 from fedjax_sim.core.execution import CLIENT_AXIS, replicate
 from fedjax_sim.core.keys import client_keys
 from fedjax_sim.core.task import mean_loss_fn
+from fedjax_sim.simulation import tree_bytes
 
 STRATEGIES = ("vmap", "chunked", "sequential", "auto")
 ALGORITHMS = ("fedavg", "scaffold", "fednova")
@@ -179,10 +180,6 @@ def device_peak_mib() -> float | None:
     if not stats or "peak_bytes_in_use" not in stats:
         return None
     return stats["peak_bytes_in_use"] / MIB
-
-
-def tree_bytes(tree) -> int:
-    return sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
 def rel_err(a, b) -> float:

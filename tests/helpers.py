@@ -65,3 +65,20 @@ def train_clients_by_hand(params, cohort, grad_fn, lr):
             p = jax.tree.map(lambda a, b: a - lr * b, p, g)
         finals.append(p)
     return finals
+
+
+def three_step_cohort(exp, client_ids, round_num: int):
+    """The cohort of ``client_ids`` in round ``round_num`` for an experiment's own data and
+    batch size, capped at 3 local steps (the small rounds the registry-wide tests run)."""
+    from fedjax_sim.data import pack_cohort
+
+    return pack_cohort(
+        exp.data.train,
+        client_ids,
+        batch_size=exp.config.client.batch_size,
+        max_local_steps=3,
+        num_steps=3,
+        num_clients=exp.cohort_slots,
+        seed=0,
+        round_num=round_num,
+    )

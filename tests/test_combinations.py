@@ -14,8 +14,8 @@ import pytest
 import fedjax_sim as fs
 from fedjax_sim import features, simulation, sweep
 from fedjax_sim.aggregators import compression, secure
-from fedjax_sim.data import pack_cohort
 from fedjax_sim.driver.privacy import accountant_of
+from tests.helpers import three_step_cohort
 
 # Config fields that switch each feature on (and nothing else).
 SETTINGS = {
@@ -142,16 +142,7 @@ def _two_rounds(algorithm, feature):
     state = exp.algorithm.init(exp.model.init(jax.random.key(0)))
     apply = jax.jit(exp.algorithm.apply)
     for r in (1, 2):
-        cohort = pack_cohort(
-            exp.data.train,
-            np.arange(CLIENTS),
-            batch_size=exp.config.client.batch_size,
-            max_local_steps=3,
-            num_steps=3,
-            num_clients=exp.cohort_slots,
-            seed=0,
-            round_num=r,
-        )
+        cohort = three_step_cohort(exp, np.arange(CLIENTS), r)
         state, metrics = apply(state, cohort, jax.random.key(r))
         assert math.isfinite(float(metrics["train_loss"]))
     return exp, state, metrics

@@ -13,7 +13,7 @@ import fedjax_sim as fs
 from fedjax_sim import checkpoint, sweep
 from fedjax_sim.data import pack_cohort
 from tests import toy_algorithm
-from tests.helpers import linear_model, mean_loss, ragged_dataset
+from tests.helpers import linear_model, mean_loss, ragged_dataset, three_step_cohort
 
 fs.algorithms.register("fedavg_memory", toy_algorithm.SPEC)
 
@@ -112,20 +112,8 @@ def _registered_config(name, strategy, devices):
 
 
 def _cohorts(exp, rounds):
-    train = exp.data.train
-    return [
-        pack_cohort(
-            train,
-            fs.driver.cohorts.sample_clients(0, r, train.num_clients, 4),
-            batch_size=exp.config.client.batch_size,
-            max_local_steps=3,
-            num_steps=3,
-            num_clients=exp.cohort_slots,
-            seed=0,
-            round_num=r,
-        )
-        for r in rounds
-    ]
+    n = exp.data.train.num_clients
+    return [three_step_cohort(exp, fs.driver.cohorts.sample_clients(0, r, n, 4), r) for r in rounds]
 
 
 def _run(step, state, cohorts, first_round=1):
