@@ -358,7 +358,6 @@ class ServerSide(NamedTuple):
 class Setup(NamedTuple):
     """What an algorithm factory starts from (``setup``)."""
 
-    task: Task
     executor: Executor
     loss_fn: Callable
     hparams: dict[str, float]
@@ -375,8 +374,8 @@ def setup(
     client_optimizer: optax.GradientTransformation,
     server_optimizer: optax.GradientTransformation,
 ) -> Setup:
-    """The first lines of every factory, once: the model as a ``Task`` and its mean training
-    loss, the executor checked, ``weighting`` checked, the pipeline (default: the mean, no DP
+    """The first lines of every factory, once: the model's mean training loss (as a
+    ``Task``), the executor checked, ``weighting`` checked, the pipeline (default: the mean, no DP
     numbers), the hyperparameters ``state.hparams`` keeps (the pipeline's, the algorithm's
     ``own``, the injected ones of the two optimizers; ``hparams`` picks a subset with values)
     and the ``ServerSide`` (``server_optimizer`` over the pipeline). Positional, so a
@@ -384,7 +383,7 @@ def setup(
     pipeline, hparams, own, client_optimizer, server_optimizer)``.
 
     Returns:
-      ``Setup(task, executor, loss_fn, hparams, server)``.
+      ``Setup(executor, loss_fn, hparams, server)``.
 
     Raises:
       TypeError: an optimizer that is not an ``optax.GradientTransformation``.
@@ -409,7 +408,6 @@ def setup(
         **optimizer_hparams(server_optimizer, "server"),
     }
     return Setup(
-        task,
         (executor or Executor()).check(),
         mean_loss_fn(task, train=True),
         select_hparams(known, hparams),

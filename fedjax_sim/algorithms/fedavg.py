@@ -127,7 +127,7 @@ def fedopt(
             num_clients=num_clients or 0,
         )
     own = {PROXIMAL_MU: float(proximal_mu)}
-    _, executor, loss_fn, hparams, server = setup(
+    executor, loss_fn, hparams, server = setup(
         model, executor, weighting, pipeline, hparams, own, client_optimizer, server_optimizer
     )
 

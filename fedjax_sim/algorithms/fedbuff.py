@@ -102,7 +102,7 @@ def fedbuff(
             f"staleness_exponent must be >= 0 (0: no down-weighting), got {staleness_exponent}."
         )
     own = {STALENESS_EXPONENT: float(staleness_exponent)}
-    _, executor, loss_fn, hparams, server = setup(
+    executor, loss_fn, hparams, server = setup(
         model, executor, weighting, pipeline, hparams, own, client_optimizer, server_optimizer
     )
     depth = max_staleness + 1

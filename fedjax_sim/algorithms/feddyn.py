@@ -113,7 +113,7 @@ def feddyn(
         raise ValueError(f"num_clients must be a positive int (the population), got {num_clients}.")
     # theta - mean delta = mean theta_k: FedDyn's server has no learning rate (sgd(1.0)).
     own, server_optimizer = {ALPHA: float(alpha)}, optax.sgd(1.0)
-    _, executor, loss_fn, hparams, server = setup(
+    executor, loss_fn, hparams, server = setup(
         model, executor, "uniform", pipeline, hparams, own, client_optimizer, server_optimizer
     )
     hparams = {ALPHA: float(alpha), **hparams}

@@ -109,7 +109,7 @@ def fednova(
     client_optimizer = get_optimizer("sgd", float(client_learning_rate), inject=True, **extra)
     own = {PROXIMAL_MU: float(proximal_mu)}
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
-    _, executor, loss_fn, hparams, server = setup(
+    executor, loss_fn, hparams, server = setup(
         model, executor, weighting, pipeline, hparams, own, client_optimizer, server_optimizer
     )
 

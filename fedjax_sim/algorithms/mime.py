@@ -171,7 +171,7 @@ def _mime_family(
             "moves away from the clients' models."
         )
     own = {SERVER_LEARNING_RATE: float(server_learning_rate)}
-    _, executor, loss_fn, hparams, server = setup(
+    executor, loss_fn, hparams, server = setup(
         model, executor, weighting, pipeline, hparams, own, base_optimizer, optax.sgd(1.0)
     )
     # The server side's "optimizer" only holds s: the server rule replaces its step.

@@ -133,7 +133,7 @@ def scaffold(
         raise ValueError(f"num_clients must be >= 1 (the population), got {num_clients}.")
     num_clients = int(num_clients)
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
-    _, executor, loss_fn, hparams, server = setup(
+    executor, loss_fn, hparams, server = setup(
         model, executor, weighting, pipeline, hparams, None, client_optimizer, server_optimizer
     )
 
