@@ -282,7 +282,8 @@ def has_checkpoint(workdir: Path) -> bool:
 
 
 def load_state(workdir: str | Path, round_num: int | None = None):
-    """The saved state of ``workdir``'s latest (or given) checkpoint, as saved (numpy leaves).
+    """The saved state of ``workdir``'s latest (or given) checkpoint, as saved (numpy leaves),
+    whatever devices saved it.
 
     Without a target the pytree comes back as nested dicts/lists, not ``ServerState``.
     """
@@ -291,9 +292,20 @@ def load_state(workdir: str | Path, round_num: int | None = None):
         step = ckpt.latest_round() if round_num is None else round_num
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-        ocp = ckpt._ocp
-        out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-        return out["state"]
+        import jax
+        import numpy as np
+
+        # Onto this process's first device, whatever mesh saved it (a run sharded over 4
+        # devices reads back in a one-device process; Orbax alone refuses the topology).
+        ocp, device = ckpt._ocp, jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        saved = ocp.StandardCheckpointHandler().metadata(ckpt.directory / str(step) / "state")
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved
+        )
+        out = ckpt.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+        return jax.tree.map(np.asarray, out["state"])
     finally:
         ckpt.close()
 

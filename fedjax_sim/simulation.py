@@ -21,6 +21,7 @@ import numpy as np
 from fedjax_sim import algorithms, checkpoint, data, models
 from fedjax_sim.aggregators.adversary import Backdoor, backdoor_settings, check_backdoor
 from fedjax_sim.algorithms.base import AsyncSettings, BuildContext
+from fedjax_sim.core import execution
 from fedjax_sim.core.execution import Executor, client_mesh
 from fedjax_sim.core.task import Task, get_task
 from fedjax_sim.core.types import FederatedAlgorithm, Model
@@ -144,7 +145,7 @@ def build_experiment(
         capacity = cohort_capacity(systems, train.num_clients, config.clients_per_round)
     # Never more devices than clients in a cohort (each device would idle on padding).
     wanted = config.num_devices if num_devices is None else num_devices
-    wanted = wanted or len(jax.local_devices())
+    wanted = wanted or execution.default_num_devices()
     mesh = client_mesh(min(wanted, capacity))
     executor = Executor(config.strategy, config.chunk_size, mesh).check()
     executor = executor._replace(strategy=executor.resolved())  # the summary says which ran

@@ -1,10 +1,12 @@
-"""Test setup: several fake CPU devices, strict dtype promotion, fp32 determinism, and one
-persistent compilation cache for every test worker and the CLI runs the tests start."""
+"""Test setup: several fake CPU devices (for the tests that ask for them), strict dtype
+promotion, fp32 determinism, and one persistent compilation cache for every test worker and the
+CLI runs the tests start."""
 
 import os
 import tempfile
 
 import jax
+import pytest
 
 # The suite is compile-bound (hundreds of small round programs): LLVM's optimization level 0
 # compiles them faster and runs them a little slower. Measured on the 2-core machine, the same
@@ -36,5 +38,29 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_device_unless_asked():
+    """``num_devices=0`` ("all local devices") means one device in the tests, unless a test is
+    marked ``all_devices``; tests that pass a count (``num_devices=2``, ``client_mesh(4)``,
+    the contract's device cases) get what they ask for. Sharding every small round over 4
+    virtual devices on a 2-core machine made the suite compile and run SPMD programs it did not
+    need: measured on the 2-core machine, test_combinations + test_sweep + test_simulation
+    (-n2, empty caches) took 374 s on 4 devices and 288 s on 1."""
+    from fedjax_sim.core import execution
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(execution, "default_num_devices", lambda: 1)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _all_devices_where_marked(request, monkeypatch):
+    if request.node.get_closest_marker("all_devices"):
+        from fedjax_sim.core import execution
+
+        monkeypatch.setattr(execution, "default_num_devices", lambda: len(jax.local_devices()))
+
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -166,3 +166,29 @@ def test_a_checkpoint_of_an_older_format_is_refused_with_what_to_do(tmp_path):
     ckpt.close()
     with pytest.raises(checkpoint.ConfigMismatchError, match="format 1.*--overwrite"):
         fs.simulate(_small_config(num_rounds=8), tmp_path, progress=False)
+
+
+@pytest.mark.all_devices
+def test_load_state_reads_a_checkpoint_sharded_over_devices_it_does_not_have(tmp_path):
+    config = load_config("default:smoke")
+    config.num_rounds, config.eval_every = 1, 1
+    summary = fs.simulate(config, tmp_path, progress=False)
+    assert summary["devices"] == 4  # the cohort was split over this process's 4 devices
+    here = checkpoint.load_state(tmp_path)
+    code = (
+        "import sys, jax, numpy as np; jax.config.update('jax_num_cpu_devices', 1)\n"
+        "from fedjax_sim import checkpoint\n"
+        "state = checkpoint.load_state(sys.argv[1])\n"
+        "np.savez(sys.argv[2], *jax.tree.leaves(state))\n"
+    )
+    out = tmp_path / "leaves.npz"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    there = np.load(out)
+    leaves = jax.tree.leaves(here)
+    assert len(there.files) == len(leaves) > 0
+    for i, x in enumerate(leaves):
+        assert isinstance(x, np.ndarray)
+        assert there[f"arr_{i}"].tobytes() == x.tobytes()

@@ -123,6 +123,7 @@ def test_server_lr_and_momentum_axes_and_a_shape_axis_as_separate_programs(tmp_p
         assert m["summary"]["compiles"] == 1
 
 
+@pytest.mark.all_devices
 def test_members_match_multi_device_solo_runs_and_fedsgd(tmp_path, synthetic):
     """The solo run splits its cohort over the 4 fake devices (padded to 12 slots), which
     reorders the aggregation sums: equal within 1e-5. FedSGD sweeps its server optimizer."""

@@ -180,6 +180,12 @@ def scatter_client_states(
     )
 
 
+def default_num_devices() -> int:
+    """What ``num_devices=0`` (or ``None``) means wherever a count of devices is asked for:
+    every local device. (The test suite makes it 1 for tests that do not ask for more.)"""
+    return len(jax.local_devices())
+
+
 def client_mesh(num_devices: int | None = None) -> jax.sharding.Mesh | None:
     """A 1-D mesh named ``clients`` over the first ``num_devices`` local devices.
 
@@ -188,7 +194,7 @@ def client_mesh(num_devices: int | None = None) -> jax.sharding.Mesh | None:
     gives one device per core: a sequential round then runs one client loop per core.
     """
     devices = jax.local_devices()
-    n = len(devices) if not num_devices else num_devices
+    n = num_devices or default_num_devices()
     if n > len(devices):
         raise ValueError(f"asked for {n} devices but JAX sees {len(devices)}: {devices}.")
     if n <= 1:

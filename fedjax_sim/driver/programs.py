@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fedjax_sim import data
+from fedjax_sim.core import execution
 from fedjax_sim.core.execution import replicate
 from fedjax_sim.core.keys import INIT_SALT, round_key
 from fedjax_sim.core.types import Cohort, FederatedAlgorithm, Model, PyTree
@@ -184,7 +185,7 @@ class VectorProgram(_Program):
         self.hparams = {
             k: jnp.asarray([float(h[k]) for h in member_hparams], jnp.float32) for k in names
         }
-        n_dev = max(1, min(num_devices or len(jax.local_devices()), len(streams)))
+        n_dev = max(1, min(num_devices or execution.default_num_devices(), len(streams)))
         n_dev = min(n_dev, len(jax.local_devices()))
         self.mesh = None
         if n_dev > 1:
