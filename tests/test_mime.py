@@ -241,13 +241,13 @@ def test_bad_input_is_refused(name):
         _build(name, server__optimizer="adam")
     with pytest.raises(ValueError, match=r"does not support proximal_term \(client.proximal_mu"):
         _build(name, client__proximal_mu=0.1)
-    # The deltas go through the pipeline (a robust reducer, model poisoning); the gradients
-    # averaged beside it would be left unprotected by DP and uncounted by compression.
+    # The deltas go through the pipeline (a robust reducer, model poisoning, compression);
+    # the gradients averaged beside it would be left unprotected by DP or secure aggregation.
     assert _build(name, aggregator="median").hparams == _build(name).hparams
     with pytest.raises(ValueError, match=r"does not support dp \(dp.clip_norm"):
         _build(name, dp__clip_norm=0.1)
-    with pytest.raises(ValueError, match=r"does not support compression \(compression.method"):
-        _build(name, compression__method="sign")
+    with pytest.raises(ValueError, match=r"does not support secure_aggregation \(aggregator"):
+        _build(name, aggregator="secure")
     factory = getattr(fs, name)
     sgd = optax.sgd(0.1)
     with pytest.raises(ValueError, match=r"server_learning_rate must be >= 0"):

@@ -171,7 +171,6 @@ def test_bad_input_is_refused():
         fs.scaffold(MODEL, sgd, "sgd", num_clients=3)
     for field, value, match in [
         ("client.proximal_mu", 0.1, "'scaffold' does not support proximal_term"),
-        ("compression.method", "qsgd", r"'scaffold' does not support compression \(compression"),
         ("aggregator", "secure", "'scaffold' does not support secure_aggregation"),
         ("dp.clip_norm", 1.0, r"'scaffold' does not support dp \(dp.clip_norm=1.0\)"),
     ]:

@@ -88,7 +88,8 @@ def mime(
       hparams: the hyperparameters ``state.hparams`` keeps (default: all of them; a subset
         with their values).
       pipeline: the aggregation pipeline the deltas go through (default the mean); the
-        full-batch gradients (``c``, and MimeLite's for ``s``) are averaged beside it.
+        full-batch gradients (``c``, and MimeLite's for ``s``) are averaged beside it,
+        uncompressed.
 
     Returns:
       A ``FederatedAlgorithm`` whose state is a ``ServerState`` with the base optimizer's
@@ -355,21 +356,23 @@ def lite_messages(config, task, params) -> Messages:
 
 
 # The deltas go through the pipeline; the full-batch gradients are averaged beside it, in the
-# clear and uncompressed: DP, secure aggregation and compression would leave them out, so
-# they are refused. Mime's first pass (c) would see clean data while its second sees the
-# poisoned data, so it takes no data poisoning.
+# clear and uncompressed: DP and secure aggregation would leave them unprotected, so they are
+# refused; compression (with or without error feedback) compresses the deltas only, and the
+# bytes count the gradients in full (``messages``). Mime's first pass (c) would see clean data
+# while its second sees the poisoned data, so it takes no data poisoning.
+_COMPRESSION = {"compression", "error_feedback"}
 SPEC = AlgorithmSpec(
     build=build,
     hparams=hparams_of_config,
     description="Mime: client.* base optimizer, server-held state, control variates "
     "(Karimireddy et al. 2021)",
-    supports=frozenset({"robust_aggregation", "update_attack"}),
+    supports=frozenset({"robust_aggregation", "update_attack", *_COMPRESSION}),
     messages=messages,
 )
 LITE_SPEC = AlgorithmSpec(
     build=build_lite,
     hparams=hparams_of_config,
     description="MimeLite: client.* base optimizer, server-held state (Karimireddy et al. 2021)",
-    supports=frozenset({"robust_aggregation", "update_attack", "data_attack"}),
+    supports=frozenset({"robust_aggregation", "update_attack", "data_attack", *_COMPRESSION}),
     messages=lite_messages,
 )

@@ -121,9 +121,9 @@ def scaffold(
         of those with their values).
       pipeline: the aggregation pipeline the model deltas go through (default the mean).
         The control-variate deltas are summed outside it (``ClientOutput.extras``): a robust
-        reducer or a model-poisoning attack sees the model deltas only, and features that
-        would leave the control deltas unprotected or uncounted (DP, secure aggregation,
-        compression) are refused by the spec.
+        reducer, a model-poisoning attack and compression see the model deltas only (the
+        control deltas go up in full and are counted so); features that would leave the
+        control deltas unprotected (DP, secure aggregation) are refused by the spec.
 
     Returns:
       A ``FederatedAlgorithm`` whose state is a ``ScaffoldState``.
@@ -255,8 +255,17 @@ SPEC = AlgorithmSpec(
     hparams=hparams_of_config,
     config_defaults=config_defaults,
     description="SCAFFOLD: control variates, option II (Karimireddy et al. 2020)",
-    # The control deltas bypass the pipeline: DP, secure aggregation and compression would
-    # leave them unprotected or uncounted; error feedback needs the per-client slot c_i holds.
-    supports=frozenset({"robust_aggregation", "update_attack", "data_attack"}),
+    # The control deltas bypass the pipeline: DP and secure aggregation would leave them
+    # unprotected. Compression (with or without error feedback) compresses the model deltas;
+    # the control deltas go up in full, and the bytes count them so (``messages``).
+    supports=frozenset(
+        {
+            "robust_aggregation",
+            "update_attack",
+            "data_attack",
+            "compression",
+            "error_feedback",
+        }
+    ),
     messages=messages,
 )
