@@ -18,6 +18,12 @@ import pytest
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     os.environ["XLA_FLAGS"] = flags.strip()
+# One XLA thread per test worker: the suite runs one worker per core, and two workers whose
+# programs each use every core oversubscribe them. Measured on the 2-core machine, empty
+# caches: test_contract + test_sweep + test_algorithms (-n2) 262 s -> 237 s; the whole suite
+# (clean clone, .ci/run, 25 minutes apart, load 2.2-2.4 at the start) 774 s -> 723 s.
+if os.environ.get("PYTEST_XDIST_WORKER") and "multi_thread_eigen" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false"
 
 # Several virtual CPU devices, so code paths that see the device count are exercised.
 jax.config.update("jax_num_cpu_devices", 4)
