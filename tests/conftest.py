@@ -15,15 +15,16 @@ import pytest
 # algorithms' contract cases, -n2) 174 s -> 150 s. Results are the same programs' (every test
 # passes either way; none compares against numbers from a differently compiled program). Read
 # when the backend starts (after this file), so it reaches the CLI subprocesses too.
+OPT_LEVEL_0 = "--xla_backend_optimization_level=0"
+ONE_THREAD = "--xla_cpu_multi_thread_eigen=false"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-    os.environ["XLA_FLAGS"] = flags.strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + OPT_LEVEL_0).strip()
 # One XLA thread per test worker: the suite runs one worker per core, and two workers whose
 # programs each use every core oversubscribe them. Measured on the 2-core machine, empty
 # caches: test_contract + test_sweep + test_algorithms (-n2) 262 s -> 237 s; the whole suite
 # (clean clone, .ci/run, 25 minutes apart, load 2.2-2.4 at the start) 774 s -> 723 s.
 if os.environ.get("PYTEST_XDIST_WORKER") and "multi_thread_eigen" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false"
+    os.environ["XLA_FLAGS"] += " " + ONE_THREAD
 
 # Several virtual CPU devices, so code paths that see the device count are exercised.
 jax.config.update("jax_num_cpu_devices", 4)
@@ -56,17 +57,18 @@ def _one_device_unless_asked():
     (-n2, empty caches) took 374 s on 4 devices and 288 s on 1."""
     from fedjax_sim.core import execution
 
+    every_device = execution.default_num_devices
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(execution, "default_num_devices", lambda: 1)
-        yield
+        yield every_device
 
 
 @pytest.fixture(autouse=True)
-def _all_devices_where_marked(request, monkeypatch):
+def _all_devices_where_marked(request, monkeypatch, _one_device_unless_asked):
     if request.node.get_closest_marker("all_devices"):
         from fedjax_sim.core import execution
 
-        monkeypatch.setattr(execution, "default_num_devices", lambda: len(jax.local_devices()))
+        monkeypatch.setattr(execution, "default_num_devices", _one_device_unless_asked)
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
