@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fedjax_sim import algorithms, checkpoint, data, models
+from fedjax_sim import algorithms, checkpoint, data, features, models
 from fedjax_sim.aggregators.adversary import Backdoor, backdoor_settings, check_backdoor
 from fedjax_sim.algorithms.base import AsyncSettings, BuildContext
 from fedjax_sim.core import execution
@@ -83,9 +83,10 @@ def kwargs_of(node) -> dict[str, Any]:
     return dict(node.to_dict()) if node is not None else {}
 
 
-def build_algorithm(config, task: Task, executor: Executor, num_clients: int):
-    """The algorithm ``config.algorithm`` names, built by its registry entry."""
-    ctx = BuildContext(task=task, executor=executor, num_clients=num_clients)
+def build_algorithm(config, task: Task, executor: Executor, num_clients: int, pipeline=None):
+    """The algorithm ``config.algorithm`` names, built by its registry entry over ``pipeline``
+    (default: the one the config switches on, ``features.pipeline_of``)."""
+    ctx = BuildContext(task=task, executor=executor, num_clients=num_clients, pipeline=pipeline)
     return algorithms.build(config, ctx)
 
 
@@ -149,58 +150,23 @@ def build_experiment(
     mesh = client_mesh(min(wanted, capacity))
     executor = Executor(config.strategy, config.chunk_size, mesh).check()
     executor = executor._replace(strategy=executor.resolved())  # the summary says which ran
-    algorithm = build_algorithm(config, task, executor, train.num_clients)
+    pipeline = features.pipeline_of(config, task, train.num_clients)
+    algorithm = build_algorithm(config, task, executor, train.num_clients, pipeline)
     n_dev = executor.num_devices
     slots = -(-capacity // n_dev) * n_dev
-    # What a client receives and sends, as the algorithm declares it: the bytes the records
-    # count and the simulated clock transfers.
+    # What a client receives and sends, as the algorithm declares it, priced by the pipeline
+    # that was built: the bytes the records count and the simulated clock transfers.
     messages = spec.messages(config, task, jax.eval_shape(model.init, jax.random.key(0)))
-    update_bytes = tree_bytes(messages.update)
-    upload = upload_bytes_of(config, tree_size(messages.update), update_bytes)
+    upload = pipeline.upload_bytes(messages.update, int(config.clients_per_round))
     return Experiment(
         config, federated_data, model, task, algorithm, num_steps, executor, slots,
         tree_bytes(messages.down), async_settings, upload + tree_bytes(messages.extras),
     )  # fmt: skip
 
 
-def tree_size(tree) -> int:
-    """Numbers in a tree of arrays or shapes."""
-    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
-
-
 def tree_bytes(tree) -> int:
     """Bytes of a tree of arrays or shapes."""
     return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
-
-
-def upload_bytes_of(config, num_params: int, model_bytes: int) -> int:
-    """Bytes one client uploads: the model, its compressed update (``compression``:
-    ``aggregators.compression.bits_per_update``) or SecAgg's masked vector with its key
-    agreement and shares (``aggregator = "secure"``: ``aggregators.secure.secagg_bytes``)."""
-    from fedjax_sim.aggregators import compression, secure
-
-    if config.get("aggregator") == "secure":
-        kw = config.aggregator_kwargs.to_dict()
-        return int(
-            secure.secagg_bytes(
-                num_params,
-                int(config.clients_per_round),
-                int(kw.get("modulus_bits", 32)),
-                kw.get("neighbors"),
-            )["up"]
-        )
-    method, kw = compression_of(config)
-    if method == "none":
-        return model_bytes
-    return -(-compression.bits_per_update(method, num_params, **kw) // 8)
-
-
-def compression_of(config) -> tuple[str, dict]:
-    """``(compression.method, compression.kwargs)`` (``("none", {})`` where absent)."""
-    group = config.get("compression")
-    if group is None:
-        return "none", {}
-    return str(group.method), group.kwargs.to_dict()
 
 
 def backdoor_of(config) -> Backdoor | None:

@@ -9,7 +9,6 @@ import pytest
 
 import fedjax_sim as fs
 from fedjax_sim.aggregators import compression, secure
-from fedjax_sim.simulation import upload_bytes_of
 
 PARAMS = 60 * 10 + 10  # default:smoke's logreg on 60 features, 10 classes
 MODEL_BYTES = 4 * PARAMS
@@ -63,9 +62,12 @@ def test_secure_aggregation_uploads_its_masked_vector_and_protocol_messages():
     config = _config(aggregator="secure")
     config.aggregator_kwargs = fs.load_config("default").aggregator_kwargs
     config.aggregator_kwargs.clip_range, config.aggregator_kwargs.bits = 1.0, 8
-    expect = secure.secagg_bytes(PARAMS, 10, 32, None)["up"]
-    assert upload_bytes_of(config, PARAMS, MODEL_BYTES) == expect
-    assert expect > PARAMS * 4  # the 32-bit masked vector plus keys and shares
+    config.aggregator_kwargs.modulus_bits = 24
+    config.aggregator_kwargs.neighbors = 4
+    expect = secure.secagg_bytes(PARAMS, 10, 24, 4)["up"]
+    # 2 keys + 3 shares per partner (4 of them) of 32 bytes, and the 24-bit masked vector.
+    assert expect == 2 * 32 + 3 * 4 * 32 + math.ceil(PARAMS * 24 / 8)
+    assert fs.build_experiment(config).upload_bytes == expect
 
 
 def test_compression_shortens_the_simulated_upload():
@@ -142,3 +144,28 @@ def test_each_algorithm_counts_what_its_clients_receive_and_send(tmp_path):
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     clients = 2 * config.clients_per_round
     assert (record["bytes_down"], record["bytes_up"]) == (clients * 2 * MODEL_BYTES,) * 2
+
+
+def test_the_built_pipeline_prices_the_upload_from_its_own_components():
+    import jax
+    import jax.numpy as jnp
+
+    from fedjax_sim.aggregators.pipeline import build_pipeline
+
+    update = {
+        "w": jax.ShapeDtypeStruct((30, 10), jnp.float32),
+        "b": jax.ShapeDtypeStruct((10,), jnp.bfloat16),
+    }
+    d = 310
+    plain = build_pipeline()
+    assert plain.upload_bytes(update, 10) == 300 * 4 + 10 * 2  # the update's own dtypes
+    signs = build_pipeline(transforms=(compression.compress_updates("sign"),))
+    assert signs.upload_bytes(update, 10) == math.ceil(d / 8)
+    top = compression.compressor("top_k", ratio=0.1)
+    feedback = build_pipeline(error_feedback=top, num_clients=5)
+    assert feedback.upload_bytes(update, 10) == math.ceil(31 * (32 + 9) / 8)  # k (value, index)
+    masked = build_pipeline(weighting="uniform", aggregator=secure.secure_mean(1.0, 8))
+    assert masked.upload_bytes(update, 7) == secure.secagg_bytes(d, 7, 32)["up"]
+    # A compressor of the user's own without a bit count: the update's bytes, never a guess.
+    own = build_pipeline(error_feedback=lambda u, key: u, num_clients=5)
+    assert own.upload_bytes(update, 10) == plain.upload_bytes(update, 10)

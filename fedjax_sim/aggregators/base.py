@@ -22,11 +22,16 @@ class Aggregator(NamedTuple):
     ``from_sums(state, sum_weighted_updates, sum_weights, key)``, when set, computes the same
     aggregate from running sums, which the round accumulates inside the client loop instead
     of stacking every client's update (linear aggregators only).
+
+    ``upload_bytes(d, cohort_size)``, when set, is what one client sends through this reducer
+    for a ``d``-number update (secure aggregation's masked vector, keys and shares); ``None``:
+    the reducer takes the update as the clients' stage left it.
     """
 
     init: Callable[[PyTree], PyTree]
     apply: Callable[[PyTree, PyTree, Array, PRNGKey], tuple[PyTree, PyTree]]
     from_sums: Callable[[PyTree, PyTree, Array, PRNGKey], tuple[PyTree, PyTree]] | None = None
+    upload_bytes: Callable[[int, int], int] | None = None
 
 
 def aggregate(aggregator: Aggregator, state: PyTree, outputs, key: PRNGKey):

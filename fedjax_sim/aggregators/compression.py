@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +31,22 @@ from fedjax_sim.aggregators.base import Aggregator
 from fedjax_sim.aggregators.transforms import AggregationTransform, client_map
 from fedjax_sim.core.types import Array, PRNGKey, PyTree
 
-Compressor = Callable[[PyTree, PRNGKey], PyTree]
 ErrorFeedback = Callable[[PyTree, PyTree, PRNGKey], tuple[PyTree, PyTree]]
 
 FLOAT_BITS = 32
 SEED_BITS = 64  # a PRNG seed from which the server regenerates random-k's indices
+
+
+class Compressor(NamedTuple):
+    """A compressor and what it costs: called as ``compressor(update, key) -> decoded update``;
+    ``bits(d)`` is what one client sends for a ``d``-number update (``bits_per_update``), the
+    number the run's bytes report (``Pipeline.upload_bytes``)."""
+
+    apply: Callable[[PyTree, PRNGKey], PyTree]
+    bits: Callable[[int], int]
+
+    def __call__(self, update: PyTree, key: PRNGKey) -> PyTree:
+        return self.apply(update, key)
 
 
 def _validate_ratio(ratio: float) -> None:
@@ -185,7 +197,7 @@ def _index_bits(d: int) -> int:
     return (d - 1).bit_length()  # ceil(log2 d), exactly, for d >= 1
 
 
-def with_error_feedback(compress_fn: Compressor) -> ErrorFeedback:
+def with_error_feedback(compress_fn: Callable[[PyTree, PRNGKey], PyTree]) -> ErrorFeedback:
     """EF-SGD's error feedback around a compressor (Stich et al. 2018; Karimireddy et al. 2019,
     Algorithm 2).
 
@@ -275,8 +287,8 @@ def bits_per_update(method: str, d: int, **params) -> int:
 
 
 def compressor(method: str, **params) -> Compressor:
-    """The ``(update, key) -> update`` compressor named ``method`` (as in ``bits_per_update``;
-    ``random_k`` also takes ``unbiased``), with its parameters validated now."""
+    """The ``Compressor`` named ``method`` (as in ``bits_per_update``; ``random_k`` also takes
+    ``unbiased``), with its parameters validated now and its bit count."""
     builders = {
         "none": lambda: lambda x, key: x,
         "qsgd": lambda: _checked(
@@ -296,7 +308,7 @@ def compressor(method: str, **params) -> Compressor:
     if method not in builders:
         raise ValueError(f"unknown compression {method!r}; known: {', '.join(sorted(builders))}.")
     _check_required(method, params)
-    return builders[method]()
+    return Compressor(builders[method](), lambda d: bits_per_update(method, d, **params))
 
 
 REQUIRED = {"qsgd": "levels", "uniform": "bits", "top_k": "ratio", "random_k": "ratio"}
@@ -319,5 +331,6 @@ def _checked(validate, value, fn):
 def compress_updates(method: str, **params) -> AggregationTransform:
     """A client-stage ``AggregationTransform`` applying ``compressor(method, **params)`` to each
     client's update with its update key (stateless: no error feedback, whose residuals are
-    per-client state for the driver to keep)."""
-    return client_map(compressor(method, **params))
+    per-client state for the driver to keep); its ``upload_bits`` are the compressor's."""
+    compress = compressor(method, **params)
+    return client_map(compress)._replace(upload_bits=compress.bits)

@@ -16,8 +16,12 @@ an algorithm adds them to its own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import NamedTuple
+
+import jax
+import numpy as np
 
 from fedjax_sim.aggregators.adversary import FRACTION, Adversary
 from fedjax_sim.aggregators.base import Aggregator, weighted_mean
@@ -52,6 +56,23 @@ class Pipeline(NamedTuple):
     error_feedback: Compressor | None = None
     hparams: Mapping[str, float] = {}  # noqa: RUF012 (never mutated)
     num_clients: int = 0
+
+    def upload_bytes(self, update, cohort_size: int) -> int:
+        """Bytes one client uploads for ``update`` (a tree of arrays or shapes) as this
+        pipeline was built: the reducer's count where it has one (secure aggregation), else
+        the client stage's encoding (the compressor's bits, with or without error feedback),
+        else the update's own bytes. The run's ``bytes_up`` and simulated upload times are
+        this number."""
+        leaves = jax.tree.leaves(update)
+        d = sum(math.prod(a.shape) for a in leaves)
+        if self.aggregator.upload_bytes is not None:
+            return int(self.aggregator.upload_bytes(d, int(cohort_size)))
+        encoding = self.transforms.upload_bits
+        if self.error_feedback is not None:
+            encoding = getattr(self.error_feedback, "bits", None)
+        if encoding is None:
+            return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in leaves)
+        return -(-int(encoding(d)) // 8)
 
 
 def build_pipeline(

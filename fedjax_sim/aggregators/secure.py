@@ -523,7 +523,10 @@ def secure_mean(
         )
         return aggregate, state
 
-    return Aggregator(init=lambda params: (), apply=apply)
+    def upload_bytes(d, cohort_size):
+        return secagg_bytes(d, cohort_size, modulus_bits, neighbors)["up"]
+
+    return Aggregator(init=lambda params: (), apply=apply, upload_bytes=upload_bytes)
 
 
 def secagg_bytes(

@@ -57,13 +57,16 @@ class AggregationTransform(NamedTuple):
     """``init(params) -> state``; ``client(update, ctx) -> update`` per client (stateless, in
     the client loop); ``server(aggregate, state, ctx) -> (aggregate, state)`` once per round;
     ``metrics(state) -> {name: scalar}``, the transform's own round metrics read from its
-    state after the round (they reach ``metrics.jsonl``). Any of the last three may be
-    ``None``."""
+    state after the round (they reach ``metrics.jsonl``); ``upload_bits(d) -> bits``, what
+    one client sends for a ``d``-number update once this transform encoded it (a
+    compressor's count; ``None``: the transform does not change what is sent). Any of the
+    last four may be ``None``."""
 
     init: Callable[[Params], PyTree]
     client: Callable[[Params, ClientContext], Params] | None = None
     server: Callable[[Params, PyTree, ServerContext], tuple[Params, PyTree]] | None = None
     metrics: Callable[[PyTree], dict[str, Array]] | None = None
+    upload_bits: Callable[[int], int] | None = None
 
 
 def identity() -> AggregationTransform:
@@ -72,7 +75,8 @@ def identity() -> AggregationTransform:
 
 def chain(*transforms: AggregationTransform) -> AggregationTransform:
     """The transforms applied in order (client stages in order, then server stages in order);
-    the state is the tuple of their states."""
+    the state is the tuple of their states; what is sent is the last encoding's
+    (``upload_bits``)."""
     if not transforms:
         return identity()
     if len(transforms) == 1:
@@ -106,11 +110,13 @@ def chain(*transforms: AggregationTransform) -> AggregationTransform:
 
     has_server = any(t.server is not None for t in transforms)
     has_metrics = any(t.metrics is not None for t in transforms)
+    encodings = [t.upload_bits for t in transforms if t.upload_bits is not None]
     return AggregationTransform(
         init=init,
         client=client if clients else None,
         server=server if has_server else None,
         metrics=metrics if has_metrics else None,
+        upload_bits=encodings[-1] if encodings else None,
     )
 
 
