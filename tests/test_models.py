@@ -152,6 +152,9 @@ SPECS = {
     # stage4 (3*3*256*512 + 3*3*512*512 + 2048 + 256*512 + 1024) + (2*3*3*512*512 + 2048)
     #   = 3673088 + 4720640 = 8393728; dense 512*10+10 = 5130
     "resnet18_gn": (10, (32, 32, 3), 11_173_962),
+    # wte and wpe 2 x 80*64; per block 2 LayerNorms 2*128, q, k, v, o 4*(64*64 + 64), the MLP
+    # 64*256 + 256 + 256*64 + 64 = 49,984; two blocks, ln_f 128; the head is wte's.
+    "transformer": (80, (80,), 2 * 80 * 64 + 2 * 49_984 + 128),
 }
 
 
@@ -188,7 +191,10 @@ def test_parameter_count(name):
     assert model.name == name and model.input_shape == SPECS[name][1]
 
 
-@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n != "resnet18_gn"])
+# resnet18_gn: its own test; transformer: per-position logits (tests/test_transformer_lora.py).
+@pytest.mark.parametrize(
+    "name", [n for n in MODEL_NAMES if n not in ("resnet18_gn", "transformer")]
+)
 def test_output_shape_jit_and_loss(name):
     model, params = model_and_params(name)
     num_classes = SPECS[name][0]

@@ -16,6 +16,7 @@ from fedjax_sim.models.base import count_params, model_from_linen, softmax_cross
 from fedjax_sim.models.cnn import cnn_emnist, cnn_femnist, cnn_mcmahan
 from fedjax_sim.models.conv import conv, conv2d, conv_general_dilated
 from fedjax_sim.models.linear import logreg
+from fedjax_sim.models.lora import adapters_only, transformer_model
 from fedjax_sim.models.mlp import mlp
 from fedjax_sim.models.preprocess import with_image_preprocessing
 from fedjax_sim.models.resnet import resnet18_gn
@@ -29,6 +30,7 @@ _REGISTRY: dict[str, Callable[..., Model]] = {
     "cnn_femnist": cnn_femnist,
     "lstm_shakespeare": lstm_shakespeare,
     "resnet18_gn": resnet18_gn,
+    "transformer": transformer_model,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)  # the built-in models
@@ -100,6 +102,7 @@ def get_model(
 
 __all__ = [
     "MODEL_NAMES",
+    "adapters_only",
     "cnn_emnist",
     "cnn_femnist",
     "cnn_mcmahan",
@@ -116,4 +119,5 @@ __all__ = [
     "register",
     "resnet18_gn",
     "softmax_cross_entropy",
+    "transformer_model",
 ]

@@ -1,0 +1,263 @@
+"""LoRA adapters as a model's only trained parameters, over a frozen base held once.
+
+``adapters_only(model, base_params)`` is a ``Model`` whose parameters are the LoRA factors
+(every ``lora_a`` / ``lora_b`` leaf) and whose ``apply`` runs the full model with the frozen
+base beside them. Every algorithm and every aggregation feature then trains, sends, clips,
+compresses and aggregates adapters without knowing it: to them the adapters are the model.
+The base is a constant of the round program: JAX passes it as an argument rather than embedding
+it (arrays over ``jax_embedded_constants_max_bytes``), and under ``vmap`` over clients it is not
+batched, so a cohort of any size shares one copy.
+
+``merged(params, scale)`` folds adapters into the base (``W + scale A B``); ``read_gpt2`` reads a
+GPT-2 checkpoint (Hugging Face's safetensors layout) into ``models.transformer``'s layout.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from fedjax_sim.core.types import Model, Params
+
+ADAPTER_LEAVES = ("lora_a", "lora_b")
+
+
+def is_adapter(path: tuple[str, ...]) -> bool:
+    """Whether a flattened parameter path names a LoRA factor."""
+    return path[-1] in ADAPTER_LEAVES
+
+
+def split(params: Params) -> tuple[Params, Params]:
+    """``(adapters, base)``: the LoRA factors and every other leaf, as two nested dicts."""
+    flat = traverse_util.flatten_dict(dict(params))
+    adapters = {k: v for k, v in flat.items() if is_adapter(k)}
+    base = {k: v for k, v in flat.items() if not is_adapter(k)}
+    return traverse_util.unflatten_dict(adapters), traverse_util.unflatten_dict(base)
+
+
+def combine(adapters: Params, base: Params) -> Params:
+    """The full parameter tree of ``adapters`` and ``base`` (``split``'s inverse)."""
+    flat = traverse_util.flatten_dict(dict(base))
+    flat.update(traverse_util.flatten_dict(dict(adapters)))
+    return traverse_util.unflatten_dict(flat)
+
+
+def adapters_only(model: Model, base_params: Params) -> Model:
+    """``model`` (built with LoRA adapters) as a model whose parameters are its adapters.
+
+    Args:
+      model: a model whose parameters hold ``lora_a`` / ``lora_b`` leaves
+        (``transformer(..., lora_rank=r)``).
+      base_params: its parameters; every leaf but the adapters' is the frozen base (from a
+        checkpoint, or ``split(model.init(key))[1]``). Adapter leaves here are ignored.
+
+    Returns:
+      A ``Model``: ``init(key)`` gives fresh adapters (``A`` random, ``B`` zero), ``apply``
+      runs ``model`` on the adapters and the frozen base. Its ``name`` is the model's with
+      ``+lora``.
+
+    Raises:
+      ValueError: the model has no adapters, or ``base_params`` lacks a leaf of the model's
+        base or has one of another shape.
+    """
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    adapter_shapes, base_shapes = split(shapes)
+    if not jax.tree.leaves(adapter_shapes):
+        raise ValueError(f"model {model.name!r} has no LoRA adapters; build it with lora_rank > 0.")
+    _, base = split(base_params)
+    _check_same_shapes(base_shapes, base)
+    base = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), base)
+
+    def init(key):
+        return split(model.init(key))[0]
+
+    def apply(adapters, x, *, train, key=None):
+        return model.apply(combine(adapters, base), x, train=train, key=key)
+
+    return model._replace(init=init, apply=apply, name=f"{model.name}+lora")
+
+
+def _check_same_shapes(want: Params, got: Params) -> None:
+    want_flat = traverse_util.flatten_dict(dict(want))
+    got_flat = traverse_util.flatten_dict(dict(got))
+    missing = sorted("/".join(k) for k in set(want_flat) - set(got_flat))
+    extra = sorted("/".join(k) for k in set(got_flat) - set(want_flat))
+    if missing or extra:
+        raise ValueError(
+            f"the base parameters do not fit the model: missing {missing[:4]}, unexpected "
+            f"{extra[:4]}; build the model with the checkpoint's sizes."
+        )
+    for k, w in want_flat.items():
+        if tuple(w.shape) != tuple(np.shape(got_flat[k])):
+            raise ValueError(
+                f"the base parameter {'/'.join(k)} has shape {np.shape(got_flat[k])}, the model "
+                f"{tuple(w.shape)}; build the model with the checkpoint's sizes."
+            )
+
+
+def merged(params: Params, scale: float) -> Params:
+    """The base with every adapter folded in, ``kernel + scale * lora_a @ lora_b``, and the
+    adapters dropped: the parameters of the same model without LoRA (``lora_rank=0``)."""
+    flat = traverse_util.flatten_dict(dict(params))
+    out = {k: v for k, v in flat.items() if not is_adapter(k)}
+    for k in flat:
+        if k[-1] == "lora_a":
+            prefix = k[:-1]
+            a, b = flat[k], flat[(*prefix, "lora_b")]
+            out[(*prefix, "kernel")] = out[(*prefix, "kernel")] + scale * (a @ b)
+    return traverse_util.unflatten_dict(out)
+
+
+# ---------------------------------------------------------------- GPT-2 checkpoints
+
+
+def read_gpt2(path: str | os.PathLike) -> tuple[Params, dict[str, int]]:
+    """A GPT-2 checkpoint in Hugging Face's safetensors layout, as ``transformer``'s base.
+
+    The layout: ``wte.weight`` ``[vocab, width]``, ``wpe.weight`` ``[context, width]``, per
+    block ``h.{i}.ln_1``, ``h.{i}.attn.c_attn`` (the fused q, k, v projection, ``weight``
+    ``[width, 3 width]`` applied as ``x W``), ``h.{i}.attn.c_proj``, ``h.{i}.ln_2``,
+    ``h.{i}.mlp.c_fc``, ``h.{i}.mlp.c_proj``, and ``ln_f``; names may carry a
+    ``transformer.`` prefix (a saved ``GPT2LMHeadModel``), and the tied ``lm_head.weight`` and
+    attention-mask buffers are skipped.
+
+    Args:
+      path: the ``.safetensors`` file.
+
+    Returns:
+      ``(base params, sizes)`` with ``sizes`` the ``transformer`` arguments it fits:
+      ``num_classes``, ``context``, ``num_layers``, ``width`` (the head count is not stored:
+      pass GPT-2's, 12 for the 124M model).
+
+    Raises:
+      FileNotFoundError / ValueError: a missing file, or one without GPT-2's tensors.
+    """
+    from safetensors.numpy import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no GPT-2 checkpoint at {path}: give a .safetensors file.")
+    raw = load_file(str(path))
+    t = {k.removeprefix("transformer."): v for k, v in raw.items()}
+    if "wte.weight" not in t or "wpe.weight" not in t:
+        raise ValueError(f"{path} is not a GPT-2 checkpoint (no wte.weight / wpe.weight).")
+    num_layers = 1 + max(int(k.split(".")[1]) for k in t if k.startswith("h."))
+    vocab, width = t["wte.weight"].shape
+
+    def dense(prefix):
+        return {"kernel": t[f"{prefix}.weight"], "bias": t[f"{prefix}.bias"]}
+
+    def norm(prefix):
+        return {"scale": t[f"{prefix}.weight"], "bias": t[f"{prefix}.bias"]}
+
+    params: dict = {"Embed_0": {"embedding": t["wte.weight"]}, "wpe": t["wpe.weight"]}
+    for i in range(num_layers):
+        h = f"h.{i}"
+        qkv_w = np.split(t[f"{h}.attn.c_attn.weight"], 3, axis=1)
+        qkv_b = np.split(t[f"{h}.attn.c_attn.bias"], 3)
+        block = {
+            "ln_1": norm(f"{h}.ln_1"),
+            "ln_2": norm(f"{h}.ln_2"),
+            "o": dense(f"{h}.attn.c_proj"),
+            "mlp_in": dense(f"{h}.mlp.c_fc"),
+            "mlp_out": dense(f"{h}.mlp.c_proj"),
+        }
+        for name, w, b in zip(("q", "k", "v"), qkv_w, qkv_b, strict=True):
+            block[name] = {"kernel": w, "bias": b}
+        params[f"block_{i}"] = block
+    params["ln_f"] = norm("ln_f")
+    params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+    sizes = {
+        "num_classes": int(vocab),
+        "context": int(t["wpe.weight"].shape[0]),
+        "num_layers": num_layers,
+        "width": int(width),
+    }
+    return params, sizes
+
+
+def write_gpt2(path: str | os.PathLike, params: Mapping) -> None:
+    """``transformer`` base parameters (learned positions, no adapters) saved in GPT-2's
+    safetensors layout (``read_gpt2``'s inverse): a base pre-trained here can be shared as a
+    GPT-2-style checkpoint."""
+    from safetensors.numpy import save_file
+
+    p = jax.tree.map(np.asarray, dict(params))
+    out = {"wte.weight": p["Embed_0"]["embedding"], "wpe.weight": p["wpe"]}
+    blocks = sorted((k for k in p if k.startswith("block_")), key=lambda k: int(k[6:]))
+    for i, name in enumerate(blocks):
+        b, h = p[name], f"h.{i}"
+        out[f"{h}.attn.c_attn.weight"] = np.concatenate(
+            [b[n]["kernel"] for n in ("q", "k", "v")], axis=1
+        )
+        out[f"{h}.attn.c_attn.bias"] = np.concatenate([b[n]["bias"] for n in ("q", "k", "v")])
+        for ours, theirs in (
+            ("o", "attn.c_proj"),
+            ("mlp_in", "mlp.c_fc"),
+            ("mlp_out", "mlp.c_proj"),
+        ):
+            out[f"{h}.{theirs}.weight"], out[f"{h}.{theirs}.bias"] = (
+                b[ours]["kernel"],
+                b[ours]["bias"],
+            )
+        for ln in ("ln_1", "ln_2"):
+            out[f"{h}.{ln}.weight"], out[f"{h}.{ln}.bias"] = b[ln]["scale"], b[ln]["bias"]
+    out["ln_f.weight"], out["ln_f.bias"] = p["ln_f"]["scale"], p["ln_f"]["bias"]
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}, str(path))
+
+
+# ---------------------------------------------------------------- the registry's transformer
+
+
+def transformer_model(
+    *,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    base: str = "",
+    base_seed: int = 0,
+    **kwargs,
+) -> Model:
+    """The model registry's ``transformer`` (``config.model.kwargs``): ``transformer(...)``
+    started from a base.
+
+    Args:
+      num_classes: the vocabulary size.
+      input_shape: ``(context,)``.
+      base: a GPT-2-layout ``.safetensors`` file (``read_gpt2``; its vocabulary and width
+        must be the model's, its context at least as long), or ``""`` for a random base
+        drawn from ``base_seed`` (tests, smoke runs).
+      base_seed: the random base's seed.
+      **kwargs: ``transformer``'s other arguments (``num_layers``, ``width``, ``lora_rank``...).
+
+    Returns:
+      With ``lora_rank > 0``, ``adapters_only`` over the base (the adapters are the model's
+      parameters); else the whole transformer, whose ``init`` returns the base when one is
+      given (full-parameter fine-tuning).
+    """
+    from fedjax_sim.models.transformer import transformer
+
+    model = transformer(num_classes=num_classes, input_shape=input_shape, **kwargs)
+    plain_kwargs = {k: v for k, v in kwargs.items() if not k.startswith("lora_")}
+    plain = transformer(num_classes=num_classes, input_shape=input_shape, **plain_kwargs)
+    if base:
+        params, sizes = read_gpt2(base)
+        context = int(input_shape[0])
+        if sizes["context"] < context:
+            raise ValueError(
+                f"{base} has {sizes['context']} positions, the model's context is {context}: "
+                "use a shorter model.input_shape."
+            )
+        params["wpe"] = params["wpe"][:context]
+    else:
+        params = plain.init(jax.random.key(int(base_seed)))
+    if kwargs.get("lora_rank", 0):
+        return adapters_only(model, params)
+    if not base:
+        return plain
+    _check_same_shapes(jax.eval_shape(plain.init, jax.random.key(0)), params)
+    frozen_start = jax.tree.map(jnp.asarray, params)
+    return plain._replace(init=lambda key: frozen_start)

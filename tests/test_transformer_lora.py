@@ -1,0 +1,313 @@
+"""The decoder-only transformer and its LoRA adapters, against independent references: a NumPy
+GPT-2 forward pass on a checkpoint written here in Hugging Face's safetensors layout, merged
+weights against the adapter path, and the frozen base through federated training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+from safetensors.numpy import save_file
+
+import fedjax_sim as fs
+from fedjax_sim.core.task import next_token_task
+from fedjax_sim.core.types import Cohort
+from fedjax_sim.models import lora
+from fedjax_sim.models.transformer import parse_targets, rotary, transformer
+
+VOCAB, CONTEXT, WIDTH, HEADS, LAYERS = 13, 8, 16, 2, 2
+
+
+def _gpt2_tensors(seed=0):
+    """A tiny GPT-2 checkpoint's tensors, as Hugging Face names them (with the prefix and the
+    buffers a saved GPT2LMHeadModel has)."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, s=0.3):
+        return (s * rng.standard_normal(shape)).astype(np.float32)
+
+    t = {"transformer.wte.weight": w(VOCAB, WIDTH), "transformer.wpe.weight": w(CONTEXT, WIDTH)}
+    for i in range(LAYERS):
+        h = f"transformer.h.{i}"
+        t.update({
+            f"{h}.ln_1.weight": 1 + w(WIDTH, s=0.1), f"{h}.ln_1.bias": w(WIDTH, s=0.1),
+            f"{h}.attn.c_attn.weight": w(WIDTH, 3 * WIDTH), f"{h}.attn.c_attn.bias": w(3 * WIDTH),
+            f"{h}.attn.c_proj.weight": w(WIDTH, WIDTH), f"{h}.attn.c_proj.bias": w(WIDTH),
+            f"{h}.attn.bias": np.tril(np.ones((1, 1, CONTEXT, CONTEXT), np.float32)),
+            f"{h}.ln_2.weight": 1 + w(WIDTH, s=0.1), f"{h}.ln_2.bias": w(WIDTH, s=0.1),
+            f"{h}.mlp.c_fc.weight": w(WIDTH, 4 * WIDTH), f"{h}.mlp.c_fc.bias": w(4 * WIDTH),
+            f"{h}.mlp.c_proj.weight": w(4 * WIDTH, WIDTH), f"{h}.mlp.c_proj.bias": w(WIDTH),
+        })  # fmt: skip
+    t["transformer.ln_f.weight"], t["transformer.ln_f.bias"] = 1 + w(WIDTH, s=0.1), w(WIDTH)
+    t["lm_head.weight"] = t["transformer.wte.weight"]
+    return t
+
+
+def _gpt2_numpy(t, ids):
+    """GPT-2's forward pass in float64 NumPy, written from the paper's description."""
+    t = {k.removeprefix("transformer."): v.astype(np.float64) for k, v in t.items()}
+
+    def ln(x, p):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-5) * t[f"{p}.weight"] + t[f"{p}.bias"]
+
+    def gelu(x):
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+    def heads(y):
+        b, s, _ = y.shape
+        return y.reshape(b, s, HEADS, WIDTH // HEADS).transpose(0, 2, 1, 3)
+
+    n = ids.shape[1]
+    x = t["wte.weight"][ids] + t["wpe.weight"][:n]
+    for i in range(LAYERS):
+        h = f"h.{i}"
+        qkv = ln(x, f"{h}.ln_1") @ t[f"{h}.attn.c_attn.weight"] + t[f"{h}.attn.c_attn.bias"]
+        q, k, v = (heads(a) for a in np.split(qkv, 3, axis=-1))
+        att = q @ k.transpose(0, 1, 3, 2) / np.sqrt(WIDTH // HEADS)
+        att = np.where(np.tril(np.ones((n, n), bool)), att, -np.inf)
+        att = np.exp(att - att.max(-1, keepdims=True))
+        y = (att / att.sum(-1, keepdims=True)) @ v
+        y = y.transpose(0, 2, 1, 3).reshape(x.shape)
+        x = x + y @ t[f"{h}.attn.c_proj.weight"] + t[f"{h}.attn.c_proj.bias"]
+        m = gelu(ln(x, f"{h}.ln_2") @ t[f"{h}.mlp.c_fc.weight"] + t[f"{h}.mlp.c_fc.bias"])
+        x = x + m @ t[f"{h}.mlp.c_proj.weight"] + t[f"{h}.mlp.c_proj.bias"]
+    return ln(x, "ln_f") @ t["wte.weight"].T
+
+
+def _ids(seed=1, batch=3, length=CONTEXT):
+    return np.random.default_rng(seed).integers(0, VOCAB, (batch, length)).astype(np.int32)
+
+
+def _model(**kw):
+    kw = {"num_layers": LAYERS, "width": WIDTH, "num_heads": HEADS, **kw}
+    return transformer(num_classes=VOCAB, input_shape=(CONTEXT,), **kw)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2") / "model.safetensors"
+    tensors = _gpt2_tensors()
+    save_file(tensors, str(path))
+    return path, tensors
+
+
+def test_a_gpt2_checkpoint_gives_gpt2s_logits(checkpoint):
+    path, tensors = checkpoint
+    base, sizes = lora.read_gpt2(path)
+    assert sizes == {"num_classes": VOCAB, "context": CONTEXT, "num_layers": LAYERS, "width": WIDTH}
+    ids = _ids()
+    got = _model().apply(base, ids, train=False)
+    np.testing.assert_allclose(got, _gpt2_numpy(tensors, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_write_gpt2_is_read_gpt2s_inverse(checkpoint, tmp_path):
+    base, _ = lora.read_gpt2(checkpoint[0])
+    lora.write_gpt2(tmp_path / "again.safetensors", base)
+    again, _ = lora.read_gpt2(tmp_path / "again.safetensors")
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused(checkpoint, tmp_path):
+    base, _ = lora.read_gpt2(checkpoint[0])
+    wide = _model(width=2 * WIDTH, lora_rank=2)
+    with pytest.raises(ValueError, match=r"has shape .* build the model with the checkpoint"):
+        lora.adapters_only(wide, base)
+    with pytest.raises(FileNotFoundError, match="no GPT-2 checkpoint"):
+        lora.read_gpt2(tmp_path / "absent.safetensors")
+    save_file({"x": np.zeros(3, np.float32)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a GPT-2 checkpoint"):
+        lora.read_gpt2(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="has no LoRA adapters"):
+        lora.adapters_only(_model(), base)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_no_position_sees_a_later_token(positions):
+    model = _model(positions=positions)
+    params = model.init(jax.random.key(0))
+    ids = _ids()
+    changed = ids.copy()
+    changed[:, 5] = (changed[:, 5] + 1) % VOCAB
+    a, b = model.apply(params, ids, train=False), model.apply(params, changed, train=False)
+    np.testing.assert_array_equal(a[:, :5], b[:, :5])
+    assert not np.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_rotary_scores_depend_on_the_offset_only():
+    q, k = jax.random.normal(jax.random.key(0), (2, 6, 1, 8))
+    pos = jnp.arange(6)
+
+    def scores(shift):
+        return jnp.einsum("qhd,khd->qk", rotary(q, pos + shift), rotary(k, pos + shift))
+
+    np.testing.assert_allclose(scores(0), scores(37), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(  # a rotation keeps each pair's norm
+        jnp.linalg.norm(rotary(q, pos), axis=-1), jnp.linalg.norm(q, axis=-1), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_fresh_adapters_leave_the_base_bitwise_unchanged(positions):
+    plain = _model(positions=positions)
+    base = plain.init(jax.random.key(3))
+    adapted = lora.adapters_only(
+        _model(positions=positions, lora_rank=4, lora_targets="attention,mlp"), base
+    )
+    adapters = adapted.init(jax.random.key(4))
+    flat = traverse_util.flatten_dict(adapters)
+    assert {k[-1] for k in flat} == {"lora_a", "lora_b"} and len(flat) == 2 * 6 * LAYERS
+    assert all(not np.any(v) for k, v in flat.items() if k[-1] == "lora_b")
+    assert all(np.any(v) for k, v in flat.items() if k[-1] == "lora_a")
+    ids = _ids()
+    np.testing.assert_array_equal(
+        adapted.apply(adapters, ids, train=False), plain.apply(base, ids, train=False)
+    )
+
+
+@pytest.mark.parametrize("targets", ["q,v", "attention,mlp", "mlp_out"])
+def test_merged_weights_give_the_adapter_paths_logits(targets):
+    rank, alpha = 4, 8.0
+    model = _model(lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
+    params = model.init(jax.random.key(5))
+    # Nonzero B, as after training.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, v: (
+            0.2 * jax.random.normal(jax.random.key(len(path)), v.shape)
+            if path[-1].key == "lora_b"
+            else v
+        ),
+        params,
+    )
+    ids = _ids()
+    merged = lora.merged(params, alpha / rank)
+    assert not any(k[-1].startswith("lora") for k in traverse_util.flatten_dict(merged))
+    adapter_path = model.apply(params, ids, train=False)
+    np.testing.assert_allclose(
+        _model().apply(merged, ids, train=False), adapter_path, rtol=1e-5, atol=1e-5
+    )
+    # The adapters do change the model.
+    assert not np.allclose(adapter_path, _model().apply(lora.split(params)[1], ids, train=False))
+
+
+def test_lora_dropout_needs_a_key_and_is_off_at_evaluation():
+    model = _model(lora_rank=2, lora_dropout=0.5)
+    params = model.init(jax.random.key(0))
+    with pytest.raises(ValueError, match="needs a PRNG `key`"):
+        model.apply(params, _ids(), train=True)
+    a = model.apply(params, _ids(), train=True, key=jax.random.key(1))
+    b = model.apply(params, _ids(), train=False)
+    assert a.shape == b.shape
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="unknown LoRA target 'qq'"):
+        parse_targets("q,qq")
+    assert parse_targets(["attention", "q", "mlp"]) == ("q", "k", "v", "o", "mlp_in", "mlp_out")
+    with pytest.raises(ValueError, match="must split into 3 heads"):
+        _model(num_heads=3)
+    with pytest.raises(ValueError, match="unknown positions"):
+        _model(positions="alibi")
+    with pytest.raises(ValueError, match="lora_rank must be >= 0"):
+        _model(lora_rank=-1)
+
+
+def _lm_cohort(num_clients=4, steps=2, batch=2, seed=0):
+    """Each client's sequences: a repeated phrase of its own (learnable next tokens)."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((num_clients, steps, batch, CONTEXT + 1), np.int32)
+    for c in range(num_clients):
+        phrase = rng.integers(1, VOCAB, 3)
+        x[c] = np.resize(phrase, CONTEXT + 1)
+    return Cohort(
+        batches={"x": jnp.asarray(x[..., :-1]), "y": jnp.asarray(x[..., 1:])},
+        mask=jnp.ones((num_clients, steps, batch), bool),
+        num_examples=jnp.full((num_clients,), float(steps * batch)),
+        client_ids=jnp.arange(num_clients, dtype=jnp.int32),
+    )
+
+
+def test_federated_training_moves_the_adapters_only():
+    base = _model().init(jax.random.key(0))
+    base_copy = jax.tree.map(np.array, base)
+    model = lora.adapters_only(_model(lora_rank=4, lora_targets="attention,mlp"), base)
+    task = next_token_task(model, pad_id=-1)
+    algo = fs.algorithms.fedavg(task, optax.sgd(0.1))
+    state = algo.init(model.init(jax.random.key(1)))
+    start = jax.tree.map(np.array, state.params)
+    cohort = _lm_cohort()
+    loss = []
+    for r in range(3):
+        state, metrics = jax.jit(algo.apply)(state, cohort, jax.random.key(r))
+        loss.append(float(metrics["train_loss"]))
+    assert loss[-1] < loss[0]
+    # The federated parameters are the adapters; both factors moved (B from zero).
+    assert jax.tree.structure(state.params) == jax.tree.structure(start)
+    flat = traverse_util.flatten_dict(state.params)
+    assert all(not np.array_equal(v, traverse_util.flatten_dict(start)[k]) for k, v in flat.items())
+    # The base is untouched.
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(base_copy), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_registrys_transformer_starts_from_a_checkpoint(checkpoint):
+    path, tensors = checkpoint
+    sizes = {"num_layers": LAYERS, "width": WIDTH, "num_heads": HEADS}
+    ids = _ids(length=6)
+    want = _gpt2_numpy(tensors, ids)  # the checkpoint's first 6 positions
+    full = fs.models.get_model(
+        "transformer", num_classes=VOCAB, input_shape=(6,), base=str(path), **sizes
+    )
+    start = full.init(jax.random.key(0))  # full fine-tuning starts from the checkpoint
+    np.testing.assert_allclose(full.apply(start, ids, train=False), want, rtol=1e-5, atol=1e-5)
+    adapted = fs.models.get_model(
+        "transformer", num_classes=VOCAB, input_shape=(6,), base=str(path), lora_rank=2, **sizes
+    )
+    adapters = adapted.init(jax.random.key(0))
+    assert {k[-1] for k in traverse_util.flatten_dict(adapters)} == {"lora_a", "lora_b"}
+    np.testing.assert_allclose(
+        adapted.apply(adapters, ids, train=False), want, rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="has 8 positions, the model's context is 9"):
+        fs.models.get_model(
+            "transformer", num_classes=VOCAB, input_shape=(9,), base=str(path), **sizes
+        )
+    # No checkpoint: a random base of the seed, the same for every build.
+    a, b = (
+        fs.models.get_model(
+            "transformer", num_classes=VOCAB, input_shape=(6,), lora_rank=2, **sizes
+        )
+        for _ in range(2)
+    )
+    np.testing.assert_array_equal(
+        a.apply(adapters, ids, train=False), b.apply(adapters, ids, train=False)
+    )
+
+
+@pytest.mark.parametrize("name", sorted(fs.algorithms.BUILT_IN))
+def test_every_algorithm_trains_the_adapters_of_a_frozen_base(name):
+    """Each registered algorithm, built from a config over a LoRA model: two rounds train the
+    adapters (the only parameters the algorithm sees) and leave their structure unchanged."""
+    # One block (FedPer and FedRep: two, a shared body below the personal head).
+    small = {"num_layers": 2 if name in ("fedper", "fedrep") else 1, "width": 8, "num_heads": 2}
+    base = _model(**small).init(jax.random.key(0))
+    model = lora.adapters_only(_model(lora_rank=2, **small), base)
+    config = fs.load_config("default:smoke")
+    fs.algorithms.switch_algorithm(config, name)
+    ctx = fs.algorithms.BuildContext(next_token_task(model, pad_id=-1), fs.Executor("vmap"), 4)
+    algo = fs.algorithms.build(config, ctx)
+    adapters = model.init(jax.random.key(1))
+    state = algo.init(adapters)
+    cohort = _lm_cohort()._replace(info={"staleness": jnp.zeros((4,), jnp.int32)})
+    step = jax.jit(algo.apply)
+    for r in range(2):
+        state, metrics = step(state, cohort, jax.random.key(r))
+        assert np.isfinite(float(metrics["train_loss"]))
+    assert jax.tree.structure(state.params) == jax.tree.structure(adapters)
+    moved = [
+        not np.array_equal(a, b) for a, b in zip(*map(jax.tree.leaves, (state.params, adapters)))
+    ]
+    assert any(moved)
