@@ -311,3 +311,80 @@ def test_every_algorithm_trains_the_adapters_of_a_frozen_base(name):
         not np.array_equal(a, b) for a, b in zip(*map(jax.tree.leaves, (state.params, adapters)))
     ]
     assert any(moved)
+
+
+def test_averaging_factors_leaves_a_gap_that_stacking_and_a_frozen_a_close():
+    rng = np.random.default_rng(0)
+    n, d_in, d_out, r = 4, 12, 9, 2
+    a = rng.standard_normal((n, d_in, r)).astype(np.float32)
+    b = rng.standard_normal((n, r, d_out)).astype(np.float32)
+    w = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+    exact = np.einsum("n,nij,njk->ik", w / w.sum(), a.astype(np.float64), b)
+    mean_a, mean_b = (np.tensordot(w / w.sum(), f, 1) for f in (a, b))
+    gap = np.abs(mean_a @ mean_b - exact).max()
+    assert gap > 0.3 * np.abs(exact).max()  # FedAvg of the factors is not the mean product
+    big_a, big_b = lora.stacked(jnp.asarray(a), jnp.asarray(b), jnp.asarray(w))
+    assert big_a.shape == (d_in, n * r) and big_b.shape == (n * r, d_out)
+    np.testing.assert_allclose(big_a @ big_b, exact, rtol=1e-6, atol=1e-6)
+    # The mean product has rank <= n r: an SVD of that rank gives it back.
+    ra, rb = lora.refactor(jnp.asarray(exact, jnp.float32), n * r)
+    np.testing.assert_allclose(ra @ rb, exact, rtol=1e-5, atol=1e-5)
+    # A shared, frozen A (FFA-LoRA): the mean of the B is the mean product.
+    np.testing.assert_allclose(
+        a[0] @ mean_b, np.einsum("n,ij,njk->ik", w / w.sum(), a[0], b), rtol=1e-5, atol=1e-5
+    )
+
+
+def _products(adapters, scale):
+    """Every adapted projection's ``scale * A B``."""
+    flat = traverse_util.flatten_dict(adapters)
+    return {
+        k[:-1]: scale * (v @ flat[(*k[:-1], "lora_b")])
+        for k, v in flat.items()
+        if k[-1] == "lora_a"
+    }
+
+
+@pytest.mark.parametrize("trainable", ["ab", "b"])
+def test_a_fedavg_round_of_ffa_lora_averages_the_products_exactly(trainable, checkpoint):
+    """One FedAvg round (server SGD at 1: the new global factors are the clients' mean) over
+    four equal clients: with A frozen (FFA-LoRA) the global product is the mean of the clients'
+    products; with both factors trained it is not."""
+    small = {"num_layers": LAYERS, "width": WIDTH, "num_heads": HEADS, "lora_rank": 2}
+    small.update(lora_alpha=2.0, base=str(checkpoint[0]))  # a base whose gradients are not tiny
+    model = fs.models.get_model(
+        "transformer", num_classes=VOCAB, input_shape=(CONTEXT,), lora_trainable=trainable, **small
+    )
+    algo = fs.algorithms.fedavg(next_token_task(model, pad_id=-1), optax.sgd(0.5))
+    state = algo.init(model.init(jax.random.key(1)))
+    # Start from nonzero factors, as after earlier rounds.
+    state = state._replace(params=jax.tree.map(lambda v: v + 0.3, state.params))
+    cohort = _lm_cohort()
+    key = jax.random.key(7)
+    step = jax.jit(algo.apply)
+    new, _ = step(state, cohort, key)
+    clients = [
+        step(state, jax.tree.map(lambda v, i=i: v[i : i + 1], cohort), key)[0].params
+        for i in range(4)
+    ]
+    full = fs.models.get_model("transformer", num_classes=VOCAB, input_shape=(CONTEXT,), **small)
+
+    def product_of(adapters):  # the whole adapter (A from the frozen base where not trained)
+        if trainable == "b":
+            frozen_a = lora.split(lora.split(full.init(jax.random.key(0)))[0], ("lora_b",))[1]
+            adapters = lora.combine(adapters, frozen_a)
+        return _products(adapters, 1.0)
+
+    before, got = product_of(state.params), product_of(new.params)
+    each = [product_of(c) for c in clients]
+    gap = 0.0
+    for k, v in got.items():
+        mean = np.mean([e[k] for e in each], axis=0)
+        gap = max(gap, float(np.abs(v - mean).max()))
+        moved = float(np.abs(mean - before[k]).max())
+        assert moved > 1e-3, moved  # local training did change the products
+    print(f"lora_trainable={trainable}: |global product - mean of the clients' products| {gap:.2e}")
+    if trainable == "b":
+        assert gap < 1e-6
+    else:
+        assert gap > 1e-4

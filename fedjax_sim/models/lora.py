@@ -25,19 +25,17 @@ from flax import traverse_util
 from fedjax_sim.core.types import Model, Params
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
+# The registry's choices of trained factors: both, or B alone over a frozen A (FFA-LoRA).
+TRAINABLE = {"ab": ADAPTER_LEAVES, "b": ("lora_b",)}
 
 
-def is_adapter(path: tuple[str, ...]) -> bool:
-    """Whether a flattened parameter path names a LoRA factor."""
-    return path[-1] in ADAPTER_LEAVES
-
-
-def split(params: Params) -> tuple[Params, Params]:
-    """``(adapters, base)``: the LoRA factors and every other leaf, as two nested dicts."""
+def split(params: Params, trainable: tuple[str, ...] = ADAPTER_LEAVES) -> tuple[Params, Params]:
+    """``(adapters, rest)``: the leaves named in ``trainable`` (default: both LoRA factors) and
+    every other leaf, as two nested dicts."""
     flat = traverse_util.flatten_dict(dict(params))
-    adapters = {k: v for k, v in flat.items() if is_adapter(k)}
-    base = {k: v for k, v in flat.items() if not is_adapter(k)}
-    return traverse_util.unflatten_dict(adapters), traverse_util.unflatten_dict(base)
+    adapters = {k: v for k, v in flat.items() if k[-1] in trainable}
+    rest = {k: v for k, v in flat.items() if k[-1] not in trainable}
+    return traverse_util.unflatten_dict(adapters), traverse_util.unflatten_dict(rest)
 
 
 def combine(adapters: Params, base: Params) -> Params:
@@ -47,7 +45,13 @@ def combine(adapters: Params, base: Params) -> Params:
     return traverse_util.unflatten_dict(flat)
 
 
-def adapters_only(model: Model, base_params: Params) -> Model:
+def adapters_only(
+    model: Model,
+    base_params: Params,
+    *,
+    trainable: tuple[str, ...] = ADAPTER_LEAVES,
+    frozen_seed: int = 0,
+) -> Model:
     """``model`` (built with LoRA adapters) as a model whose parameters are its adapters.
 
     Args:
@@ -55,26 +59,36 @@ def adapters_only(model: Model, base_params: Params) -> Model:
         (``transformer(..., lora_rank=r)``).
       base_params: its parameters; every leaf but the adapters' is the frozen base (from a
         checkpoint, or ``split(model.init(key))[1]``). Adapter leaves here are ignored.
+      trainable: the factors that are trained: ``("lora_a", "lora_b")``, or ``("lora_b",)``
+        for FFA-LoRA (Sun et al. 2024: ``A`` random and frozen, the same for every client, so
+        averaging the ``B`` averages the products ``A B`` exactly).
+      frozen_seed: the seed of the frozen factors (FFA-LoRA's ``A``).
 
     Returns:
-      A ``Model``: ``init(key)`` gives fresh adapters (``A`` random, ``B`` zero), ``apply``
-      runs ``model`` on the adapters and the frozen base. Its ``name`` is the model's with
+      A ``Model``: ``init(key)`` gives fresh trained factors (``A`` random, ``B`` zero),
+      ``apply`` runs ``model`` on them and the frozen rest. Its ``name`` is the model's with
       ``+lora``.
 
     Raises:
-      ValueError: the model has no adapters, or ``base_params`` lacks a leaf of the model's
-        base or has one of another shape.
+      ValueError: the model has no adapters, ``trainable`` names no factor, or
+        ``base_params`` lacks a leaf of the model's base or has one of another shape.
     """
+    trainable = tuple(trainable)
+    if not trainable or not set(trainable) <= set(ADAPTER_LEAVES):
+        raise ValueError(f"trainable must name LoRA factors {ADAPTER_LEAVES}, got {trainable}.")
     shapes = jax.eval_shape(model.init, jax.random.key(0))
     adapter_shapes, base_shapes = split(shapes)
     if not jax.tree.leaves(adapter_shapes):
         raise ValueError(f"model {model.name!r} has no LoRA adapters; build it with lora_rank > 0.")
     _, base = split(base_params)
     _check_same_shapes(base_shapes, base)
+    if set(trainable) != set(ADAPTER_LEAVES):  # the untrained factors are drawn once, frozen
+        fixed = split(split(model.init(jax.random.key(int(frozen_seed))))[0], trainable)[1]
+        base = combine(fixed, base)
     base = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), base)
 
     def init(key):
-        return split(model.init(key))[0]
+        return split(model.init(key), trainable)[0]
 
     def apply(adapters, x, *, train, key=None):
         return model.apply(combine(adapters, base), x, train=train, key=key)
@@ -104,7 +118,7 @@ def merged(params: Params, scale: float) -> Params:
     """The base with every adapter folded in, ``kernel + scale * lora_a @ lora_b``, and the
     adapters dropped: the parameters of the same model without LoRA (``lora_rank=0``)."""
     flat = traverse_util.flatten_dict(dict(params))
-    out = {k: v for k, v in flat.items() if not is_adapter(k)}
+    out = {k: v for k, v in flat.items() if k[-1] not in ADAPTER_LEAVES}
     for k in flat:
         if k[-1] == "lora_a":
             prefix = k[:-1]
@@ -219,6 +233,7 @@ def transformer_model(
     input_shape: tuple[int, ...],
     base: str = "",
     base_seed: int = 0,
+    lora_trainable: str = "ab",
     **kwargs,
 ) -> Model:
     """The model registry's ``transformer`` (``config.model.kwargs``): ``transformer(...)``
@@ -231,6 +246,8 @@ def transformer_model(
         must be the model's, its context at least as long), or ``""`` for a random base
         drawn from ``base_seed`` (tests, smoke runs).
       base_seed: the random base's seed.
+      lora_trainable: ``ab`` (both factors trained, averaged separately by FedAvg) or ``b``
+        (FFA-LoRA: ``A`` frozen at a draw from ``base_seed``, only ``B`` trained).
       **kwargs: ``transformer``'s other arguments (``num_layers``, ``width``, ``lora_rank``...).
 
     Returns:
@@ -240,6 +257,11 @@ def transformer_model(
     """
     from fedjax_sim.models.transformer import transformer
 
+    if lora_trainable not in TRAINABLE:
+        raise ValueError(
+            f"unknown lora_trainable {lora_trainable!r}; known: {', '.join(TRAINABLE)} "
+            "(b: FFA-LoRA, A frozen)."
+        )
     model = transformer(num_classes=num_classes, input_shape=input_shape, **kwargs)
     plain_kwargs = {k: v for k, v in kwargs.items() if not k.startswith("lora_")}
     plain = transformer(num_classes=num_classes, input_shape=input_shape, **plain_kwargs)
@@ -255,9 +277,46 @@ def transformer_model(
     else:
         params = plain.init(jax.random.key(int(base_seed)))
     if kwargs.get("lora_rank", 0):
-        return adapters_only(model, params)
+        return adapters_only(
+            model, params, trainable=TRAINABLE[lora_trainable], frozen_seed=int(base_seed)
+        )
     if not base:
         return plain
     _check_same_shapes(jax.eval_shape(plain.init, jax.random.key(0)), params)
     frozen_start = jax.tree.map(jnp.asarray, params)
     return plain._replace(init=lambda key: frozen_start)
+
+
+# ---------------------------------------------------------------- aggregating low-rank factors
+
+
+def stacked(a, b, weights):
+    """FLoRA's exact aggregation (Wang et al. 2024, "FLoRA: Federated Fine-Tuning Large
+    Language Models with Heterogeneous Low-Rank Adaptations"): the clients' factors stacked
+    into one pair of rank ``n r`` whose product is the weighted mean of the clients' products,
+    ``sum_i w_i A_i B_i / sum_i w_i`` (averaging ``A`` and ``B`` separately is not:
+    ``mean(A) mean(B) != mean(A B)``).
+
+    Args:
+      a: ``[n, in, r]``, each client's ``A``.
+      b: ``[n, r, out]``, each client's ``B``.
+      weights: ``[n]`` aggregation weights (not all 0).
+
+    Returns:
+      ``(A [in, n r], B [n r, out])``.
+    """
+    n, d_in, r = a.shape
+    w = weights / jnp.sum(weights)
+    big_a = jnp.transpose(a, (1, 0, 2)).reshape(d_in, n * r)
+    big_b = (w[:, None, None] * b).reshape(n * r, b.shape[-1])
+    return big_a, big_b
+
+
+def refactor(delta, rank: int):
+    """``(A [in, rank], B [rank, out])`` whose product is ``delta``'s best approximation of
+    that rank (truncated SVD, the singular values split evenly between the factors): exact
+    when ``delta``'s rank is at most ``rank`` (a mean of ``n`` rank-``r`` products with ``n r <=
+    rank``)."""
+    u, s, vt = jnp.linalg.svd(delta, full_matrices=False)
+    root = jnp.sqrt(s[:rank])
+    return u[:, :rank] * root, root[:, None] * vt[:rank]
