@@ -201,6 +201,7 @@ def cohort_source(exp: Experiment, trains: dict, streams: list[tuple[int, int]],
         upload_bytes=exp.upload_bytes,
         slot_multiple=exp.executor.num_devices,
         async_settings=exp.async_settings,
+        once_bytes=exp.model.frozen_bytes,
     )
 
 

@@ -66,6 +66,9 @@ class Model(NamedTuple):
       loss: per-example loss ``(logits, y) -> [batch]``.
       name: registry name.
       input_shape: shape of one example's ``x``.
+      frozen_bytes: bytes of what ``apply`` holds fixed beside the trained parameters (a
+        LoRA model's base, ``fedjax_sim.models.lora.adapters_only``): every client downloads
+        it once, the first time it takes part, and the run's ``bytes_down`` counts it so.
     """
 
     init: Callable[[PRNGKey], Params]
@@ -73,6 +76,7 @@ class Model(NamedTuple):
     loss: Callable[[Array, Array], Array]
     name: str
     input_shape: tuple[int, ...]
+    frozen_bytes: int = 0
 
 
 class ClientOutput(NamedTuple):

@@ -113,6 +113,7 @@ class CohortSource:
         upload_bytes: int | None = None,
         slot_multiple: int = 1,
         async_settings: AsyncSettings | None = None,
+        once_bytes: int = 0,
     ):
         self.streams = streams
         self.trains = trains
@@ -132,6 +133,10 @@ class CohortSource:
         self.clock = [0.0] * len(streams)  # simulated seconds after the last round, per stream
         # Bytes sent down (the model) and up (updates) by the clients that reported, so far.
         self.bytes = [(0, 0)] * len(streams)
+        # What a client downloads once, the first time it reports (a LoRA model's frozen
+        # base), and which clients have, per stream.
+        self.once_bytes = int(once_bytes)
+        self.served = [np.zeros(trains[d].num_clients, bool) for _, d in streams]
         # Asynchronous runs: (updates discarded as too stale, clients lost to dropouts) so far.
         self.async_counts = [(0, 0)] * len(streams)
         self.schedules = None
@@ -214,9 +219,13 @@ class CohortSource:
                     c, _ = apply_systems(c, self.systems, s, round_num, n)
                 self.clock[j] += round_seconds(self.populations[j], c, n)
             pop = self.populations[j]
-            reported = int((np.asarray(c.client_ids) < n).sum())
+            ids_ = np.asarray(c.client_ids)
+            ids_ = ids_[ids_ < n]
+            first = int((~self.served[j][ids_]).sum())
+            self.served[j][ids_] = True
             down, up = self.bytes[j]
-            self.bytes[j] = (down + reported * pop.model_bytes, up + reported * pop.upload_bytes)
+            down += len(ids_) * pop.model_bytes + first * self.once_bytes
+            self.bytes[j] = (down, up + len(ids_) * pop.upload_bytes)
             self.real_slots += int(np.asarray(c.mask).sum())
             self.total_slots += c.mask.size
             out.append(data.packing.remap_cohort(c, self.row_maps[d]) if self.row_maps else c)
@@ -238,12 +247,16 @@ class CohortSource:
             "clock": list(self.clock),
             "slots": self.slots,
             "bytes": [list(b) for b in self.bytes],
+            "served": [np.flatnonzero(s).tolist() for s in self.served] if self.once_bytes else [],
         }
 
     def restore(self, saved: dict[str, Any]) -> None:
         self.real_slots, self.total_slots = saved["real_slots"], saved["total_slots"]
         self.clock, self.slots = list(saved["clock"]), int(saved["slots"])
         self.bytes = [tuple(b) for b in saved.get("bytes", [(0, 0)] * len(self.streams))]
+        for served, ids in zip(self.served, saved.get("served") or [], strict=False):
+            served[:] = False
+            served[np.asarray(ids, np.int64)] = True
 
     def extras(self, stream: int) -> dict[str, float]:
         """Fields of a stream's evaluation records: the simulated clock, and for an

@@ -93,7 +93,10 @@ def adapters_only(
     def apply(adapters, x, *, train, key=None):
         return model.apply(combine(adapters, base), x, train=train, key=key)
 
-    return model._replace(init=init, apply=apply, name=f"{model.name}+lora")
+    frozen_bytes = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(base))
+    return model._replace(
+        init=init, apply=apply, name=f"{model.name}+lora", frozen_bytes=frozen_bytes
+    )
 
 
 def _check_same_shapes(want: Params, got: Params) -> None:
