@@ -21,9 +21,13 @@ is recorded at the start and the end (this machine is shared).
     python scripts/bench_lora.py --out lora.json --quick            # a tiny model, seconds
     python scripts/bench_lora.py --out lora.json --cohorts 10,50 --strategies vmap,sequential
 
+The base is a constant of the program (JAX passes it beside the arguments; XLA's memory
+analysis counts neither it nor, so, any copy of it): its one copy is ``base_mib``; what grows
+with the cohort is the clients' working memory (``temp``), activations for ``vmap``.
+
 Checks (exit status 1 when one fails, unless ``--no-check``): every program's new adapters
-match the reference's (``--tolerance``), and the base is one copy: the program's argument bytes
-stay below the base plus every client's data and adapters plus 10%.
+match the reference's (``--tolerance``); ``sequential``'s working memory does not grow with
+the cohort.
 """
 
 from __future__ import annotations
@@ -224,17 +228,18 @@ def table_row(r: dict) -> str:
 
 
 def check(rows, args) -> list[str]:
-    failures = []
-    for r in rows:
-        if r["max_rel_err_vs_reference"] > args.tolerance:
-            failures.append(f"C={r['clients']} {r['program']}: adapters differ from the reference")
-        mem = r["memory_mib"]
-        one_copy = r["base_mib"] + r["data_mib"] + (r["clients"] + 2) * r["adapters_mib"]
-        if mem and mem["argument_mib"] > 1.1 * one_copy:
-            failures.append(
-                f"C={r['clients']} {r['program']}: arguments {mem['argument_mib']:.0f} MiB > one "
-                f"base + data + adapters ({one_copy:.0f} MiB)"
-            )
+    """Every program's adapters match the reference's; ``sequential`` holds one client's
+    working memory whatever the cohort (nothing per client: one base, one client at a time)."""
+    failures = [
+        f"C={r['clients']} {r['program']}: adapters differ from the reference"
+        for r in rows
+        if r["max_rel_err_vs_reference"] > args.tolerance
+    ]
+    temps = {
+        r["clients"]: r["memory_mib"]["temp_mib"] for r in rows if r["program"] == "sequential"
+    }
+    if len(temps) > 1 and temps[max(temps)] > 1.1 * temps[min(temps)] + 1:
+        failures.append(f"sequential's working memory grows with the cohort: {temps} MiB")
     return failures
 
 

@@ -153,6 +153,62 @@ def test_unknown_characters_map_to_space():
     assert leaf.encode_chars("a|é\u20ac").tolist() == [leaf.LEAF_CHARS.index("a")] + [1, 1, 1]
 
 
+def test_per_position_windows_make_every_character_after_the_first_one_target():
+    got = leaf.windows_per_position("abcdefgh", 3)  # 7 targets: windows of 3, 3 and 1
+    ids = leaf.encode_chars("abcdefgh")
+    space = leaf.encode_chars(" ")[0]
+    np.testing.assert_array_equal(got["x"], [ids[0:3], ids[3:6], [ids[6], ids[7], space]])
+    np.testing.assert_array_equal(got["y"], [ids[1:4], ids[4:7], [ids[7], space, space]])
+    np.testing.assert_array_equal(got["y_mask"], [[1, 1, 1], [1, 1, 1], [1, 0, 0]])
+    exact = leaf.windows_per_position("abcd", 3)  # 3 targets fill one window
+    assert exact["x"].shape == (1, 3) and exact["y_mask"].all()
+    assert leaf.windows_per_position("a", 3)["x"].shape == (0, 3)  # no target at all
+
+
+def test_held_out_plays_and_the_pretraining_text_split_the_plays():
+    plays, _ = leaf.parse_shakespeare(PLAYS)
+    assert [t for t, _ in leaf.select_plays(plays, "held_out", 1)] == ["THE COMEDY OF ERRORS"]
+    assert [t for t, _ in leaf.select_plays(plays, "pretrain", 1)] == ["THE TEST PLAY"]
+    held = leaf.shakespeare_clients(PLAYS, plays="held_out", held_out_plays=1)
+    assert sorted(held) == ["THE_COMEDY_OF_ERRORS_ANTIPHOLUS", "THE_COMEDY_OF_ERRORS_DROMIO"]
+    text = leaf.shakespeare_pretraining_text(PLAYS, 1)
+    # Every line of the pretraining play (characters with few lines too), none of the other.
+    assert "Hello there, my friend." in text and "Only one line." in text and "one two" in text
+    assert "Line one" not in text and "again" not in text
+    data = leaf.shakespeare_from_text(
+        PLAYS, seq_len=4, plays="held_out", held_out_plays=1, per_position=True
+    )
+    assert data.train.client_ids == [
+        "THE_COMEDY_OF_ERRORS_DROMIO",
+        "THE_COMEDY_OF_ERRORS_ANTIPHOLUS",
+    ]
+    assert set(data.train.element_spec) == {"x", "y", "y_mask"}
+    for bad, match in (
+        ({"plays": "some"}, "plays must be one of"),
+        ({"plays": "held_out", "held_out_plays": 2}, r"held_out_plays must be in 1..1"),
+        ({"per_position": True, "windowing": "line"}, "use windowing='joined'"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            leaf.shakespeare_from_text(PLAYS, **bad)
+
+
+@pytest.mark.realdata
+def test_real_held_out_plays_for_federated_fine_tuning():
+    text = leaf.shakespeare_text(real_data("shakespeare/shakespeare.txt.gz").parent)
+    data = leaf.shakespeare_from_text(
+        text, seq_len=64, plays="held_out", held_out_plays=10, per_position=True
+    )
+    # The last 10 of the 36 plays (KING RICHARD III ... THE WINTER'S TALE): 301 speaking roles.
+    assert data.train.num_clients == data.test.num_clients == 301
+    assert data.train.num_examples == 16_359
+    assert int(data.train.all_examples()["y_mask"].sum()) == 1_037_499
+    everyone = set(leaf.shakespeare_clients(text))
+    held = set(data.train.client_ids)
+    pretrain = set(leaf.shakespeare_clients(text, plays="pretrain", held_out_plays=10))
+    assert held | pretrain == everyone and not held & pretrain
+    assert len(leaf.shakespeare_pretraining_text(text, 10)) == 3_168_796
+
+
 @pytest.mark.realdata
 def test_real_shakespeare_counts():
     root = real_data("shakespeare/shakespeare.txt.gz").parent

@@ -322,16 +322,47 @@ def _user_name(play: str, character: str) -> str:
     return re.sub(r"\W+", "_", (play + "_" + character).replace(" ", "_"))
 
 
-def shakespeare_clients(text: str) -> dict[str, list[str]]:
+PLAYS = ("all", "pretrain", "held_out")
+
+
+def select_plays(plays: list, which: str, held_out_plays: int) -> list:
+    """``plays`` (``parse_shakespeare``'s, in file order) or a part of them: ``held_out`` is the
+    last ``held_out_plays`` of them, ``pretrain`` the others (a base pre-trained centrally on
+    the ``pretrain`` plays, then federated over the speaking roles of the ``held_out`` ones,
+    never sees their text)."""
+    if which not in PLAYS:
+        raise ValueError(f"shakespeare: plays must be one of {', '.join(PLAYS)}, got {which!r}.")
+    if which == "all":
+        return plays
+    if not 0 < held_out_plays < len(plays):
+        raise ValueError(
+            f"shakespeare: held_out_plays must be in 1..{len(plays) - 1} (the text has "
+            f"{len(plays)} plays), got {held_out_plays}."
+        )
+    cut = len(plays) - held_out_plays
+    return plays[cut:] if which == "held_out" else plays[:cut]
+
+
+def shakespeare_pretraining_text(text: str, held_out_plays: int) -> str:
+    """Every line of the ``pretrain`` plays (``select_plays``), each character's lines joined
+    with spaces as a client's are, the characters one after another."""
+    plays = select_plays(parse_shakespeare(text)[0], "pretrain", held_out_plays)
+    return " ".join(_joined(lines) for _, characters in plays for lines in characters.values())
+
+
+def shakespeare_clients(
+    text: str, *, plays: str = "all", held_out_plays: int = 10
+) -> dict[str, list[str]]:
     """LEAF's users: ``{play_character: [line, ...]}`` for characters with more than 2 lines.
 
     Users are named as LEAF names them (``play + "_" + character`` with non-word characters
     replaced by ``_``); a name produced twice gets the lines of both, as LEAF's per-user files
-    would. Plays keep file order; characters keep first-appearance order.
+    would. Plays keep file order; characters keep first-appearance order. ``plays`` and
+    ``held_out_plays`` choose the plays (``select_plays``).
     """
-    plays, _ = parse_shakespeare(text)
+    plays_ = select_plays(parse_shakespeare(text)[0], plays, held_out_plays)
     users: dict[str, list[str]] = {}
-    for play, characters in plays:
+    for play, characters in plays_:
         for character, lines in characters.items():
             if len(lines) <= 2:
                 continue
@@ -358,6 +389,23 @@ def _windows_joined(text: str, seq_len: int):
     return x, padded[seq_len:]
 
 
+def windows_per_position(text: str, seq_len: int) -> dict[str, np.ndarray]:
+    """``text`` cut into consecutive windows for next-token training at every position:
+    ``x`` ``[n, seq_len]`` the characters, ``y`` the character after each, ``y_mask`` False
+    on the padding after the text's last target (each character but the first is a target
+    once)."""
+    ids = encode_chars(text)
+    n = max(-(-(len(ids) - 1) // seq_len), 0)
+    padded = np.full(n * seq_len + 1, _SPACE_ID, np.int32)
+    padded[: len(ids)] = ids[: len(padded)]
+    real = np.arange(n * seq_len) < len(ids) - 1
+    return {
+        "x": padded[:-1].reshape(n, seq_len),
+        "y": padded[1:].reshape(n, seq_len),
+        "y_mask": real.reshape(n, seq_len),
+    }
+
+
 def _windows_lines(lines: list[str], seq_len: int):
     xs, ys = [], []
     for s in lines:
@@ -377,6 +425,9 @@ def shakespeare_from_text(
     min_samples: int = 0,
     windowing: str = "joined",
     name: str = "shakespeare_leaf",
+    plays: str = "all",
+    held_out_plays: int = 10,
+    per_position: bool = False,
 ) -> FederatedData:
     """Next-character prediction clients from the Complete Works' text (see module docstring).
 
@@ -395,18 +446,29 @@ def shakespeare_from_text(
         lines. "line" materializes its windows (about 1.4 GB for the full text); "joined"
         holds views.
       name: dataset label.
+      plays, held_out_plays: which plays' roles are clients (``select_plays``: ``all``, or the
+        ``held_out`` plays a base pre-trained on the others has not seen).
+      per_position: every character a target in consecutive windows
+        (``windows_per_position``: ``y`` ``[n, seq_len]`` with a ``y_mask``, for a
+        transformer or a per-position LSTM and ``task = "next_token"``) instead of one target
+        per sliding window; ``windowing`` must then be ``joined``.
 
     Returns:
       ``FederatedData`` (80 classes) with the same clients in train and test; ``x`` int32
-      ``[n, seq_len]`` character ids, ``y`` int32 ``[n]`` the next character's id.
+      ``[n, seq_len]`` character ids, ``y`` int32 ``[n]`` the next character's id (or ``[n,
+      seq_len]`` with ``y_mask``, ``per_position``).
     """
+    if per_position and windowing != "joined":
+        raise ValueError(
+            "shakespeare: per_position windows join each client's lines; use windowing='joined'."
+        )
     if windowing not in ("joined", "line"):
         raise ValueError(f"shakespeare: windowing must be 'joined' or 'line', got {windowing!r}.")
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"shakespeare: train_fraction must be in (0, 1), got {train_fraction!r}.")
     if seq_len < 1:
         raise ValueError(f"shakespeare: seq_len must be >= 1, got {seq_len!r}.")
-    users = shakespeare_clients(text)
+    users = shakespeare_clients(text, plays=plays, held_out_plays=held_out_plays)
     if not users:
         raise ValueError(f"{name}: no play with at least two characters was found in the text.")
     train, test = {}, {}
@@ -416,6 +478,12 @@ def shakespeare_from_text(
         # k train lines: the line boundary whose sample count is closest to the target.
         target = train_fraction * cum[-1]
         k = int(np.argmin(np.abs(cum[:-1] - target))) + 1
+        if per_position:
+            train[user] = windows_per_position(_joined(lines[:k]), seq_len)
+            test[user] = windows_per_position(_joined(lines[k:]), seq_len)
+            if int(train[user]["y_mask"].sum() + test[user]["y_mask"].sum()) < min_samples:
+                del train[user], test[user]
+            continue
         if windowing == "joined":
             tr = _windows_joined(_joined(lines[:k]), seq_len)
             te = _windows_joined(_joined(lines[k:]), seq_len)
@@ -443,18 +511,39 @@ def shakespeare_leaf(
     min_samples: int = 0,
     windowing: str = "joined",
     verify_checksum: bool = True,
+    plays: str = "all",
+    held_out_plays: int = 10,
+    per_position: bool = False,
 ) -> FederatedData:
     """LEAF's Shakespeare: one client per (play, speaking role), next-character prediction.
 
     Args:
       data_dir: the folder with ``shakespeare.txt.gz`` (or ``.txt``); defaults to
         ``<data root>/shakespeare``.
-      seq_len, train_fraction, min_samples, windowing: see ``shakespeare_from_text``.
+      seq_len, train_fraction, min_samples, windowing, plays, held_out_plays,
+        per_position: see ``shakespeare_from_text``.
       verify_checksum: check the sha256 of the known 1994 edition.
 
     Returns:
       ``FederatedData`` as ``shakespeare_from_text`` returns it.
     """
+    return shakespeare_from_text(
+        shakespeare_text(data_dir, verify_checksum=verify_checksum),
+        seq_len=seq_len,
+        train_fraction=train_fraction,
+        min_samples=min_samples,
+        windowing=windowing,
+        plays=plays,
+        held_out_plays=held_out_plays,
+        per_position=per_position,
+    )
+
+
+def shakespeare_text(
+    data_dir: str | os.PathLike | None = None, *, verify_checksum: bool = True
+) -> str:
+    """The Complete Works' text from ``data_dir`` (default ``<data root>/shakespeare``), its
+    checksum verified."""
     root = Path(data_dir) if data_dir is not None else dataset_dir(None, "shakespeare")
     require_dir(
         root, what="shakespeare_leaf", expected=SHAKESPEARE_FILE, how_to_get=SHAKESPEARE_HOW_TO_GET
@@ -465,10 +554,4 @@ def shakespeare_leaf(
     require_file(path, what="shakespeare_leaf", how_to_get=SHAKESPEARE_HOW_TO_GET)
     if verify_checksum and path.name == SHAKESPEARE_FILE:
         verify_known_file(path, f"shakespeare/{SHAKESPEARE_FILE}")
-    return shakespeare_from_text(
-        read_text(path, encoding="latin-1"),
-        seq_len=seq_len,
-        train_fraction=train_fraction,
-        min_samples=min_samples,
-        windowing=windowing,
-    )
+    return read_text(path, encoding="latin-1")

@@ -246,8 +246,9 @@ def transformer_model(
       num_classes: the vocabulary size.
       input_shape: ``(context,)``.
       base: a GPT-2-layout ``.safetensors`` file (``read_gpt2``; its vocabulary and width
-        must be the model's, its context at least as long), or ``""`` for a random base
-        drawn from ``base_seed`` (tests, smoke runs).
+        must be the model's, its context at least as long), a recipe such as
+        ``shakespeare:STEPS`` (``fedjax_sim.pretrain``: trained here once, cached), or ``""``
+        for a random base drawn from ``base_seed`` (tests, smoke runs).
       base_seed: the random base's seed.
       lora_trainable: ``ab`` (both factors trained, averaged separately by FedAvg) or ``b``
         (FFA-LoRA: ``A`` frozen at a draw from ``base_seed``, only ``B`` trained).
@@ -258,6 +259,7 @@ def transformer_model(
       parameters); else the whole transformer, whose ``init`` returns the base when one is
       given (full-parameter fine-tuning).
     """
+    from fedjax_sim import pretrain
     from fedjax_sim.models.transformer import transformer
 
     if lora_trainable not in TRAINABLE:
@@ -268,7 +270,10 @@ def transformer_model(
     model = transformer(num_classes=num_classes, input_shape=input_shape, **kwargs)
     plain_kwargs = {k: v for k, v in kwargs.items() if not k.startswith("lora_")}
     plain = transformer(num_classes=num_classes, input_shape=input_shape, **plain_kwargs)
-    if base:
+    if base and pretrain.is_recipe(base):
+        arch = {"input_shape": tuple(input_shape), **plain_kwargs}
+        params = pretrain.recipe_base(base, arch)
+    elif base:
         params, sizes = read_gpt2(base)
         context = int(input_shape[0])
         if sizes["context"] < context:
