@@ -506,3 +506,44 @@ def test_a_pretrained_base_is_trained_once_then_read_from_the_cache(tmp_path, mo
     for bad in ("shakespeare:0", "shakespeare:ten", "shakespeare:5:1:2"):
         with pytest.raises(ValueError, match="STEPS"):
             pretrain.recipe_base(bad, arch)
+
+
+def _embedded_kib(program_text: str) -> float:
+    """KiB of array constants of at least 1 KiB written into a lowered program."""
+    import re
+
+    found = re.findall(r'dense<"0x([0-9A-Fa-f]+)">', program_text)
+    return sum(len(h) // 2 for h in found if len(h) >= 2048) / 1024
+
+
+def test_the_driver_programs_take_the_base_as_an_argument_not_a_constant():
+    """A closed-over base is written into the compiled program (and compiled, and cached, as
+    text); the driver's round and evaluation programs take it as an argument instead."""
+    from fedjax_sim.driver.programs import SoloProgram
+    from fedjax_sim.metrics import make_evaluator
+
+    config = fs.load_config("default:smoke")
+    config.task, config.model.name = "next_token", "transformer"
+    config.model.kwargs = {"num_layers": 1, "width": 32, "num_heads": 2, "lora_rank": 2}
+    config.clients_per_round = 2
+    exp = fs.build_experiment(config, _token_data())
+    base_kib = exp.model.frozen_bytes / 1024
+    assert base_kib > 40
+    program = SoloProgram(exp.algorithm, exp.model, 0, exp.mesh, None)
+    states, alive = program.init()
+    cohort = _lm_cohort(num_clients=2)
+    args = (states, alive, cohort, jnp.asarray(1, jnp.int32))
+    assert _embedded_kib(program._round.lower(*args).as_text()) < 1
+    # The same round as a plain jit: the base is in the program (the check can fail).
+    plain = jax.jit(lambda s, c: exp.algorithm.apply(s, c, jax.random.key(0)))
+    assert _embedded_kib(plain.lower(states, cohort).as_text()) > 0.9 * base_kib
+    params = exp.model.init(jax.random.key(0))
+    arrays = {k: v[0] for k, v in cohort.batches.items()}
+    mask, owner = cohort.mask[0], jnp.zeros(cohort.mask[0].shape, jnp.int32)
+    evaluate = make_evaluator(exp.task, 1)
+    assert _embedded_kib(evaluate.lower(params, arrays, mask, owner).as_text()) < 1
+    # Run: the same numbers as the plain jit of the same function (the base embedded).
+    got = evaluate(params, arrays, mask, owner)
+    want = jax.jit(evaluate.__wrapped__)(params, arrays, mask, owner)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)

@@ -66,9 +66,11 @@ class Model(NamedTuple):
       loss: per-example loss ``(logits, y) -> [batch]``.
       name: registry name.
       input_shape: shape of one example's ``x``.
-      frozen_bytes: bytes of what ``apply`` holds fixed beside the trained parameters (a
-        LoRA model's base, ``fedjax_sim.models.lora.adapters_only``): every client downloads
-        it once, the first time it takes part, and the run's ``bytes_down`` counts it so.
+      frozen: ``None``, or the ``fedjax_sim.core.frozen.Frozen`` parameters ``apply`` holds
+        fixed beside the trained ones (a LoRA model's base,
+        ``fedjax_sim.models.lora.adapters_only``): the driver's programs take them as an
+        argument, and every client downloads them once, the first time it takes part (the
+        run's ``bytes_down`` counts ``frozen_bytes`` so).
     """
 
     init: Callable[[PRNGKey], Params]
@@ -76,7 +78,11 @@ class Model(NamedTuple):
     loss: Callable[[Array, Array], Array]
     name: str
     input_shape: tuple[int, ...]
-    frozen_bytes: int = 0
+    frozen: Any = None
+
+    @property
+    def frozen_bytes(self) -> int:
+        return 0 if self.frozen is None else int(self.frozen.nbytes)
 
 
 class ClientOutput(NamedTuple):

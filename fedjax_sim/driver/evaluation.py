@@ -19,6 +19,7 @@ from fedjax_sim.aggregators.adversary import Backdoor
 from fedjax_sim.algorithms.base import with_optimizer_hparams
 from fedjax_sim.core.client import local_train
 from fedjax_sim.core.execution import map_clients
+from fedjax_sim.core.frozen import jit as frozen_jit
 from fedjax_sim.core.keys import FINETUNE_SALT, client_keys
 from fedjax_sim.core.task import Task, mean_loss_fn
 from fedjax_sim.metrics import make_client_evaluator, make_evaluator, summarize_eval
@@ -93,17 +94,20 @@ class Evaluator:
         self.backdoor = backdoor
         backdoor_fn = None if backdoor is None else backdoor_evaluator(task, backdoor)
         self._backdoor_fns = {}
+        frozen = task.model.frozen  # a LoRA base: an argument of every program, not a constant
         for k, t in test_sets.items():
             fn = make_evaluator(task, t.num_clients)
             arrays = data.pack_eval(t, batch_size=batch_size)
             if vectorized:
-                fn = jax.jit(jax.vmap(fn, (0, None, None, None)))
+                fn = frozen_jit(jax.vmap(fn, (0, None, None, None)), frozen)
                 if backdoor_fn is not None:
-                    self._backdoor_fns[k] = jax.jit(jax.vmap(backdoor_fn, (0, None, None)))
+                    self._backdoor_fns[k] = frozen_jit(
+                        jax.vmap(backdoor_fn, (0, None, None)), frozen
+                    )
             else:
                 arrays = jax.device_put(arrays, self.device)
                 if backdoor_fn is not None:
-                    self._backdoor_fns[k] = jax.jit(backdoor_fn)
+                    self._backdoor_fns[k] = frozen_jit(backdoor_fn, frozen)
             self.fns[k], self.arrays[k] = fn, arrays
         self.members = {
             k: np.asarray([m for m, mk in enumerate(member_sets) if mk == k]) for k in test_sets
@@ -125,7 +129,7 @@ class Evaluator:
                 )
                 for k in test_sets
             }
-            self._finetune = jax.jit(_finetuner(task, personalization))
+            self._finetune = frozen_jit(_finetuner(task, personalization), frozen)
 
     def personal(self, program, states) -> list[dict[str, float]]:
         """Each member's personalized metrics (``personal_*`` fields; ``{}`` when off)."""

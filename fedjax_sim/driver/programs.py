@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from fedjax_sim import data
 from fedjax_sim.core import execution
 from fedjax_sim.core.execution import replicate
+from fedjax_sim.core.frozen import jit as frozen_jit
 from fedjax_sim.core.keys import INIT_SALT, round_key
 from fedjax_sim.core.types import Cohort, FederatedAlgorithm, Model, PyTree
 
@@ -133,7 +134,8 @@ class SoloProgram(_Program):
             finite = jnp.isfinite(metrics["train_loss"])
             return state, alive & finite[None], {k: v[None] for k, v in metrics.items()}
 
-        self._round = jax.jit(solo_round, donate_argnums=0)
+        # A model's frozen parameters (a LoRA base) are an argument, never a constant.
+        self._round = frozen_jit(solo_round, model.frozen, mesh=mesh, donate_argnums=0)
 
     def init(self):
         state = initial_state(self.algorithm, self.model, self.root)
@@ -247,7 +249,9 @@ class VectorProgram(_Program):
         # On a mesh, member states live replicated between rounds (one compiled program: the
         # first round's inputs look like every later round's).
         out_shardings = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}
-        self._round = jax.jit(sweep_round, donate_argnums=0, **out_shardings)
+        self._round = frozen_jit(
+            sweep_round, model.frozen, mesh=mesh, donate_argnums=0, **out_shardings
+        )
 
     def init(self):
         def init_member(root, hp):

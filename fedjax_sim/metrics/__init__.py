@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from fedjax_sim.core.frozen import jit as frozen_jit
 from fedjax_sim.core.task import Task, as_task
 from fedjax_sim.core.types import Model
 
@@ -44,7 +45,7 @@ def make_evaluator(model_or_task: Model | Task, num_clients: int):
         (correct, count, loss_sum), _ = lax.scan(body, (zeros, zeros, zeros), (arrays, mask, owner))
         return correct, count, loss_sum
 
-    return jax.jit(evaluate)
+    return frozen_jit(evaluate, task.model.frozen)
 
 
 def make_client_evaluator(model_or_task: Model | Task):
@@ -75,8 +76,9 @@ def make_client_evaluator(model_or_task: Model | Task):
         sums, _ = lax.scan(body, (zero, zero, zero), (batches, mask))
         return sums
 
-    return jax.jit(
-        lambda client_params, batches, mask: lax.map(one_client, (client_params, batches, mask))
+    return frozen_jit(
+        lambda client_params, batches, mask: lax.map(one_client, (client_params, batches, mask)),
+        task.model.frozen,
     )
 
 

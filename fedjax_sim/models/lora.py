@@ -4,9 +4,9 @@
 (every ``lora_a`` / ``lora_b`` leaf) and whose ``apply`` runs the full model with the frozen
 base beside them. Every algorithm and every aggregation feature then trains, sends, clips,
 compresses and aggregates adapters without knowing it: to them the adapters are the model.
-The base is a constant of the round program: JAX passes it as an argument rather than embedding
-it (arrays over ``jax_embedded_constants_max_bytes``), and under ``vmap`` over clients it is not
-batched, so a cohort of any size shares one copy.
+The base is the model's ``Frozen`` (``core.frozen``): the driver's programs take it as an
+argument (never an embedded constant), and under ``vmap`` over clients it is not batched, so a
+cohort of any size shares one copy.
 
 ``merged(params, scale)`` folds adapters into the base (``W + scale A B``); ``read_gpt2`` reads a
 GPT-2 checkpoint (Hugging Face's safetensors layout) into ``models.transformer``'s layout.
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from fedjax_sim.core.frozen import Frozen
 from fedjax_sim.core.types import Model, Params
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
@@ -85,18 +86,15 @@ def adapters_only(
     if set(trainable) != set(ADAPTER_LEAVES):  # the untrained factors are drawn once, frozen
         fixed = split(split(model.init(jax.random.key(int(frozen_seed))))[0], trainable)[1]
         base = combine(fixed, base)
-    base = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), base)
+    frozen = Frozen(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), base))
 
     def init(key):
         return split(model.init(key), trainable)[0]
 
     def apply(adapters, x, *, train, key=None):
-        return model.apply(combine(adapters, base), x, train=train, key=key)
+        return model.apply(combine(adapters, frozen.get()), x, train=train, key=key)
 
-    frozen_bytes = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(base))
-    return model._replace(
-        init=init, apply=apply, name=f"{model.name}+lora", frozen_bytes=frozen_bytes
-    )
+    return model._replace(init=init, apply=apply, name=f"{model.name}+lora", frozen=frozen)
 
 
 def _check_same_shapes(want: Params, got: Params) -> None:
