@@ -18,6 +18,7 @@ A transformer's ``model.kwargs.base`` (``fedjax_sim.models.lora.transformer_mode
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -34,6 +35,8 @@ from fedjax_sim.core.task import mean_loss_fn, next_token_task
 from fedjax_sim.optimizers import optimizer_update
 
 RECIPES = ("shakespeare",)
+# Bump when the recipe's training changes, so cached bases made otherwise are not reused.
+RECIPE_VERSION = 1
 PRETRAIN_BATCH = 32
 PRETRAIN_LEARNING_RATE = 3e-3
 
@@ -41,6 +44,31 @@ PRETRAIN_LEARNING_RATE = 3e-3
 def is_recipe(base: str) -> bool:
     """Whether ``base`` names a recipe (``NAME:...``) rather than a file."""
     return str(base).partition(":")[0] in RECIPES and not os.path.exists(base)
+
+
+def held_out_of(base: str) -> int:
+    """The held-out plays of a recipe ``shakespeare:STEPS[:HELD_OUT]`` (default 10)."""
+    _, *numbers = str(base).split(":")
+    return int(numbers[1]) if len(numbers) > 1 and numbers[1].isdigit() else 10
+
+
+def check_recipe_data(config) -> None:
+    """Refuses, before any compute, a run whose clients' plays a recipe base was trained on:
+    with ``model.kwargs.base = "shakespeare:..."`` the dataset must be ``shakespeare_leaf``'s
+    held-out plays, the same number of them."""
+    kwargs = config.model.get("kwargs") or {}
+    base = str(kwargs.get("base", "") or "")
+    if not base or not is_recipe(base):
+        return
+    held = held_out_of(base)
+    ds = config.dataset.get("kwargs") or {}
+    plays, ds_held = ds.get("plays", "all"), int(ds.get("held_out_plays", 10))
+    if config.dataset.name != "shakespeare_leaf" or plays != "held_out" or ds_held != held:
+        raise ValueError(
+            f"model.kwargs.base={base!r} was pre-trained on every Shakespeare play but the last "
+            f"{held}: the clients must be those plays (dataset.name='shakespeare_leaf', "
+            f"dataset.kwargs.plays='held_out', dataset.kwargs.held_out_plays={held})."
+        )
 
 
 def recipe_base(base: str, arch: dict[str, Any]) -> dict:
@@ -95,9 +123,14 @@ def shakespeare_base(
     from fedjax_sim.data.files import default_cache_dir
     from fedjax_sim.models.transformer import transformer
 
-    arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(arch.items())}
+    arch = _full_arch(arch)
+    text = leaf.shakespeare_pretraining_text(
+        leaf.shakespeare_text(data_dir), held_out_plays=held_out_plays
+    )
     parts = {
         "recipe": "shakespeare",
+        "version": RECIPE_VERSION,
+        "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         "arch": arch,
         "steps": int(steps),
         "batch_size": int(batch_size),
@@ -108,20 +141,40 @@ def shakespeare_base(
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "bases"
     path = root / f"shakespeare-{cache_key(parts)}.npz"
     cached = load_arrays(path, parts)
-    model = transformer(num_classes=len(leaf.LEAF_CHARS), **{**arch, "lora_rank": 0})
-    if cached is not None:
-        return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in cached.items()})
-    context = int(model.input_shape[0])
-    text = leaf.shakespeare_pretraining_text(
-        leaf.shakespeare_text(data_dir), held_out_plays=held_out_plays
-    )
-    windows = leaf.windows_per_position(text, context)
-    params = _train(model, windows, steps, batch_size, learning_rate, seed, progress)
-    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
-    save_arrays(path, flat, parts)
-    if progress:
-        print(f"fedjax-sim: pre-trained base cached at {path}", file=sys.stderr)
-    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+    if cached is None:
+        model = transformer(num_classes=len(leaf.LEAF_CHARS), **arch)
+        windows = leaf.windows_per_position(text, int(model.input_shape[0]))
+        params = _train(model, windows, steps, batch_size, learning_rate, seed, progress)
+        cached = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+        save_arrays(path, cached, parts)
+        if progress:
+            print(f"fedjax-sim: pre-trained base cached at {path}", file=sys.stderr)
+    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in cached.items()})
+
+
+def _full_arch(arch: dict[str, Any]) -> dict[str, Any]:
+    """``arch`` with ``transformer``'s defaults filled in and its numbers as ints (so the same
+    model always has the same cache key), checked; no LoRA option."""
+    import inspect
+
+    from fedjax_sim.models.transformer import transformer
+
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(transformer).parameters.items()
+        if p.default is not inspect.Parameter.empty and not k.startswith("lora_")
+    }
+    unknown = sorted(set(arch) - set(defaults) - {"input_shape"})
+    if unknown or "input_shape" not in arch:
+        raise ValueError(
+            f"a recipe base takes input_shape and {sorted(defaults)}; got {sorted(arch)}."
+        )
+    out = {**defaults, **arch}
+    out = {
+        k: (int(v) if isinstance(v, float) and float(v).is_integer() else v) for k, v in out.items()
+    }
+    out["input_shape"] = [int(d) for d in arch["input_shape"]]
+    return dict(sorted(out.items()))
 
 
 def _train(model, windows, steps, batch_size, learning_rate, seed, progress) -> dict:

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fedjax_sim import algorithms, checkpoint, data, features, models
+from fedjax_sim import algorithms, checkpoint, data, features, models, pretrain
 from fedjax_sim.aggregators.adversary import Backdoor, backdoor_settings, check_backdoor
 from fedjax_sim.algorithms.base import AsyncSettings, BuildContext
 from fedjax_sim.core import execution
@@ -272,6 +272,7 @@ def check_config_values(config: ml_collections.ConfigDict) -> None:
         ("num_devices", config.get("num_devices", 0) or 0),
     ):
         integer(name, value, 0)
+    pretrain.check_recipe_data(config)
     factor = config.get("divergence_factor", 0.0)
     if not (isinstance(factor, (int, float)) and (factor == 0 or 1 < factor < math.inf)):
         raise ValueError(

@@ -21,13 +21,14 @@ is recorded at the start and the end (this machine is shared).
     python scripts/bench_lora.py --out lora.json --quick            # a tiny model, seconds
     python scripts/bench_lora.py --out lora.json --cohorts 10,50 --strategies vmap,sequential
 
-The base is a constant of the program (JAX passes it beside the arguments; XLA's memory
-analysis counts neither it nor, so, any copy of it): its one copy is ``base_mib``; what grows
-with the cohort is the clients' working memory (``temp``), activations for ``vmap``.
+Every program takes the base as an argument (``core.frozen.jit``, as the driver compiles its
+rounds), so XLA's memory analysis counts its one copy among the arguments; what grows with the
+cohort is the clients' working memory (``temp``), activations for ``vmap``.
 
 Checks (exit status 1 when one fails, unless ``--no-check``): every program's new adapters
-match the reference's (``--tolerance``); ``sequential``'s working memory does not grow with
-the cohort.
+match the reference's (``--tolerance``); every program's arguments are one base, the cohort's
+data and a few copies of the adapters (no per-client base), within 10%; ``sequential``'s
+working memory does not grow with the cohort.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import optax
 
 import fedjax_sim as fs
 from fedjax_sim.core.client import local_train, tree_sub
+from fedjax_sim.core.frozen import jit as frozen_jit
 from fedjax_sim.core.keys import client_keys
 from fedjax_sim.core.task import mean_loss_fn, next_token_task
 from fedjax_sim.models import lora
@@ -98,12 +100,14 @@ def make_cohort(num_clients: int, args) -> fs.Cohort:
 
 
 def strategy_program(strategy, task, adapters, cohort, key, args):
+    """The round as the driver compiles it: the base an argument (``core.frozen.jit``)."""
     algo = fs.fedavg(task, optax.sgd(args.learning_rate), executor=fs.Executor(strategy, 10))
     state = algo.init(adapters)
+    frozen = task.model.frozen
     t0 = time.perf_counter()
-    compiled = jax.jit(algo.apply).lower(state, cohort, key).compile()
+    compiled = frozen_jit(algo.apply, frozen).lower(state, cohort, key).compile()
     compile_s = time.perf_counter() - t0
-    return (lambda: compiled(state, cohort, key)[0].params), compiled, compile_s
+    return (lambda: compiled(frozen.value, state, cohort, key)[0].params), compiled, compile_s
 
 
 def reference_program(task, adapters, cohort, key, args):
@@ -112,13 +116,14 @@ def reference_program(task, adapters, cohort, key, args):
     loss_fn = mean_loss_fn(task, train=True)
     opt = optax.sgd(args.learning_rate)
 
-    @jax.jit
-    def client(params, batches, mask, ckey):
+    def client_update(params, batches, mask, ckey):
         local = local_train(
             params, batches, mask, ckey, loss_fn=loss_fn, optimizer=opt,
             opt_state=opt.init(params), static_loop=True,
         )  # fmt: skip
         return tree_sub(params, local.params)
+
+    client = frozen_jit(client_update, task.model.frozen)
 
     @jax.jit
     def accumulate(acc, delta, w):
@@ -228,16 +233,23 @@ def table_row(r: dict) -> str:
 
 
 def check(rows, args) -> list[str]:
-    """Every program's adapters match the reference's; ``sequential`` holds one client's
-    working memory whatever the cohort (nothing per client: one base, one client at a time)."""
+    """Every program's adapters match the reference's; its arguments hold one base; and
+    ``sequential`` holds one client's working memory whatever the cohort."""
     failures = [
         f"C={r['clients']} {r['program']}: adapters differ from the reference"
         for r in rows
         if r["max_rel_err_vs_reference"] > args.tolerance
     ]
-    temps = {
-        r["clients"]: r["memory_mib"]["temp_mib"] for r in rows if r["program"] == "sequential"
-    }
+    for r in rows:
+        mem = r["memory_mib"]
+        one_copy = r["base_mib"] + r["data_mib"] + 4 * r["adapters_mib"]
+        if mem and mem["argument_mib"] > 1.1 * one_copy:
+            failures.append(
+                f"C={r['clients']} {r['program']}: arguments {mem['argument_mib']:.1f} MiB > one "
+                f"base, the data and the adapters ({one_copy:.1f} MiB)"
+            )
+    seq = [r for r in rows if r["program"] == "sequential" and r["memory_mib"]]
+    temps = {r["clients"]: r["memory_mib"]["temp_mib"] for r in seq}
     if len(temps) > 1 and temps[max(temps)] > 1.1 * temps[min(temps)] + 1:
         failures.append(f"sequential's working memory grows with the cohort: {temps} MiB")
     return failures

@@ -199,11 +199,16 @@ def test_merged_weights_give_the_adapter_paths_logits(targets):
 def test_lora_dropout_needs_a_key_and_is_off_at_evaluation():
     model = _model(lora_rank=2, lora_dropout=0.5)
     params = model.init(jax.random.key(0))
+    params = jax.tree_util.tree_map_with_path(  # nonzero B: the adapters matter
+        lambda path, v: v + 0.5 if path[-1].key == "lora_b" else v, params
+    )
     with pytest.raises(ValueError, match="needs a PRNG `key`"):
         model.apply(params, _ids(), train=True)
-    a = model.apply(params, _ids(), train=True, key=jax.random.key(1))
-    b = model.apply(params, _ids(), train=False)
-    assert a.shape == b.shape
+    evaluation = model.apply(params, _ids(), train=False)
+    no_dropout = _model(lora_rank=2).apply(params, _ids(), train=False)
+    np.testing.assert_array_equal(evaluation, no_dropout)
+    trained = model.apply(params, _ids(), train=True, key=jax.random.key(1))
+    assert not np.allclose(trained, evaluation)
 
 
 def test_bad_settings_are_refused():
@@ -216,6 +221,35 @@ def test_bad_settings_are_refused():
         _model(positions="alibi")
     with pytest.raises(ValueError, match="lora_rank must be >= 0"):
         _model(lora_rank=-1)
+    with pytest.raises(ValueError, match="with B frozen A gets no gradient"):
+        lora.adapters_only(
+            _model(lora_rank=2), _model().init(jax.random.key(0)), trainable=("lora_a",)
+        )
+    get = fs.models.get_model
+    with pytest.raises(ValueError, match="LoRA options without lora_rank > 0 change nothing"):
+        get("transformer", num_classes=VOCAB, input_shape=(8,), lora_trainable="b")
+    with pytest.raises(ValueError, match="over LEAF's 80 symbols; the data have 13 classes"):
+        get("transformer", num_classes=VOCAB, input_shape=(8,), base="shakespeare:5")
+
+
+def test_a_checkpoint_needs_its_head_count(checkpoint):
+    with pytest.raises(
+        ValueError, match="does not store its head count; give model.kwargs.num_heads"
+    ):
+        fs.models.get_model(
+            "transformer", num_classes=VOCAB, input_shape=(8,), base=str(checkpoint[0]),
+            num_layers=LAYERS, width=WIDTH,
+        )  # fmt: skip
+
+
+def test_a_recipe_base_refuses_clients_it_was_trained_on():
+    config = fs.load_config("shakespeare_lora:smoke")
+    config.dataset.kwargs.plays = "all"
+    with pytest.raises(ValueError, match=r"pre-trained on every Shakespeare play but the last 10"):
+        fs.simulation.check_config_values(config)
+    config.dataset.kwargs.plays, config.dataset.kwargs.held_out_plays = "held_out", 5
+    with pytest.raises(ValueError, match=r"held_out_plays=10\)"):
+        fs.simulation.check_config_values(config)
 
 
 def _lm_cohort(num_clients=4, steps=2, batch=2, seed=0):
@@ -468,10 +502,11 @@ def test_the_shakespeare_lora_smoke_config_fine_tunes_adapters_of_a_pretrained_b
     summary = fs.simulate(config, tmp_path, progress=False)
     # Far better than uniform guessing over the 80 characters (ln 80 = 4.38).
     assert summary["final_test_loss"] < 3.5 and summary["final_test_accuracy"] > 0.1, summary
-    # Four clients a round, each new one downloading the base once.
+    # Four clients a round; each new one downloads the base once (the driver's sampler).
+    n = exp.data.train.num_clients
+    seen = {int(c) for r in (1, 2, 3) for c in fs.driver.cohorts.sample_clients(0, r, n, 4)}
     assert summary["bytes_up"] == 3 * 4 * exp.upload_bytes
-    base_downloads = (summary["bytes_down"] - 3 * 4 * exp.model_bytes) / exp.model.frozen_bytes
-    assert base_downloads == int(base_downloads) and 4 <= base_downloads <= 12
+    assert summary["bytes_down"] == 3 * 4 * exp.model_bytes + len(seen) * exp.model.frozen_bytes
 
 
 def test_a_pretrained_base_is_trained_once_then_read_from_the_cache(tmp_path, monkeypatch):
@@ -501,8 +536,12 @@ def test_a_pretrained_base_is_trained_once_then_read_from_the_cache(tmp_path, mo
     mask = np.ones(len(windows["x"]), bool)
     random_loss = loss(model.init(jax.random.key(0)), windows, mask, None)[0]
     assert float(loss(base, windows, mask, None)[0]) < 0.8 * float(random_loss)
-    # Other steps are another base; bad recipes are refused before any training.
     assert entry.name.startswith("shakespeare-") and entry.suffix == ".npz"
+    # Another number of steps is another base (trained, not read from the cache).
+    monkeypatch.undo()
+    pretrain.shakespeare_base(steps=41, cache_dir=tmp_path / "cache", **kw)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    # Bad recipes are refused before any training.
     for bad in ("shakespeare:0", "shakespeare:ten", "shakespeare:5:1:2"):
         with pytest.raises(ValueError, match="STEPS"):
             pretrain.recipe_base(bad, arch)

@@ -75,8 +75,11 @@ def adapters_only(
         ``base_params`` lacks a leaf of the model's base or has one of another shape.
     """
     trainable = tuple(trainable)
-    if not trainable or not set(trainable) <= set(ADAPTER_LEAVES):
-        raise ValueError(f"trainable must name LoRA factors {ADAPTER_LEAVES}, got {trainable}.")
+    if "lora_b" not in trainable or not set(trainable) <= set(ADAPTER_LEAVES):
+        raise ValueError(
+            f"trainable must be ('lora_a', 'lora_b') or ('lora_b',) (B starts at 0: with B "
+            f"frozen A gets no gradient), got {trainable}."
+        )
     shapes = jax.eval_shape(model.init, jax.random.key(0))
     adapter_shapes, base_shapes = split(shapes)
     if not jax.tree.leaves(adapter_shapes):
@@ -158,8 +161,8 @@ def read_gpt2(path: str | os.PathLike) -> tuple[Params, dict[str, int]]:
         raise FileNotFoundError(f"no GPT-2 checkpoint at {path}: give a .safetensors file.")
     raw = load_file(str(path))
     t = {k.removeprefix("transformer."): v for k, v in raw.items()}
-    if "wte.weight" not in t or "wpe.weight" not in t:
-        raise ValueError(f"{path} is not a GPT-2 checkpoint (no wte.weight / wpe.weight).")
+    if "wte.weight" not in t or "wpe.weight" not in t or not any(k.startswith("h.") for k in t):
+        raise ValueError(f"{path} is not a GPT-2 checkpoint (no wte, wpe or h.* tensors).")
     num_layers = 1 + max(int(k.split(".")[1]) for k in t if k.startswith("h."))
     vocab, width = t["wte.weight"].shape
 
@@ -264,6 +267,23 @@ def transformer_model(
         raise ValueError(
             f"unknown lora_trainable {lora_trainable!r}; known: {', '.join(TRAINABLE)} "
             "(b: FFA-LoRA, A frozen)."
+        )
+    if not kwargs.get("lora_rank", 0) and (
+        lora_trainable != "ab" or any(k.startswith("lora_") for k in kwargs if k != "lora_rank")
+    ):
+        raise ValueError(
+            "LoRA options without lora_rank > 0 change nothing: set model.kwargs.lora_rank "
+            "(or drop the lora_* options to fine-tune the whole model)."
+        )
+    if base and not pretrain.is_recipe(base) and "num_heads" not in kwargs:
+        raise ValueError(
+            f"{base}: a checkpoint does not store its head count; give model.kwargs.num_heads "
+            "(GPT-2's: 12 for the 124M model)."
+        )
+    if base and pretrain.is_recipe(base) and num_classes != 80:
+        raise ValueError(
+            f"base {base!r} is a character-level base over LEAF's 80 symbols; the data have "
+            f"{num_classes} classes."
         )
     model = transformer(num_classes=num_classes, input_shape=input_shape, **kwargs)
     plain_kwargs = {k: v for k, v in kwargs.items() if not k.startswith("lora_")}
