@@ -38,8 +38,9 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # repeated 4-round smoke run took 2.2-3.0 s instead of 4.6-5.4 s. It lives beside the data
 # cache (``$FEDJAX_SIM_CACHE``, else ``~/.cache/fedjax_sim``), so a later run of the suite on
 # the same machine starts warm (the whole suite in a clean clone on the 2-core machine: 534 s
-# for 105ff62 with a warm cache, 722-861 s from empty caches the same day). At most 2 GiB (the
-# least recently used entries go first). The environment variables reach the subprocesses
+# for 105ff62 with a warm cache, 722-861 s from empty caches the same day). No size bound:
+# JAX's bound needs the filelock package, and without it every cache read and write fails (with
+# the warnings filtered below, silently). The environment variables reach the subprocesses
 # (JAX reads JAX_* flags at import).
 def _cache_dir() -> str:
     from fedjax_sim.data.files import default_cache_dir  # after the flags above are set
@@ -50,13 +51,9 @@ def _cache_dir() -> str:
 _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache_dir())
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-jax.config.update(
-    "jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"])
-)
 
 
 @pytest.fixture(autouse=True, scope="session")
