@@ -61,8 +61,10 @@ class Pipeline(NamedTuple):
         """Bytes one client uploads for ``update`` (a tree of arrays or shapes) as this
         pipeline was built: the reducer's count where it has one (secure aggregation), else
         the client stage's encoding (the compressor's bits, with or without error feedback),
-        else the update's own bytes. The run's ``bytes_up`` and simulated upload times are
-        this number."""
+        else the update's own bytes (a compressor without a bit count, e.g. a plain function
+        given as ``error_feedback``, is priced so). A run's ``bytes_up`` and simulated upload
+        times are this number plus what the algorithm sends beside the pipeline
+        (``Messages.extras``)."""
         leaves = jax.tree.leaves(update)
         d = sum(math.prod(a.shape) for a in leaves)
         if self.aggregator.upload_bytes is not None:
