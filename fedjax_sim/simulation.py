@@ -24,7 +24,7 @@ from fedjax_sim.algorithms.base import AsyncSettings, BuildContext
 from fedjax_sim.core import execution
 from fedjax_sim.core.execution import Executor, client_mesh
 from fedjax_sim.core.task import Task, get_task
-from fedjax_sim.core.types import FederatedAlgorithm, Model
+from fedjax_sim.core.types import FederatedAlgorithm, Model, tree_bytes
 from fedjax_sim.driver import privacy
 from fedjax_sim.driver.cohorts import (
     CohortSource,
@@ -162,11 +162,6 @@ def build_experiment(
         config, federated_data, model, task, algorithm, num_steps, executor, slots,
         tree_bytes(messages.down), async_settings, upload + tree_bytes(messages.extras),
     )  # fmt: skip
-
-
-def tree_bytes(tree) -> int:
-    """Bytes of a tree of arrays or shapes."""
-    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
 def backdoor_of(config) -> Backdoor | None:

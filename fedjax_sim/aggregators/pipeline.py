@@ -21,12 +21,12 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
-import numpy as np
 
 from fedjax_sim.aggregators.adversary import FRACTION, Adversary
 from fedjax_sim.aggregators.base import Aggregator, weighted_mean
 from fedjax_sim.aggregators.compression import Compressor
 from fedjax_sim.aggregators.transforms import AggregationTransform, chain
+from fedjax_sim.core.types import tree_bytes
 from fedjax_sim.privacy import (
     CLIP_NORM,
     NOISE_MULTIPLIER,
@@ -73,7 +73,7 @@ class Pipeline(NamedTuple):
         if self.error_feedback is not None:
             encoding = getattr(self.error_feedback, "bits", None)
         if encoding is None:
-            return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in leaves)
+            return tree_bytes(update)
         return -(-int(encoding(d)) // 8)
 
 

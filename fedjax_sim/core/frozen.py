@@ -16,14 +16,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
-from fedjax_sim.core.types import PyTree
+from fedjax_sim.core.types import PyTree, tree_bytes
 
 # id(Frozen) -> its value in the program being traced; replaced, never mutated.
 _BOUND: contextvars.ContextVar[dict[int, PyTree] | None] = contextvars.ContextVar(
@@ -37,9 +35,7 @@ class Frozen:
 
     def __init__(self, value: PyTree):
         self.value = jax.tree.map(jax.numpy.asarray, value)
-        self.nbytes = sum(
-            math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(self.value)
-        )
+        self.nbytes = tree_bytes(self.value)
         self._placed: dict[Any, PyTree] = {}
 
     def get(self) -> PyTree:

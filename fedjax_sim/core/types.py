@@ -6,12 +6,21 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 Array = jax.Array
 PyTree = Any
 Params = PyTree
 PRNGKey = jax.Array
 Metrics = Mapping[str, Array]
+
+
+def tree_bytes(tree: PyTree) -> int:
+    """Bytes of a tree of arrays or shapes (``jax.ShapeDtypeStruct``), each at its dtype."""
+    return sum(
+        int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+        for a in jax.tree.leaves(tree)
+    )
 
 
 class Cohort(NamedTuple):

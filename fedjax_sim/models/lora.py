@@ -268,19 +268,21 @@ def transformer_model(
             f"unknown lora_trainable {lora_trainable!r}; known: {', '.join(TRAINABLE)} "
             "(b: FFA-LoRA, A frozen)."
         )
-    if not kwargs.get("lora_rank", 0) and (
+    rank = kwargs.get("lora_rank", 0)
+    if not rank and (
         lora_trainable != "ab" or any(k.startswith("lora_") for k in kwargs if k != "lora_rank")
     ):
         raise ValueError(
             "LoRA options without lora_rank > 0 change nothing: set model.kwargs.lora_rank "
             "(or drop the lora_* options to fine-tune the whole model)."
         )
-    if base and not pretrain.is_recipe(base) and "num_heads" not in kwargs:
+    recipe = bool(base) and pretrain.is_recipe(base)
+    if base and not recipe and "num_heads" not in kwargs:
         raise ValueError(
             f"{base}: a checkpoint does not store its head count; give model.kwargs.num_heads "
             "(GPT-2's: 12 for the 124M model)."
         )
-    if base and pretrain.is_recipe(base) and num_classes != 80:
+    if recipe and num_classes != 80:
         raise ValueError(
             f"base {base!r} is a character-level base over LEAF's 80 symbols; the data have "
             f"{num_classes} classes."
@@ -288,7 +290,9 @@ def transformer_model(
     model = transformer(num_classes=num_classes, input_shape=input_shape, **kwargs)
     plain_kwargs = {k: v for k, v in kwargs.items() if not k.startswith("lora_")}
     plain = transformer(num_classes=num_classes, input_shape=input_shape, **plain_kwargs)
-    if base and pretrain.is_recipe(base):
+    if not base and not rank:
+        return plain  # a plain transformer, randomly initialized by its own init
+    if recipe:
         arch = {"input_shape": tuple(input_shape), **plain_kwargs}
         params = pretrain.recipe_base(base, arch)
     elif base:
@@ -302,12 +306,10 @@ def transformer_model(
         params["wpe"] = params["wpe"][:context]
     else:
         params = plain.init(jax.random.key(int(base_seed)))
-    if kwargs.get("lora_rank", 0):
+    if rank:
         return adapters_only(
             model, params, trainable=TRAINABLE[lora_trainable], frozen_seed=int(base_seed)
         )
-    if not base:
-        return plain
     _check_same_shapes(jax.eval_shape(plain.init, jax.random.key(0)), params)
     frozen_start = jax.tree.map(jnp.asarray, params)
     return plain._replace(init=lambda key: frozen_start)
