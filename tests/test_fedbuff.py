@@ -29,6 +29,24 @@ def _schedule(sizes, concurrency, k, max_staleness=10, seed=0, **kw):
     )
 
 
+def test_a_clients_first_start_downloads_what_comes_once():
+    """Equal work (0.1 s), one client at a time, buffer 1: step r's client starts at step
+    r-1's time, so it lands 0.1 s later, or 1.1 s if it starts for the first time and so first
+    downloads what comes once (1000 bytes at 1000 B/s: a LoRA model's base)."""
+    s = systems.Systems(bandwidth_down=1000.0)
+    pop = systems.Population(s, np.full(4, 10), 0, 1, model_bytes=0, once_bytes=1000)
+    sched = AsyncSchedule(pop, np.full(4, 10.0), concurrency=1, settings=AsyncSettings(1, 10))
+    seen, last, gaps = set(), 0.0, set()
+    for r in range(1, 16):
+        step = sched.step(r)
+        new = not set(step.clients.tolist()) <= seen
+        assert step.time - last == pytest.approx(1.1 if new else 0.1)
+        gaps.add(new)
+        seen |= set(step.clients.tolist())
+        last = step.time
+    assert gaps == {True, False} and seen == set(range(4))
+
+
 def test_equal_durations_and_a_full_buffer_have_no_staleness():
     sched = _schedule([10] * 12, concurrency=4, k=4)
     for r in range(1, 11):

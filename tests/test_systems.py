@@ -151,6 +151,18 @@ def test_round_seconds_is_the_slowest_reporting_client():
     np.testing.assert_allclose(pop.client_seconds([0, 1], [4, 6]), [8.0, 9.0])
 
 
+def test_a_client_downloads_what_comes_once_the_first_time_only():
+    """A LoRA model's base (``once_bytes``) costs a client ``once_bytes / down`` seconds in its
+    first round; the driver's cohort source charges it once per client, as it counts bytes."""
+    s = _systems(compute_speed=2.0, bandwidth_down=500.0, bandwidth_up=250.0)
+    pop = systems.Population(s, np.asarray([4, 6]), 0, 2, 1000, None, 5000)
+    np.testing.assert_allclose(pop.client_seconds([0, 1], [4, 6], [True, False]), [18.0, 9.0])
+    ds, cohort = _cohort([4, 6], [0, 1])
+    # Client 0 first: 8 + 5000/500 = 18 s; then neither: 9 s.
+    assert systems.round_seconds(pop, cohort, 2, np.array([False, True])) == pytest.approx(18.0)
+    assert systems.round_seconds(pop, cohort, 2, np.array([True, True])) == pytest.approx(9.0)
+
+
 def test_local_examples_counts_whole_epochs_and_caps():
     # 5 examples, batch 2: 3 steps per epoch (2 + 2 + 1). Two epochs: 10; capped at 4 steps:
     # one epoch (5) + one full batch (2) = 7.

@@ -79,6 +79,7 @@ class AsyncSchedule:
         self.lost = 0  # clients that dropped out
         self._rng = np.random.default_rng([population.seed, ASYNC_TAG])
         self._busy = np.zeros(n, bool)  # training now, or waiting in the buffer
+        self._started = np.zeros(n, bool)  # has downloaded what comes once (a frozen base)
         self._flight: list[tuple[float, int, int, int]] = []  # (finish, seq, client, version)
         self._buffer: list[tuple[int, int]] = []  # (client, version)
         self._seq = self._draws = 0
@@ -94,7 +95,8 @@ class AsyncSchedule:
             return
         ids = self.population.sample(self.version, exclude=self._busy, size=count, draw=self._draws)
         self._draws += 1
-        seconds = self.population.client_seconds(ids, self.work[ids])
+        seconds = self.population.client_seconds(ids, self.work[ids], ~self._started[ids])
+        self._started[ids] = True
         for c, dt in zip(ids.tolist(), seconds.tolist(), strict=True):
             self._busy[c] = True
             heapq.heappush(self._flight, (self._time + dt, self._seq, c, self.version))

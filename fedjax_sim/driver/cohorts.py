@@ -126,7 +126,13 @@ class CohortSource:
         self.systems = systems_of(config)
         self.populations = [
             Population(
-                self.systems, trains[d].sizes, s, self.cohort_size, model_bytes, upload_bytes
+                self.systems,
+                trains[d].sizes,
+                s,
+                self.cohort_size,
+                model_bytes,
+                upload_bytes,
+                once_bytes,
             )
             for s, d in streams
         ]
@@ -217,7 +223,7 @@ class CohortSource:
             else:
                 if self.systems.alters_cohorts:
                     c, _ = apply_systems(c, self.systems, s, round_num, n)
-                self.clock[j] += round_seconds(self.populations[j], c, n)
+                self.clock[j] += round_seconds(self.populations[j], c, n, self.served[j])
             pop = self.populations[j]
             ids_ = np.asarray(c.client_ids)
             ids_ = ids_[ids_ < n]

@@ -21,7 +21,8 @@ run's seed and the round number, so runs stay deterministic and resume exactly:
 - **The simulated clock**: client ``i`` has a compute speed (examples/s, log-normal around
   ``compute_speed`` with ``speed_sigma``) and link bandwidths (bytes/s, around
   ``bandwidth_down``/``bandwidth_up``, 0 = unlimited, ``bandwidth_sigma``); its round takes
-  ``model_bytes / down + examples_processed / speed + model_bytes / up`` and a synchronous round
+  ``model_bytes / down + examples_processed / speed + upload_bytes / up`` (plus ``once_bytes /
+  down`` the first time it takes part: a LoRA model's frozen base) and a synchronous round
   takes as long as its slowest reporting client. ``sim_time_s`` (cumulative) is logged with
   every evaluation, so time-to-accuracy can be read next to rounds-to-accuracy.
 
@@ -163,6 +164,8 @@ class Population:
       clients_per_round: the cohort size (uniform and weighted sampling; Poisson's mean).
       model_bytes: bytes of one model (what a client downloads and, uncompressed, uploads).
       upload_bytes: bytes of one client's upload (default ``model_bytes``).
+      once_bytes: bytes a client downloads once, before its first local work (a LoRA model's
+        frozen base; ``client_seconds``'s ``first``).
     """
 
     def __init__(
@@ -173,8 +176,10 @@ class Population:
         clients_per_round: int,
         model_bytes: int,
         upload_bytes: int | None = None,
+        once_bytes: int = 0,
     ):
         self.systems, self.seed = systems, int(seed)
+        self.once_bytes = int(once_bytes)
         # What a client uploads: the model's bytes, or its compressed / masked update's.
         self.upload_bytes = int(model_bytes if upload_bytes is None else upload_bytes)
         self.sizes = np.asarray(sizes, np.int64)
@@ -241,10 +246,14 @@ class Population:
             return rng.choice(n, size=k, replace=False)
         return candidates[rng.choice(len(candidates), size=k, replace=False)]
 
-    def client_seconds(self, ids: np.ndarray, examples: np.ndarray) -> np.ndarray:
-        """Seconds each client takes: download, ``examples`` processed, upload."""
+    def client_seconds(
+        self, ids: np.ndarray, examples: np.ndarray, first: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Seconds each client takes: download (with ``once_bytes`` where ``first``, a bool per
+        client, marks its first time), ``examples`` processed, upload."""
         ids = np.asarray(ids, np.int64)
-        link = self.model_bytes / self.down[ids] + self.upload_bytes / self.up[ids]
+        down = self.model_bytes + (0 if first is None else self.once_bytes * np.asarray(first))
+        link = down / self.down[ids] + self.upload_bytes / self.up[ids]
         return link + np.asarray(examples, np.float64) / self.speed[ids]
 
 
@@ -289,14 +298,18 @@ def apply_systems(cohort: Cohort, systems: Systems, seed: int, r: int, num_clien
     return out, dropped
 
 
-def round_seconds(population: Population, cohort: Cohort, num_clients: int) -> float:
-    """A synchronous round's simulated duration: its slowest reporting client's."""
+def round_seconds(
+    population: Population, cohort: Cohort, num_clients: int, served: np.ndarray | None = None
+) -> float:
+    """A synchronous round's simulated duration: its slowest reporting client's (one that
+    ``served``, ``[num_clients]`` bool, does not mark downloads ``once_bytes`` first)."""
     ids = np.asarray(cohort.client_ids)
     reporting = ids < num_clients
     if not reporting.any():
         return 0.0
     examples = np.asarray(cohort.mask)[reporting].reshape(int(reporting.sum()), -1).sum(1)
-    return float(population.client_seconds(ids[reporting], examples).max())
+    first = None if served is None else ~np.asarray(served)[ids[reporting]]
+    return float(population.client_seconds(ids[reporting], examples, first).max())
 
 
 def local_examples(sizes, *, batch_size: int, local_epochs: int, max_local_steps: int | None):
