@@ -11,6 +11,7 @@ pre-training; every character of a role's lines is a next-character target. Only
 LoRA adapters on the attention's q and v projections are federated: the base is downloaded
 once per client (counted in ``bytes_down``), the adapters go up and down each round.
 ``--config.model.kwargs.lora_trainable=b`` trains B only over a frozen A (FFA-LoRA);
+``--config.algorithm=flora`` merges the clients' products exactly each round (FLoRA);
 ``--config.model.kwargs.lora_rank=0`` fine-tunes the whole model instead.
 
 The smoke variant (a 2-block base pre-trained for 100 steps, 3 rounds of 4 clients) runs in

@@ -82,3 +82,43 @@ def three_step_cohort(exp, client_ids, round_num: int):
         seed=0,
         round_num=round_num,
     )
+
+
+# The tiny language-model setting the registry-wide tests run a LoRA model in.
+TOKEN_VOCAB, TOKEN_CONTEXT = 13, 8
+
+
+def token_data(num_clients: int = 6, n: int = 6, seed: int = 0):
+    """Federated next-token data: each client's sequences count up (mod the vocabulary) from
+    starts of its own; two test clients."""
+    import fedjax_sim as fs
+
+    rng = np.random.default_rng(seed)
+
+    def client():
+        start = rng.integers(1, TOKEN_VOCAB, size=(n, 1))
+        seq = (start + np.arange(TOKEN_CONTEXT + 1)) % (TOKEN_VOCAB - 1) + 1
+        return {"x": seq[:, :-1].astype(np.int32), "y": seq[:, 1:].astype(np.int32)}
+
+    return fs.from_client_arrays(
+        {f"c{i}": client() for i in range(num_clients)},
+        test={f"t{i}": client() for i in range(2)},
+        num_classes=TOKEN_VOCAB,
+    )
+
+
+def with_lora_model(config, num_layers: int = 1):
+    """``config`` (in place) training the rank-2 adapters of a one-block transformer of width
+    8 over a random frozen base, on next tokens (``token_data``)."""
+    config.task = "next_token"
+    config.model.name = "transformer"
+    config.model.kwargs = {"num_layers": num_layers, "width": 8, "num_heads": 2, "lora_rank": 2}
+    return config
+
+
+def build_experiment(config):
+    """``fs.build_experiment``, on ``token_data`` for a transformer config."""
+    import fedjax_sim as fs
+
+    lm = config.model.name == "transformer"
+    return fs.build_experiment(config, token_data(num_clients=8) if lm else None)

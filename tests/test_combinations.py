@@ -15,7 +15,7 @@ import fedjax_sim as fs
 from fedjax_sim import features, simulation, sweep
 from fedjax_sim.aggregators import compression, secure
 from fedjax_sim.driver.privacy import accountant_of
-from tests.helpers import three_step_cohort
+from tests.helpers import build_experiment, three_step_cohort, with_lora_model
 
 # Config fields that switch each feature on (and nothing else).
 SETTINGS = {
@@ -56,6 +56,9 @@ def _settings(algorithm, feature):
 def _config(algorithm, feature=None):
     config = fs.load_config("default:smoke")
     fs.algorithms.switch_algorithm(config, algorithm)
+    if algorithm == "flora":  # it federates LoRA adapters; products above the cells' clip norms
+        with_lora_model(config)
+        config.client.learning_rate = 1.0
     config.dataset.kwargs.num_clients = CLIENTS
     config.clients_per_round = CLIENTS  # every client (so every attacker) in the round
     config.weighting = "uniform"  # what DP needs; the same for the run without the feature
@@ -138,7 +141,7 @@ def _representatives():
 def _two_rounds(algorithm, feature):
     """``(experiment, state after two rounds on every client, the second round's metrics)``
     (one compilation: the rounds differ only in their batches and keys)."""
-    exp = fs.build_experiment(_config(algorithm, feature))
+    exp = build_experiment(_config(algorithm, feature))
     state = exp.algorithm.init(exp.model.init(jax.random.key(0)))
     apply = jax.jit(exp.algorithm.apply)
     for r in (1, 2):
@@ -163,7 +166,8 @@ def test_a_supported_cell_builds_the_feature_into_the_round(algorithm, feature):
     assert _differs(state.params, base.params)
     # What the run reports follows what was built: upload bytes (of the update the pipeline
     # sees, plus what the algorithm sends beside it) and epsilon.
-    messages = fs.algorithms.get_spec(algorithm).messages(exp.config, exp.task, base.params)
+    shapes = jax.eval_shape(exp.model.init, jax.random.key(0))
+    messages = fs.algorithms.get_spec(algorithm).messages(exp.config, exp.task, shapes)
     update_bytes, extras_bytes = (
         simulation.tree_bytes(messages.update),
         simulation.tree_bytes(messages.extras),

@@ -13,7 +13,14 @@ import fedjax_sim as fs
 from fedjax_sim import checkpoint, sweep
 from fedjax_sim.data import pack_cohort
 from tests import toy_algorithm
-from tests.helpers import linear_model, mean_loss, ragged_dataset, three_step_cohort
+from tests.helpers import (
+    build_experiment,
+    linear_model,
+    mean_loss,
+    ragged_dataset,
+    three_step_cohort,
+    with_lora_model,
+)
 
 fs.algorithms.register("fedavg_memory", toy_algorithm.SPEC)
 
@@ -90,9 +97,16 @@ def test_dropout_draws_from_the_client_key():
     assert not np.allclose(a.params["w"], c.params["w"])
 
 
+# Algorithms whose contract runs on a LoRA model (``tests.helpers.with_lora_model``): FLoRA
+# needs one, and FedAvg on one is a case of its own, named ``fedavg+lora``.
+ON_LORA = ("flora", "fedavg+lora")
+
+
 def _registered_config(name, strategy, devices):
     config = fs.load_config("default:smoke")
-    config.algorithm = name
+    if name in ON_LORA:
+        with_lora_model(config)
+    config.algorithm = name.removesuffix("+lora")
     config.strategy, config.chunk_size, config.num_devices = strategy, 3, devices
     config.dataset.kwargs.num_clients = 8
     config.clients_per_round = 4
@@ -132,7 +146,7 @@ _ONE_DEVICE_PARAMS = {}
 def _one_device_params(name, strategy):
     """Four rounds on one device with ``strategy``."""
     if (name, strategy) not in _ONE_DEVICE_PARAMS:
-        exp = fs.build_experiment(_registered_config(name, strategy, 1))
+        exp = build_experiment(_registered_config(name, strategy, 1))
         state = exp.algorithm.init(exp.model.init(jax.random.key(0)))
         state = _run(jax.jit(exp.algorithm.apply), state, _cohorts(exp, range(1, 5)))
         _ONE_DEVICE_PARAMS[name, strategy] = state.params
@@ -156,7 +170,7 @@ ALL_CASES = [(s, d) for d in (1, 2) for s in ("vmap", "chunked", "sequential")]
 
 
 def _cases():
-    for name in sorted(fs.algorithms.ALGORITHMS):
+    for name in sorted([*fs.algorithms.ALGORITHMS, "fedavg+lora"]):
         if name in EVERY_CASE:
             cases = ALL_CASES
         elif name in ONE_CASE:
@@ -170,9 +184,9 @@ def _cases():
 
 @pytest.mark.parametrize("name, strategy, devices", list(_cases()))
 def test_every_registered_algorithm(name, strategy, devices, tmp_path):
-    spec = fs.algorithms.get_spec(name)
+    spec = fs.algorithms.get_spec(name.removesuffix("+lora"))
     config = _registered_config(name, strategy, devices)
-    exp = fs.build_experiment(config)
+    exp = build_experiment(config)
     algo = exp.algorithm
     assert exp.executor.num_devices == devices and exp.strategy == strategy
     # Its spec names the hyperparameters the state keeps, as float32 scalars.
@@ -232,7 +246,7 @@ def test_every_registered_algorithm(name, strategy, devices, tmp_path):
         own_config = _registered_config(name, strategy, 1)
         for path, value in other.items():
             sweep._set(own_config, path, float(value))
-        own = fs.build_experiment(own_config).algorithm.init(params)
+        own = build_experiment(own_config).algorithm.init(params)
         # (The injected copies inside optimizer states differ; every round overwrites them.)
         own_next, swapped_next = (
             step(s, cohorts[0], jax.random.key(1))[0] for s in (own, members[1])
@@ -242,3 +256,34 @@ def test_every_registered_algorithm(name, strategy, devices, tmp_path):
         assert any(
             not np.allclose(a, b) for a, b in zip(*(jax.tree.leaves(s.params) for s in solo))
         )
+
+
+@pytest.mark.parametrize("name", sorted(fs.algorithms.BUILT_IN))
+def test_every_algorithm_trains_the_adapters_of_a_frozen_base(name):
+    """Each registered algorithm, built from a config over a LoRA model: two rounds train the
+    adapters (the only parameters the algorithm sees; FLoRA keeps its merged deltas beside
+    them) and leave the state's structure unchanged."""
+    config = fs.load_config("default:smoke")
+    fs.algorithms.switch_algorithm(config, name)
+    # FedPer and FedRep: two blocks, a shared body below the personal head.
+    with_lora_model(config, num_layers=2 if name in ("fedper", "fedrep") else 1)
+    config.clients_per_round = 4
+    exp = build_experiment(config)
+    assert exp.model.frozen is not None and exp.model.name == "transformer+lora"
+    adapters = exp.model.init(jax.random.key(1))
+    assert {p[-1].key for p, _ in jax.tree_util.tree_leaves_with_path(adapters)} == {
+        "lora_a",
+        "lora_b",
+    }
+    start = exp.algorithm.init(adapters)
+    step = jax.jit(exp.algorithm.apply)
+    state = _run(step, start, _cohorts(exp, range(1, 3)))
+    assert jax.tree.structure(state) == jax.tree.structure(start)
+    assert _differs(state.params, start.params)
+
+
+def _differs(a, b):
+    return any(
+        np.asarray(x).tobytes() != np.asarray(y).tobytes()
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )

@@ -18,6 +18,7 @@ from fedjax_sim.core.types import Cohort
 from fedjax_sim.models import lora
 from fedjax_sim.models.transformer import parse_targets, rotary, transformer
 from tests.conftest_data import real_data
+from tests.helpers import token_data
 
 VOCAB, CONTEXT, WIDTH, HEADS, LAYERS = 13, 8, 16, 2, 2
 
@@ -324,32 +325,6 @@ def test_the_registrys_transformer_starts_from_a_checkpoint(checkpoint):
     )
 
 
-@pytest.mark.parametrize("name", sorted(fs.algorithms.BUILT_IN))
-def test_every_algorithm_trains_the_adapters_of_a_frozen_base(name):
-    """Each registered algorithm, built from a config over a LoRA model: two rounds train the
-    adapters (the only parameters the algorithm sees) and leave their structure unchanged."""
-    # One block (FedPer and FedRep: two, a shared body below the personal head).
-    small = {"num_layers": 2 if name in ("fedper", "fedrep") else 1, "width": 8, "num_heads": 2}
-    base = _model(**small).init(jax.random.key(0))
-    model = lora.adapters_only(_model(lora_rank=2, **small), base)
-    config = fs.load_config("default:smoke")
-    fs.algorithms.switch_algorithm(config, name)
-    ctx = fs.algorithms.BuildContext(next_token_task(model, pad_id=-1), fs.Executor("vmap"), 4)
-    algo = fs.algorithms.build(config, ctx)
-    adapters = model.init(jax.random.key(1))
-    state = algo.init(adapters)
-    cohort = _lm_cohort()._replace(info={"staleness": jnp.zeros((4,), jnp.int32)})
-    step = jax.jit(algo.apply)
-    for r in range(2):
-        state, metrics = step(state, cohort, jax.random.key(r))
-        assert np.isfinite(float(metrics["train_loss"]))
-    assert jax.tree.structure(state.params) == jax.tree.structure(adapters)
-    moved = [
-        not np.array_equal(a, b) for a, b in zip(*map(jax.tree.leaves, (state.params, adapters)))
-    ]
-    assert any(moved)
-
-
 def test_averaging_factors_leaves_a_gap_that_stacking_and_a_frozen_a_close():
     rng = np.random.default_rng(0)
     n, d_in, d_out, r = 4, 12, 9, 2
@@ -372,30 +347,29 @@ def test_averaging_factors_leaves_a_gap_that_stacking_and_a_frozen_a_close():
     )
 
 
-def _products(adapters, scale):
-    """Every adapted projection's ``scale * A B``."""
-    flat = traverse_util.flatten_dict(adapters)
-    return {
-        k[:-1]: scale * (v @ flat[(*k[:-1], "lora_b")])
-        for k, v in flat.items()
-        if k[-1] == "lora_a"
-    }
-
-
-@pytest.mark.parametrize("trainable", ["ab", "b"])
-def test_a_fedavg_round_of_ffa_lora_averages_the_products_exactly(trainable, checkpoint):
-    """One FedAvg round (server SGD at 1: the new global factors are the clients' mean) over
-    four equal clients: with A frozen (FFA-LoRA) the global product is the mean of the clients'
-    products; with both factors trained it is not."""
+@pytest.mark.parametrize("method", ["fedavg", "ffa", "flora"])
+def test_ffa_lora_and_flora_rounds_average_the_products_exactly(method, checkpoint):
+    """One round (server SGD at 1) over four equal clients, against the four clients' rounds
+    alone: with A frozen (FFA-LoRA) and with FLoRA's merged products the global product is the
+    mean of the clients' products; FedAvg of both factors misses it."""
     small = {"num_layers": LAYERS, "width": WIDTH, "num_heads": HEADS, "lora_rank": 2}
     small.update(lora_alpha=2.0, base=str(checkpoint[0]))  # a base whose gradients are not tiny
     model = fs.models.get_model(
-        "transformer", num_classes=VOCAB, input_shape=(CONTEXT,), lora_trainable=trainable, **small
+        "transformer",
+        num_classes=VOCAB,
+        input_shape=(CONTEXT,),
+        lora_trainable="b" if method == "ffa" else "ab",
+        **small,
     )
-    algo = fs.algorithms.fedavg(next_token_task(model, pad_id=-1), optax.sgd(0.5))
+    task = next_token_task(model, pad_id=-1)
+    if method == "flora":
+        algo = fs.algorithms.flora(task, optax.sgd(0.5))
+    else:
+        algo = fs.algorithms.fedavg(task, optax.sgd(0.5))
     state = algo.init(model.init(jax.random.key(1)))
-    # Start from nonzero factors, as after earlier rounds.
-    state = state._replace(params=jax.tree.map(lambda v: v + 0.3, state.params))
+    # Start from nonzero products, as after earlier rounds (FLoRA's are in its deltas).
+    moved = lambda path, v: v + 0.3 if method != "flora" or path[-1].key == lora.DELTA else v
+    state = state._replace(params=jax.tree_util.tree_map_with_path(moved, state.params))
     cohort = _lm_cohort()
     key = jax.random.key(7)
     step = jax.jit(algo.apply)
@@ -406,11 +380,16 @@ def test_a_fedavg_round_of_ffa_lora_averages_the_products_exactly(trainable, che
     ]
     full = fs.models.get_model("transformer", num_classes=VOCAB, input_shape=(CONTEXT,), **small)
 
-    def product_of(adapters):  # the whole adapter (A from the frozen base where not trained)
-        if trainable == "b":
+    def product_of(params):  # the weights' whole change, unscaled: A B (+ FLoRA's deltas)
+        if method == "ffa":
             frozen_a = lora.split(lora.split(full.init(jax.random.key(0)))[0], ("lora_b",))[1]
-            adapters = lora.combine(adapters, frozen_a)
-        return _products(adapters, 1.0)
+            params = lora.combine(params, frozen_a)
+        flat = traverse_util.flatten_dict(params)
+        return {
+            k[:-1]: v @ flat[(*k[:-1], "lora_b")] + flat.get((*k[:-1], lora.DELTA), 0.0)
+            for k, v in flat.items()
+            if k[-1] == "lora_a"
+        }
 
     before, got = product_of(state.params), product_of(new.params)
     each = [product_of(c) for c in clients]
@@ -418,28 +397,26 @@ def test_a_fedavg_round_of_ffa_lora_averages_the_products_exactly(trainable, che
     for k, v in got.items():
         mean = np.mean([e[k] for e in each], axis=0)
         gap = max(gap, float(np.abs(v - mean).max()))
-        moved = float(np.abs(mean - before[k]).max())
-        assert moved > 1e-3, moved  # local training did change the products
-    print(f"lora_trainable={trainable}: |global product - mean of the clients' products| {gap:.2e}")
-    if trainable == "b":
-        assert gap < 1e-6
-    else:
+        assert float(np.abs(mean - before[k]).max()) > 1e-3  # local training did move them
+        if method == "flora":  # each client's change is one rank-2 product; their mean is not
+            changes = [np.asarray(e[k] - before[k], np.float64) for e in each]
+            assert all(np.linalg.matrix_rank(c, tol=1e-6) <= 2 for c in changes)
+            assert np.linalg.matrix_rank(np.mean(changes, axis=0), tol=1e-6) > 2
+    print(f"{method}: |global product - mean of the clients' products| {gap:.2e}")
+    if method == "fedavg":
         assert gap > 1e-4
-
-
-def _token_data(num_clients=6, n=6, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def client():
-        start = rng.integers(1, VOCAB, size=(n, 1))
-        seq = (start + np.arange(CONTEXT + 1)) % (VOCAB - 1) + 1
-        return {"x": seq[:, :-1].astype(np.int32), "y": seq[:, 1:].astype(np.int32)}
-
-    return fs.from_client_arrays(
-        {f"c{i}": client() for i in range(num_clients)},
-        test={f"t{i}": client() for i in range(2)},
-        num_classes=VOCAB,
-    )
+    else:
+        assert gap < 1e-6
+    if method == "flora":  # the global model is the base with the deltas merged
+        scale = small["lora_alpha"] / small["lora_rank"]
+        whole = lora.merged(lora.combine(new.params, model.frozen.value), scale)
+        ids = _ids()
+        np.testing.assert_allclose(
+            model.apply(new.params, ids, train=False),
+            _model().apply(whole, ids, train=False),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_a_lora_run_counts_the_base_once_per_client_and_the_adapters_every_round(tmp_path):
@@ -449,7 +426,7 @@ def test_a_lora_run_counts_the_base_once_per_client_and_the_adapters_every_round
     config.model.kwargs = {"num_layers": 1, "width": 8, "num_heads": 2, "lora_rank": 2}
     config.clients_per_round, config.num_rounds, config.eval_every = 2, 4, 1
     config.client.local_epochs, config.client.batch_size, config.checkpoint_every = 1, 3, 0
-    data = _token_data()
+    data = token_data()
     exp = fs.build_experiment(config, data)
     adapters = exp.model.init(jax.random.key(0))
     adapter_bytes = sum(a.size * 4 for a in jax.tree.leaves(adapters))
@@ -471,7 +448,7 @@ def test_a_lora_run_counts_the_base_once_per_client_and_the_adapters_every_round
 def test_the_cohort_source_keeps_who_has_the_base_across_a_resume():
     config = fs.load_config("default:smoke")
     config.clients_per_round = 2
-    train = _token_data().train
+    train = token_data().train
     source = lambda: fs.driver.cohorts.CohortSource(  # noqa: E731
         config, {0: train}, [(0, 0)], slots=2, max_steps=2, model_bytes=10, once_bytes=1000
     )
@@ -565,7 +542,7 @@ def test_the_driver_programs_take_the_base_as_an_argument_not_a_constant():
     config.task, config.model.name = "next_token", "transformer"
     config.model.kwargs = {"num_layers": 1, "width": 32, "num_heads": 2, "lora_rank": 2}
     config.clients_per_round = 2
-    exp = fs.build_experiment(config, _token_data())
+    exp = fs.build_experiment(config, token_data())
     base_kib = exp.model.frozen_bytes / 1024
     assert base_kib > 40
     program = SoloProgram(exp.algorithm, exp.model, 0, exp.mesh, None)
@@ -586,3 +563,30 @@ def test_the_driver_programs_take_the_base_as_an_argument_not_a_constant():
     want = jax.jit(evaluate.__wrapped__)(params, arrays, mask, owner)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_flora_refuses_what_it_cannot_merge_before_any_compute(monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data loaded")
+
+    monkeypatch.setattr(fs.data, "get_federated_data", no_data)
+    config = fs.load_config("shakespeare_lora:smoke")
+    config.algorithm = "flora"
+    config.model.kwargs.lora_trainable = "b"
+    with pytest.raises(ValueError, match="got lora_rank=8, lora_trainable='b'"):
+        fs.build_experiment(config)
+    config.model.kwargs.lora_trainable = "ab"
+    config.compression.method = "sign"
+    with pytest.raises(fs.features.UnsupportedError, match="'flora' does not support compression"):
+        fs.build_experiment(config)
+    # A model whose parameters are not LoRA factors, and one that ignores the merged deltas.
+    with pytest.raises(ValueError, match="must be lora_a and lora_b leaves"):
+        fs.algorithms.flora(_model(), optax.sgd(0.1))
+    inner = _model(lora_rank=2)
+    honest = lora.adapters_only(inner, lora.split(inner.init(jax.random.key(0)))[1])
+    fs.algorithms.flora(honest, optax.sgd(0.1))  # transformer's projections add the deltas
+    deaf = honest._replace(
+        apply=lambda p, x, **kw: honest.apply(lora.split(p)[0], x, **kw)  # drops lora_delta
+    )
+    with pytest.raises(ValueError, match="ignores the merged products"):
+        fs.algorithms.flora(deaf, optax.sgd(0.1))

@@ -15,6 +15,7 @@ from fedjax_sim.algorithms import fednova as _fednova
 from fedjax_sim.algorithms import fedper as _fedper
 from fedjax_sim.algorithms import fedrep as _fedrep
 from fedjax_sim.algorithms import fedsgd as _fedsgd
+from fedjax_sim.algorithms import flora as _flora
 from fedjax_sim.algorithms import mime as _mime
 from fedjax_sim.algorithms import scaffold as _scaffold
 from fedjax_sim.algorithms.adaptive import fedadagrad, fedadam, fedavgm, fedyogi
@@ -27,6 +28,7 @@ from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedper import fedper
 from fedjax_sim.algorithms.fedrep import fedrep
 from fedjax_sim.algorithms.fedsgd import fedsgd
+from fedjax_sim.algorithms.flora import flora
 from fedjax_sim.algorithms.mime import mime, mimelite
 from fedjax_sim.algorithms.scaffold import scaffold
 
@@ -44,6 +46,7 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
     "fedopt": _fedavg.SPEC,
     "fedsgd": _fedsgd.SPEC,
     "fedyogi": _adaptive.FEDYOGI_SPEC,
+    "flora": _flora.SPEC,
     "mime": _mime.SPEC,
     "mimelite": _mime.LITE_SPEC,
     "scaffold": _scaffold.SPEC,
@@ -73,7 +76,10 @@ def check_support(config) -> None:
     not build into the round, and ``algorithm_kwargs`` it does not read
     (``fedjax_sim.features.check_support``: the one place that does)."""
     name = str(config.algorithm)
-    features.check_support(config, name, get_spec(name), ALGORITHMS)
+    spec = get_spec(name)
+    features.check_support(config, name, spec, ALGORITHMS)
+    if spec.check is not None:
+        spec.check(config)
 
 
 def build(config, ctx: BuildContext):
@@ -134,6 +140,7 @@ __all__ = [
     "fedrep",
     "fedsgd",
     "fedyogi",
+    "flora",
     "get_spec",
     "mime",
     "mimelite",

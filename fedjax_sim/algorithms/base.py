@@ -135,6 +135,8 @@ class AlgorithmSpec(NamedTuple):
         the config's values must have); any other key is refused.
       messages: ``(config, task, params shapes) -> Messages``, what a client receives and
         sends each round (default ``model_messages``: the model each way).
+      check: ``None``, or ``config -> None`` raising ``ValueError`` for settings the
+        algorithm cannot run (a model it needs), before any data loads.
     """
 
     build: Callable[[Any, BuildContext], FederatedAlgorithm]
@@ -145,6 +147,7 @@ class AlgorithmSpec(NamedTuple):
     supports: frozenset[str] = frozenset()
     kwargs: Mapping[str, Any] = {}  # noqa: RUF012 (never mutated)
     messages: Callable[[Any, Any, PyTree], Messages] = model_messages
+    check: Callable[[Any], None] | None = None
 
 
 class ServerState(NamedTuple):

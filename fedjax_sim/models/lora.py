@@ -26,6 +26,8 @@ from fedjax_sim.core.frozen import Frozen
 from fedjax_sim.core.types import Model, Params
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
+# A projection's merged earlier products (``algorithms.flora``), beside its adapter.
+DELTA = "lora_delta"
 # The registry's choices of trained factors: both, or B alone over a frozen A (FFA-LoRA).
 TRAINABLE = {"ab": ADAPTER_LEAVES, "b": ("lora_b",)}
 
@@ -119,16 +121,38 @@ def _check_same_shapes(want: Params, got: Params) -> None:
 
 
 def merged(params: Params, scale: float) -> Params:
-    """The base with every adapter folded in, ``kernel + scale * lora_a @ lora_b``, and the
-    adapters dropped: the parameters of the same model without LoRA (``lora_rank=0``)."""
+    """The base with every adapter folded in, ``kernel + scale * (lora_a @ lora_b +
+    lora_delta)`` (no ``lora_delta``: 0), and the adapters dropped: the parameters of the same
+    model without LoRA (``lora_rank=0``)."""
     flat = traverse_util.flatten_dict(dict(params))
-    out = {k: v for k, v in flat.items() if k[-1] not in ADAPTER_LEAVES}
+    out = {k: v for k, v in flat.items() if k[-1] not in (*ADAPTER_LEAVES, DELTA)}
     for k in flat:
         if k[-1] == "lora_a":
             prefix = k[:-1]
             a, b = flat[k], flat[(*prefix, "lora_b")]
-            out[(*prefix, "kernel")] = out[(*prefix, "kernel")] + scale * (a @ b)
+            delta = a @ b + flat.get((*prefix, DELTA), 0.0)
+            out[(*prefix, "kernel")] = out[(*prefix, "kernel")] + scale * delta
     return traverse_util.unflatten_dict(out)
+
+
+def products(adapters: Params) -> Params:
+    """Each adapter's product ``lora_a @ lora_b`` as a ``lora_delta`` leaf beside it (the
+    tree of ``with_deltas``'s deltas, unscaled: the projection scales it)."""
+    flat = traverse_util.flatten_dict(dict(adapters))
+    return traverse_util.unflatten_dict(
+        {
+            (*k[:-1], DELTA): v @ flat[(*k[:-1], "lora_b")]
+            for k, v in flat.items()
+            if k[-1] == "lora_a"
+        }
+    )
+
+
+def with_deltas(adapters: Params) -> Params:
+    """``adapters`` with a zero ``lora_delta`` ``[in, out]`` beside every adapter."""
+    shapes = jax.eval_shape(products, adapters)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return combine(zeros, adapters)
 
 
 # ---------------------------------------------------------------- GPT-2 checkpoints

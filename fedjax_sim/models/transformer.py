@@ -64,7 +64,12 @@ def parse_targets(names: Sequence[str] | str) -> tuple[str, ...]:
 
 
 class Projection(nn.Module):
-    """A dense projection ``x W + b`` with an optional LoRA adapter."""
+    """A dense projection ``x W + b`` with an optional LoRA adapter.
+
+    With an adapter, a ``lora_delta`` parameter beside it (``[in, out]``; never created by
+    ``init``, added by ``fedjax_sim.algorithms.flora``) holds earlier rounds' merged products:
+    the kernel is then ``W + scale * lora_delta``.
+    """
 
     features: int
     lora: LoraSettings | None = None
@@ -75,6 +80,8 @@ class Projection(nn.Module):
             "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), jnp.float32
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        if self.lora is not None and self.has_variable("params", "lora_delta"):
+            kernel = kernel + self.lora.scale * self.get_variable("params", "lora_delta")
         y = x @ kernel + bias
         if self.lora is not None:
             r = self.lora.rank
