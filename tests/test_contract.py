@@ -163,9 +163,10 @@ def _assert_bitwise(a, b):
 # others (each compared to its sequential one-device run) on one device vmapped (where the
 # sweep checks run) and on two devices chunked and sequential (shard_map with their own
 # broadcasts and per-client state); the Reddi names are fedopt with another server optimizer
-# (fedopt's cases cover its code), so one case each. Keeps the suite's time in CI bounded.
+# (fedopt's cases cover its code), so one case each, as FedAvg on a LoRA model (fedavg's code
+# on a transformer's adapters). Keeps the suite's time in CI bounded.
 EVERY_CASE = ("fedavg", "fedopt", "fedsgd")
-ONE_CASE = ("fedadagrad", "fedadam", "fedavgm", "fedyogi")
+ONE_CASE = ("fedadagrad", "fedadam", "fedavgm", "fedyogi", "fedavg+lora")
 ALL_CASES = [(s, d) for d in (1, 2) for s in ("vmap", "chunked", "sequential")]
 
 

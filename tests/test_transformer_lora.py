@@ -426,6 +426,7 @@ def test_a_lora_run_counts_the_base_once_per_client_and_the_adapters_every_round
     config.model.kwargs = {"num_layers": 1, "width": 8, "num_heads": 2, "lora_rank": 2}
     config.clients_per_round, config.num_rounds, config.eval_every = 2, 4, 1
     config.client.local_epochs, config.client.batch_size, config.checkpoint_every = 1, 3, 0
+    config.systems.bandwidth_down = 1e4  # bytes/s: the clock charges the downloads
     data = token_data()
     exp = fs.build_experiment(config, data)
     adapters = exp.model.init(jax.random.key(0))
@@ -436,12 +437,18 @@ def test_a_lora_run_counts_the_base_once_per_client_and_the_adapters_every_round
     fs.simulate(config, tmp_path, federated_data=data, progress=False)
     records = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # Which clients took part by each round: the driver's own sampler, replayed.
-    seen = set()
+    seen, clock = set(), 0.0
     for rec in records:
         r = rec["round"]
-        seen |= set(fs.driver.cohorts.sample_clients(config.seed, r, 6, 2).tolist())
+        ids = set(fs.driver.cohorts.sample_clients(config.seed, r, 6, 2).tolist())
+        # The slowest client: the adapters (and the base, the first time) at 1e4 B/s, then
+        # its 6 examples at 100 per second.
+        first = bool(ids - seen)
+        clock += (adapter_bytes + first * exp.model.frozen_bytes) / 1e4 + 6 / 100
+        seen |= ids
         assert rec["bytes_up"] == r * 2 * adapter_bytes
         assert rec["bytes_down"] == r * 2 * adapter_bytes + len(seen) * exp.model.frozen_bytes
+        assert rec["sim_time_s"] == pytest.approx(clock, abs=0.01)
     assert 2 < len(seen)  # later rounds brought clients that had not had the base yet
 
 
@@ -590,3 +597,59 @@ def test_flora_refuses_what_it_cannot_merge_before_any_compute(monkeypatch):
     )
     with pytest.raises(ValueError, match="ignores the merged products"):
         fs.algorithms.flora(deaf, optax.sgd(0.1))
+
+
+def test_a_flora_round_merges_the_product_a_client_trains_by_hand(checkpoint):
+    """One client, server SGD at 1: the new deltas are the old plus the product of adapters
+    trained here by a plain loop (fresh from the client's key, SGD on the next-token loss over
+    base + deltas); DP noise never reaches the global adapters."""
+    from fedjax_sim.core.keys import ADAPTERS_SALT
+
+    small = {"num_layers": LAYERS, "width": WIDTH, "num_heads": HEADS, "lora_rank": 2}
+    model = fs.models.get_model(
+        "transformer", num_classes=VOCAB, input_shape=(CONTEXT,), base=str(checkpoint[0]), **small
+    )
+    algo = fs.algorithms.flora(next_token_task(model, pad_id=-1), optax.sgd(0.5))
+    state = algo.init(model.init(jax.random.key(1)))
+    moved = lambda path, v: v + 0.05 if path[-1].key == lora.DELTA else v
+    state = state._replace(params=jax.tree_util.tree_map_with_path(moved, state.params))
+    cohort = jax.tree.map(lambda v: v[2:3], _lm_cohort())  # client 2 alone
+    key = jax.random.key(5)
+    new, _ = jax.jit(algo.apply)(state, cohort, key)
+
+    adapters, deltas = lora.split(state.params)
+    ckey = jax.random.fold_in(key, 2)
+    trained = model.init(jax.random.fold_in(ckey, ADAPTERS_SALT))
+
+    def loss(p, x, y):
+        logits = model.apply(lora.combine(p, deltas), x, train=True, key=None)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    for step in range(cohort.mask.shape[1]):
+        x, y = cohort.batches["x"][0, step], cohort.batches["y"][0, step]
+        grads = jax.grad(loss)(trained, x, y)
+        trained = jax.tree.map(lambda p, g: p - 0.5 * g, trained, grads)
+    want = jax.tree.map(lambda d, p: d + p, deltas, lora.products(trained))
+    got = lora.split(new.params)[1]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    change = [float(np.abs(a - b).max()) for a, b in zip(*map(jax.tree.leaves, (got, deltas)))]
+    assert max(change) > 1e-3  # the client's product is not negligible
+    _assert_same(lora.split(new.params)[0], adapters)
+    # With DP the noise covers every coordinate of the aggregate, the adapters' too: the
+    # global adapters stay as they were, the deltas carry the noise.
+    noisy = fs.algorithms.flora(
+        next_token_task(model, pad_id=-1),
+        optax.sgd(0.5),
+        weighting="uniform",
+        pipeline=fs.aggregators.pipeline.build_pipeline(
+            weighting="uniform", clip_norm=0.5, noise_multiplier=1.0
+        ),
+    )
+    after, _ = jax.jit(noisy.apply)(noisy.init(adapters), _lm_cohort(), key)
+    _assert_same(lora.split(after.params)[0], adapters)
+
+
+def _assert_same(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

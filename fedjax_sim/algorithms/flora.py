@@ -21,8 +21,10 @@ from fedjax_sim.algorithms.base import (
     pipeline_for,
     setup,
 )
+from fedjax_sim.core import frozen
 from fedjax_sim.core.client import match_vma
 from fedjax_sim.core.execution import Executor
+from fedjax_sim.core.keys import ADAPTERS_SALT
 from fedjax_sim.core.task import as_task
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model
 from fedjax_sim.features import pipeline_hparams_of_config
@@ -30,8 +32,6 @@ from fedjax_sim.models import lora
 from fedjax_sim.optimizers import optimizer_from_config
 
 NAME = "flora"
-# The client's fresh adapters draw from its key folded with this (its training uses the key).
-FRESH_SALT = 0x464C
 
 
 def flora(
@@ -48,22 +48,19 @@ def flora(
     Heterogeneous Low-Rank Adaptations"): LoRA whose rounds aggregate the clients' products
     ``A_i B_i`` exactly, where FedAvg of the factors gives ``mean(A) mean(B)``.
 
-    The model's parameters are LoRA adapters (``fs.models.adapters_only``, both factors
-    trained). The global state holds them beside a ``lora_delta`` per adapted projection
-    (``lora.with_deltas``), the sum of earlier rounds' merged products, so the global weights
-    are ``W + s * lora_delta`` (``s = alpha / r``; the adapters stay at their initial ``A`` and
-    ``B = 0``). Each round a client draws fresh adapters from its key (``A`` random, ``B`` zero:
-    FLoRA re-initializes the local modules after every merge), trains them over the global
-    weights (the deltas fixed) and sends its factors. The server stacks them (``lora.stacked``:
-    the stacked pair's product is the weighted mean product), so in the program each client's
-    update is its product, which goes through the aggregation pipeline; the server optimizer
-    steps the deltas on the mean. With ``sgd(1.0)`` (the default) the new global weights are
-    ``W + s (lora_delta + sum_i w_i A_i B_i / sum_i w_i)``: FLoRA's merge, exact.
-
-    What a client sends is its ``r (in + out)`` factors; what it receives is the dense deltas
-    (they replace the stacked factors of every round it missed). Features that act on what a
-    client sends (compression, secure aggregation, poisoned updates) would need to act on the
-    factors and are refused; DP and robust aggregation act on the products the server forms.
+    The state holds the model's adapters (fixed: their initial ``A``, ``B = 0``) and beside
+    each a dense ``lora_delta``, the merged products of earlier rounds (``lora.with_deltas``):
+    the global weights are ``W + (alpha / r) lora_delta``. Each round a client draws fresh
+    adapters (FLoRA re-initializes its local modules after every merge), trains them over the
+    global weights and sends its factors; its update is the product the server forms from
+    them, ``-A_i B_i``, through the aggregation pipeline, so the mean is FLoRA's stacking
+    (``lora.stacked``) computed densely. With server ``sgd(1.0)`` (the default; another
+    server optimizer steps the deltas on the mean product instead, no longer FLoRA's merge)
+    the new deltas are ``lora_delta + sum_i w_i A_i B_i / sum_i w_i``, exactly. Bytes: the
+    factors up, the dense deltas down (they replace the stacked factors of missed rounds).
+    Features acting on what a client sends (compression, secure aggregation, poisoned
+    updates) would act on the factors and are refused; DP and robust aggregation act on the
+    products. docs/lora.md has the measurements.
 
     Args:
       model: a LoRA ``Model`` (or ``Task``) whose parameters are ``lora_a``/``lora_b`` leaves.
@@ -92,10 +89,17 @@ def flora(
     def init(params):
         return server.init(lora.with_deltas(params), hparams)
 
+    def keep_adapters(state):  # DP noise on the (zero) adapter updates must not reach them
+        def rule(new, extras, pseudo_grad):
+            del extras, pseudo_grad
+            return new._replace(params=lora.combine(lora.split(state.params)[0], new.params))
+
+        return rule
+
     def apply(state, cohort, key):
         def client_fn(broadcast, data, client_state, ckey):
             global_adapters, deltas = lora.split(broadcast)
-            fresh = task.model.init(jax.random.fold_in(ckey, FRESH_SALT))
+            fresh = task.model.init(jax.random.fold_in(ckey, ADAPTERS_SALT))
             fresh = match_vma(fresh, data["mask"])  # B's zeros vary per client like A
             local = local_update(
                 fresh,
@@ -115,7 +119,9 @@ def flora(
                 client_state=client_state,
             )
 
-        return server.round(state, cohort, key, client_fn, executor)
+        return server.round(
+            state, cohort, key, client_fn, executor, server_rule=keep_adapters(state)
+        )
 
     return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
 
@@ -125,14 +131,16 @@ def check_adapters(model: Model) -> None:
     train both; over a frozen ``A`` FedAvg is already exact: FFA-LoRA), or whose output does
     not follow a ``lora_delta`` beside them (its projections would ignore the merged products:
     ``models.transformer.Projection`` adds them)."""
-    params = model.init(jax.random.key(0))
-    names = {k[-1] for k in traverse_util.flatten_dict(dict(params))}
+    names = {
+        k[-1] for k in traverse_util.flatten_dict(jax.eval_shape(model.init, jax.random.key(0)))
+    }
     if names != set(lora.ADAPTER_LEAVES):
         raise ValueError(
             f"{NAME} trains LoRA adapters, both factors: the model's parameters must be lora_a "
             f"and lora_b leaves (fs.models.adapters_only), got {sorted(names)[:4]}. Set "
             "model.kwargs.lora_rank > 0 and lora_trainable='ab'."
         )
+    params = jax.jit(model.init)(jax.random.key(0))  # the adapters only (no base drawn)
     zero = lora.with_deltas(params)
     # A random delta (a constant one is orthogonal to a layer-normalized input).
     shapes = jax.eval_shape(lora.products, params)
@@ -143,7 +151,8 @@ def check_adapters(model: Model) -> None:
     for dtype in (jnp.int32, jnp.float32):  # token ids, else features
         x = jnp.zeros((1, *model.input_shape), dtype)
         try:
-            same = np.allclose(*(model.apply(p, x, train=False) for p in (zero, nudged)))
+            out = frozen.jit(lambda p, x: model.apply(p, x, train=False), model.frozen)
+            same = np.allclose(out(zero, x), out(nudged, x))
             break
         except (TypeError, ValueError, IndexError):
             if dtype == jnp.float32:
@@ -157,11 +166,18 @@ def check_adapters(model: Model) -> None:
 
 
 def check_config(config) -> None:
-    """The registry's transformer must be built with both factors trained (checked before its
-    base is read or pre-trained); another model is checked when the algorithm is built."""
+    """No fine-tuning at evaluation; the registry's transformer built with both factors
+    trained (checked before its base is read or pre-trained; another model is checked when
+    the algorithm is built)."""
+    kwargs = config.model.get("kwargs") or {}
+    finetune = int((config.get("eval") or {}).get("finetune_steps", 0) or 0)
+    if finetune:
+        raise ValueError(
+            f"{NAME} does not fine-tune at evaluation (eval.finetune_steps={finetune} would "
+            "train its dense merged deltas, not LoRA adapters): set eval.finetune_steps=0."
+        )
     if str(config.model.name) != "transformer":
         return
-    kwargs = config.model.get("kwargs") or {}
     if not kwargs.get("lora_rank", 0) or kwargs.get("lora_trainable", "ab") != "ab":
         raise ValueError(
             f"{NAME} federates LoRA adapters, both factors trained: set "

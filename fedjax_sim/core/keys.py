@@ -23,6 +23,7 @@ NOISE_SALT = 2**31 - 3  # Gaussian noise on the aggregate (DP-FedAvg)
 UPDATE_SALT = 2**31 - 2  # per-client update transforms (compression, masking, ...)
 AUGMENT_SALT = 2**31 - 4  # data augmentation inside a local step (random crop and flip)
 EF_SALT = 2**31 - 9  # a client's error-feedback compressor (fold_in(client key, EF_SALT))
+ADAPTERS_SALT = 2**31 - 11  # FLoRA: a client's fresh LoRA adapters each round
 # Salts folded into the root key.
 FINETUNE_SALT = 2**31 - 5  # fine-tuning at evaluation (personalization); clients fold their id
 # Salts of the aggregation pipeline's components.
