@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.core.types import Array, Model, Params, PRNGKey
+from fedjax_sim.models.conv import fast_convs
 
 
 def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
@@ -65,7 +66,8 @@ def model_from_linen(
                     "key=... or use train=False"
                 )
             rngs = {"dropout": key}
-        return module.apply({"params": params}, prepare(x), train=train, rngs=rngs)
+        with fast_convs():  # plain nn.Conv layers get the loop-friendly convolution
+            return module.apply({"params": params}, prepare(x), train=train, rngs=rngs)
 
     return Model(
         init=init,

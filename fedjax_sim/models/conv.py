@@ -9,11 +9,14 @@ speed and gives the same values.
 
 :func:`conv_general_dilated` is a drop-in for ``lax.conv_general_dilated`` that Flax's
 ``linen.Conv(conv_general_dilated=...)`` accepts; :func:`conv` builds such a layer (plain lax
-convolution for strided layers, which the custom VJP does not cover).
+convolution for strided layers, which the custom VJP does not cover). :func:`fast_convs` gives
+every plain ``linen.Conv`` of a user's model the same (:func:`conv_or_lax`: the custom VJP
+where it covers the layer, lax elsewhere); ``models.model_from_linen`` applies models in it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -135,29 +138,11 @@ def _all_ones(value: int | Sequence[int] | None) -> bool:
     return all(v == 1 for v in value)
 
 
-def conv_general_dilated(
-    lhs: Array,
-    rhs: Array,
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: Any = None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision: Any = None,
-    preferred_element_type: Any = None,
-) -> Array:
-    """Drop-in for ``lax.conv_general_dilated`` covering the stride-1 NHWC/HWIO 2-D case.
-
-    Use as ``flax.linen.Conv(..., conv_general_dilated=conv_general_dilated)``. Anything
-    outside that case (strides, dilations, groups, other layouts, ``preferred_element_type``)
-    raises ``ValueError`` rather than silently taking the slow path; use plain
-    ``lax.conv_general_dilated`` for those layers.
-
-    Returns:
-      The same value as ``lax.conv_general_dilated``; gradients via :func:`conv2d`.
-    """
+def _unsupported(
+    lhs, rhs, window_strides, *, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+    feature_group_count=1, batch_group_count=1, precision=None, preferred_element_type=None,
+) -> list[str]:  # fmt: skip
+    """Why :func:`conv2d` does not cover a ``lax.conv_general_dilated`` call (``[]``: it does)."""
     unsupported = []
     if lhs.ndim != 4 or rhs.ndim != 4:
         unsupported.append(
@@ -183,6 +168,37 @@ def conv_general_dilated(
             got = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
             if got != want:
                 unsupported.append(f"dimension_numbers={dimension_numbers} (only NHWC/HWIO/NHWC)")
+    return unsupported
+
+
+def conv_general_dilated(
+    lhs: Array,
+    rhs: Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> Array:
+    """Drop-in for ``lax.conv_general_dilated`` covering the stride-1 NHWC/HWIO 2-D case.
+
+    Use as ``flax.linen.Conv(..., conv_general_dilated=conv_general_dilated)``. Anything
+    outside that case (strides, dilations, groups, other layouts, ``preferred_element_type``)
+    raises ``ValueError`` rather than silently taking the slow path; use plain
+    ``lax.conv_general_dilated`` for those layers.
+
+    Returns:
+      The same value as ``lax.conv_general_dilated``; gradients via :func:`conv2d`.
+    """
+    unsupported = _unsupported(
+        lhs, rhs, window_strides, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, preferred_element_type=preferred_element_type,
+    )  # fmt: skip
     if unsupported:
         raise ValueError(
             "fedjax_sim.models.conv.conv_general_dilated supports only stride-1, undilated, "
@@ -191,6 +207,43 @@ def conv_general_dilated(
             + ". Use lax.conv_general_dilated for this layer."
         )
     return conv2d(lhs, rhs, padding, precision=precision)
+
+
+def conv_or_lax(lhs: Array, rhs: Array, window_strides, padding, **kwargs) -> Array:
+    """``lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)``, through
+    :func:`conv2d` where that covers the call (the stride-1 NHWC/HWIO 2-D case): the same
+    value either way, fast gradients in loops where covered."""
+    if _unsupported(lhs, rhs, window_strides, **kwargs):
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+    return conv2d(lhs, rhs, padding, precision=kwargs.get("precision"))
+
+
+def _use_conv_or_lax(next_fun, args, kwargs, context):
+    module = context.module
+    plain = (
+        context.method_name == "__call__"
+        and isinstance(module, nn.Conv)
+        and module.conv_general_dilated is None
+        and module.conv_general_dilated_cls is None
+    )
+    if not plain:
+        return next_fun(*args, **kwargs)
+    # Flax modules are frozen dataclasses; the layer reads the field when called.
+    object.__setattr__(module, "conv_general_dilated", conv_or_lax)
+    try:
+        return next_fun(*args, **kwargs)
+    finally:
+        object.__setattr__(module, "conv_general_dilated", None)
+
+
+@contextlib.contextmanager
+def fast_convs():
+    """Within it, every ``flax.linen.Conv`` called that uses lax's convolution (it names no
+    ``conv_general_dilated`` of its own) computes through :func:`conv_or_lax`: a user's plain
+    Flax CNN gets the loop-friendly gradients the built-in models have.
+    ``models.model_from_linen``'s ``apply`` runs inside it."""
+    with nn.intercept_methods(_use_conv_or_lax):
+        yield
 
 
 def conv(
