@@ -83,8 +83,10 @@ FEDNOVA_WEIGHTING = "num_examples"  # the paper's p_i = n_i / n (the factory's d
 RATIO_TOLERANCE = 0.2
 REFERENCE = "reference"  # FedJAX's default backend: Python loops over clients and batches
 FUSED = "fused_loop"  # a stronger baseline: Python loop over clients, whole client jitted
-# The EMNIST CNN as a user writes it: flax.linen layers only, through model_from_linen.
+# The EMNIST CNN as a user writes it: flax.linen layers only, through model_from_linen; and
+# (on request: --models) the same applied without model_from_linen's fast convolutions.
 LINEN_CNN = "cnn_emnist_linen"
+LINEN_CNN_LAX = "cnn_emnist_linen_lax"
 MODELS = ("logreg", "mlp", "cnn_emnist", LINEN_CNN)
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 62
@@ -692,11 +694,20 @@ class PlainEmnistCNN(nn.Module):
 
 def get_model(name: str) -> fs.Model:
     """A built-in model, or ``LINEN_CNN`` through ``fs.models.model_from_linen``."""
-    if name == LINEN_CNN:
+    if name in (LINEN_CNN, LINEN_CNN_LAX):
         module = PlainEmnistCNN(NUM_CLASSES)
-        return fs.models.model_from_linen(
-            module, name=LINEN_CNN, input_shape=INPUT_SHAPE, has_dropout=True
+        model = fs.models.model_from_linen(
+            module, name=name, input_shape=INPUT_SHAPE, has_dropout=True
         )
+        if name == LINEN_CNN:
+            return model
+
+        def lax_apply(params, x, *, train, key=None):  # Flax's convolutions, as before
+            rngs = {"dropout": key} if train else {}
+            x = jnp.reshape(x, (-1, *INPUT_SHAPE))
+            return module.apply({"params": params}, x, train=train, rngs=rngs)
+
+        return model._replace(apply=lax_apply)
     return fs.get_model(name, num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE)
 
 
@@ -1140,9 +1151,10 @@ def select_cases(args) -> list[tuple[str, int]]:
     models = MODELS
     if args.models:
         models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-        unknown = [m for m in models if m not in fs.models.MODEL_NAMES]
+        known = dict.fromkeys([*MODELS, LINEN_CNN_LAX, *fs.models.MODEL_NAMES])
+        unknown = [m for m in models if m not in known]
         if unknown:
-            raise SystemExit(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+            raise SystemExit(f"unknown models {unknown}; known: {', '.join(known)}")
     cohorts = parse_ints(args.cohorts) if args.cohorts else None
     table = QUICK_COHORTS if args.quick else FULL_COHORTS
     cases = []

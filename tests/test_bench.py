@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
@@ -13,6 +14,7 @@ def load_script(name="bench"):
     path = os.path.join(REPO_ROOT, "scripts", f"{name}.py")
     spec = importlib.util.spec_from_file_location(f"fedjax_sim_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import does: its dataclasses (Flax modules) need it
     spec.loader.exec_module(module)
     return module
 
