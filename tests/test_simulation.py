@@ -24,27 +24,28 @@ def read_metrics(workdir):
 
 
 def test_default_run_reaches_accuracy_far_above_chance(tmp_path):
-    """The README's main job, run as the README shows it: FedAvg on Synthetic(1,1) with the
-    FedProx paper's settings. It is run-bound (200 rounds), so it runs compiled as outside the
-    tests, without the suite's LLVM level 0 and single thread (measured on the 2-core machine:
-    about 20 s so, 62-85 s in the test process)."""
+    """The README's main job, run as the README shows it (FedAvg on Synthetic(1,1) with the
+    FedProx paper's settings), its first 60 of 200 rounds: 0.85 there, 0.90 at 200 (measured
+    2026-12-07: 16 s and 38 s). It is run-bound, so it runs compiled as outside the tests,
+    without the suite's LLVM level 0 and single thread."""
     flags = [
         f for f in os.environ.get("XLA_FLAGS", "").split() if f not in (OPT_LEVEL_0, ONE_THREAD)
     ]
     env = {**os.environ, "XLA_FLAGS": " ".join(flags)}
     cmd = [sys.executable, "-m", "fedjax_sim.cli", "run", "--workdir", str(tmp_path)]
+    cmd.append("--config.num_rounds=60")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     history = read_metrics(tmp_path)
-    assert [h["round"] for h in history] == list(range(10, 201, 10))
+    assert [h["round"] for h in history] == list(range(10, 61, 10))
     assert all(REQUIRED <= set(h) for h in history)
     data = fs.data.synthetic(1.0, 1.0, seed=0)
     test_y = data.test.all_examples()["y"]
     majority = np.bincount(test_y).max() / len(test_y)  # best constant guess
     chance = 1 / data.num_classes
     final = history[-1]["test_accuracy"]
-    # Measured 0.899 (README); the majority class alone gives about 0.48.
+    # Measured 0.846 at round 60 (0.899 at 200, README); the majority class gives about 0.48.
     assert final > 0.8 and final > majority + 0.3 > chance, (final, majority)
     assert history[0]["test_accuracy"] < final
     assert summary["compiles"] == 1
