@@ -18,6 +18,7 @@ import fedjax_sim as fs
 from fedjax_sim.algorithms.base import (
     ServerSide,
     config_optimizer_hparams,
+    on_mesh,
     optimizer_hparams,
     select_hparams,
     with_optimizer_hparams,
@@ -69,7 +70,10 @@ def fedavg_memory(model, client_optimizer, *, num_clients, beta=0.5, executor=No
 
         return server.round(state, cohort, key, client_fn, executor)
 
-    return fs.FederatedAlgorithm(init, apply, lazy_examples=True, hparams=hparams)
+    # Its state on the executor's mesh from the start, where the rounds return it.
+    return fs.FederatedAlgorithm(
+        on_mesh(init, executor), apply, lazy_examples=True, hparams=hparams
+    )
 
 
 def hparams_of_config(config):

@@ -30,7 +30,7 @@ from fedjax_sim.aggregators.compression import Compressor, with_error_feedback
 from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
 from fedjax_sim.aggregators.transforms import AggregationTransform, ClientContext, ServerContext
 from fedjax_sim.core.client import LocalResult, local_train
-from fedjax_sim.core.execution import ClientFn, Executor
+from fedjax_sim.core.execution import ClientFn, Executor, replicate
 from fedjax_sim.core.keys import AGGREGATE_SALT, EF_SALT, UPDATE_SALT
 from fedjax_sim.core.task import Task, as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, Cohort, FederatedAlgorithm, Params, PyTree
@@ -356,6 +356,14 @@ class ServerSide(NamedTuple):
             state, cohort, key, client_fn, executor=executor, server=self, broadcast=broadcast,
             server_rule=server_rule, aggregate_rule=aggregate_rule,
         )  # fmt: skip
+
+
+def on_mesh(init: Callable, executor: Executor) -> Callable:
+    """``init`` whose state is replicated on ``executor``'s mesh (as is), where the rounds
+    return it: a jitted round then compiles once, from the first round on."""
+    if executor.mesh is None:
+        return init
+    return lambda params: replicate(init(params), executor.mesh)
 
 
 class Setup(NamedTuple):

@@ -14,6 +14,7 @@ from fedjax_sim.algorithms.base import (
     BuildContext,
     as_hparams,
     local_update,
+    on_mesh,
     proximal_gradient,
 )
 from fedjax_sim.algorithms.fedavg import build as fedopt_build
@@ -136,7 +137,7 @@ def ditto(
         return gather_client_states(state.client_states, client_ids)
 
     return FederatedAlgorithm(
-        init=init,
+        init=on_mesh(init, executor),
         apply=apply,
         lazy_examples=global_algorithm.lazy_examples,
         hparams=hparams,

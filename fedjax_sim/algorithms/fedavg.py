@@ -21,6 +21,7 @@ from fedjax_sim.algorithms.base import (
     client_weight,
     config_optimizer_hparams,
     local_update,
+    on_mesh,
     pipeline_for,
     proximal_gradient,
     setup,
@@ -155,7 +156,9 @@ def fedopt(
 
         return server.round(state, cohort, key, client_fn, executor)
 
-    return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
+    return FederatedAlgorithm(
+        init=on_mesh(init, executor), apply=apply, lazy_examples=True, hparams=hparams
+    )
 
 
 def fedavg(

@@ -17,6 +17,7 @@ from fedjax_sim.algorithms.base import (
     client_weight,
     config_optimizer_hparams,
     local_update,
+    on_mesh,
     pipeline_for,
     setup,
 )
@@ -140,7 +141,9 @@ def fedbuff(
         )
         return new._replace(history=history), metrics
 
-    return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
+    return FederatedAlgorithm(
+        init=on_mesh(init, executor), apply=apply, lazy_examples=True, hparams=hparams
+    )
 
 
 def _settings(config) -> dict:

@@ -18,6 +18,7 @@ from fedjax_sim.algorithms.base import (
     Messages,
     config_optimizer_hparams,
     local_update,
+    on_mesh,
     pipeline_for,
     setup,
 )
@@ -167,7 +168,9 @@ def feddyn(
 
         return server.round(state, cohort, key, client_fn, executor, None, server_rule)
 
-    return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
+    return FederatedAlgorithm(
+        init=on_mesh(init, executor), apply=apply, lazy_examples=True, hparams=hparams
+    )
 
 
 def _check_alpha(alpha) -> None:

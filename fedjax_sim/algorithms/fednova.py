@@ -23,6 +23,7 @@ from fedjax_sim.algorithms.base import (
     client_weight,
     config_optimizer_hparams,
     local_update,
+    on_mesh,
     pipeline_for,
     setup,
     with_optimizer_hparams,
@@ -161,7 +162,9 @@ def fednova(
     def apply(state, cohort, key):
         return server.round(state, cohort, key, client_fn, executor, aggregate_rule=aggregate_rule)
 
-    return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
+    return FederatedAlgorithm(
+        init=on_mesh(init, executor), apply=apply, lazy_examples=True, hparams=hparams
+    )
 
 
 def accumulation_norm(tau: Array, rho: Array, eta_mu: Array, max_steps: int) -> Array:

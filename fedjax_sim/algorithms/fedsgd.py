@@ -18,6 +18,7 @@ from fedjax_sim.algorithms.base import (
     ServerSide,
     client_weight,
     config_optimizer_hparams,
+    on_mesh,
     optimizer_hparams,
     pipeline_for,
     select_hparams,
@@ -115,7 +116,9 @@ def fedsgd(
 
         return server.round(state, cohort, key, client_fn, executor)
 
-    return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
+    return FederatedAlgorithm(
+        init=on_mesh(init, executor), apply=apply, lazy_examples=True, hparams=hparams
+    )
 
 
 def hparams_of_config(config) -> dict[str, float]:

@@ -18,6 +18,7 @@ from fedjax_sim.algorithms.base import (
     client_weight,
     config_optimizer_hparams,
     local_update,
+    on_mesh,
     pipeline_for,
     setup,
 )
@@ -123,7 +124,9 @@ def flora(
             state, cohort, key, client_fn, executor, server_rule=keep_adapters(state)
         )
 
-    return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
+    return FederatedAlgorithm(
+        init=on_mesh(init, executor), apply=apply, lazy_examples=True, hparams=hparams
+    )
 
 
 def check_adapters(model: Model) -> None:

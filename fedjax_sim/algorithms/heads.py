@@ -20,7 +20,13 @@ import optax
 
 from fedjax_sim.aggregators import Aggregator
 from fedjax_sim.aggregators.pipeline import Pipeline, build_pipeline
-from fedjax_sim.algorithms.base import Messages, ServerSide, ServerState, client_weight
+from fedjax_sim.algorithms.base import (
+    Messages,
+    ServerSide,
+    ServerState,
+    client_weight,
+    on_mesh,
+)
 from fedjax_sim.core.client import tree_sub
 from fedjax_sim.core.execution import Executor, gather_client_states
 from fedjax_sim.core.task import as_task
@@ -206,7 +212,11 @@ def personal_head_algorithm(
         return split.merge(bodies, gather_client_states(state.client_states, client_ids))
 
     return FederatedAlgorithm(
-        init=init, apply=apply, lazy_examples=True, hparams=dict(hparams), personalize=personalize
+        init=on_mesh(init, executor),
+        apply=apply,
+        lazy_examples=True,
+        hparams=dict(hparams),
+        personalize=personalize,
     )
 
 

@@ -27,6 +27,7 @@ from fedjax_sim.algorithms.base import (
     client_weight,
     config_optimizer_hparams,
     local_update,
+    on_mesh,
     pipeline_for,
     setup,
     with_optimizer_hparams,
@@ -231,7 +232,9 @@ def _mime_family(
     def init(params):
         return server.init(params, hparams)
 
-    return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
+    return FederatedAlgorithm(
+        init=on_mesh(init, executor), apply=apply, lazy_examples=True, hparams=hparams
+    )
 
 
 def _weighted(tree, weight):

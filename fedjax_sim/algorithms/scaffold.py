@@ -23,6 +23,7 @@ from fedjax_sim.algorithms.base import (
     client_weight,
     config_optimizer_hparams,
     local_update,
+    on_mesh,
     pipeline_for,
     setup,
     with_optimizer_hparams,
@@ -185,7 +186,9 @@ def scaffold(
         shared = (state.params, state.control)
         return server.round(state, cohort, key, client_fn, executor, shared, server_rule)
 
-    return FederatedAlgorithm(init=init, apply=apply, lazy_examples=True, hparams=hparams)
+    return FederatedAlgorithm(
+        init=on_mesh(init, executor), apply=apply, lazy_examples=True, hparams=hparams
+    )
 
 
 def _check_client_learning_rate(client_optimizer) -> None:
