@@ -407,7 +407,8 @@ def simulate(
 def format_summary(summary: dict[str, Any]) -> str:
     return (
         f"done: {summary['rounds']} rounds in {summary['wall_s']:.1f} s "
-        f"({summary['rounds_per_s']:.1f} rounds/s, strategy {summary['strategy']} on "
+        + (f"({summary['train_s']:.1f} s training, " if "train_s" in summary else "(")
+        + f"{summary['rounds_per_s']:.1f} rounds/s, strategy {summary['strategy']} on "
         f"{summary['devices']} device(s))\n"
         f"  test accuracy {summary['final_test_accuracy']:.4f} (best "
         f"{summary['best_test_accuracy']:.4f} at round {summary['best_round']}), "

@@ -34,7 +34,10 @@ def _cli(workdir):
 
 def _metrics(workdir):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in lines]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in ("wall_s", "train_s")}
+        for line in lines
+    ]
 
 
 def _rounds(workdir: Path) -> list[int]:

@@ -54,7 +54,10 @@ def _args(workdir, **fields):
 
 def _metrics(workdir):
     lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "wall_s"} for line in lines]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in ("wall_s", "train_s")}
+        for line in lines
+    ]
 
 
 def _bitwise_equal(a, b):

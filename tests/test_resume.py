@@ -31,7 +31,7 @@ def _cli(workdir, *extra):
     return cmd + ["--no-progress", *OVERRIDES, *extra]
 
 
-def _metrics(workdir, drop=("wall_s",)):
+def _metrics(workdir, drop=("wall_s", "train_s")):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in lines]
 
@@ -118,6 +118,12 @@ def test_in_process_resume_extends_num_rounds(tmp_path):
     ref = fs.simulate(_small_config(num_rounds=8), long_, progress=False)
     _assert_bitwise_equal(out["params"], ref["params"])
     assert _metrics(short) == _metrics(long_)
+    # Training seconds continue across the resume, below the wall clock (which also counts
+    # evaluations and checkpoint writes), and the summary repeats the last.
+    records = _metrics(short, drop=())
+    trains = [r["train_s"] for r in records]
+    assert trains == sorted(trains) and all(0 < r["train_s"] < r["wall_s"] for r in records)
+    assert out["train_s"] == trains[-1]
     # num_rounds may not fall below the rounds already done.
     with pytest.raises(checkpoint.ConfigMismatchError, match="num_rounds: 8 -> 6") as err:
         fs.simulate(_small_config(num_rounds=6, seed=3), short, progress=False)

@@ -292,6 +292,7 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
     diverged: list[int | None] = [None] * m_count
     pending: list[tuple[int, dict[str, jax.Array], jax.Array]] = []  # (round, metrics, alive)
     start = 0
+    held = 0.0  # seconds in evaluations and checkpoint writes: wall_s - train_s
     if resume.meta is not None:
         restored = resume.restore({"states": states, "alive": alive})
         meta = resume.meta  # the checkpoint restored (an older one if the newest was unreadable)
@@ -305,6 +306,7 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
         ]
         source.restore(meta["source"])
         t_start -= meta["wall_s"]
+        held = float(meta.get("held_s", 0.0))  # (a checkpoint before train_s existed: 0)
         if m_count == 1:
             print(f"fedjax-sim: resuming {logs[0].workdir} after round {start}", file=sys.stderr)
     resumed = resume.meta is not None
@@ -322,9 +324,11 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
                 ],
                 "source": source.bookkeeping(),
                 "wall_s": time.perf_counter() - t_start,
+                "held_s": held,
             },
         )
 
+    t_held = time.perf_counter()
     if not resumed and resume.enabled:
         save(0)  # from here on a killed run resumes instead of being refused
     for log in logs:  # a resumed member drops evaluations appended after the checkpoint
@@ -337,6 +341,7 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
             if ev["test_loss"] > 0:
                 limits[m] = factor * ev["test_loss"]
     del initial_params
+    held += time.perf_counter() - t_held
     bar = _Progress(progress, num_rounds, m_count, start, bar=not program.vectorized)
     done = start
     ctrl_c = _DeferredInterrupt()
@@ -347,14 +352,21 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
                 pending.append((r, metrics, alive))
                 done = r  # trained (its evaluation and checkpoint may still be to come)
                 bar.round_done()
+                t_held = None
                 if r % eval_every == 0 or r == num_rounds:
+                    jax.block_until_ready(states)  # the rounds so far are done: time them
+                    t_held = time.perf_counter()
+                    wall = t_held - t_start
                     alive = _evaluate(
                         r, program, states, alive, pending, evaluator, logs, diverged, raise_,
-                        limits, time.perf_counter() - t_start, bar, source,
+                        limits, (wall, wall - held), bar, source,
                     )  # fmt: skip
                     pending.clear()
                 if resume.due(r, num_rounds):
+                    t_held = t_held or time.perf_counter()
                     save(r)
+                if t_held is not None:
+                    held += time.perf_counter() - t_held
                 ctrl_c.check()  # Ctrl-C stops here, after the round's evaluation and checkpoint
     except KeyboardInterrupt:
         where = resume.ckpt.directory if resume.ckpt is not None else None
@@ -403,11 +415,12 @@ def _restored_metrics(saved) -> dict[str, jax.Array]:
 
 
 def _evaluate(
-    r, program, states, alive, pending, evaluator, logs, diverged, raise_, limits, wall, bar,
+    r, program, states, alive, pending, evaluator, logs, diverged, raise_, limits, times, bar,
     source,
 ):  # fmt: skip
     """The evaluation of round ``r``: one host sync for the pending rounds' metrics, each
-    recorded as its mean over the rounds since the previous evaluation."""
+    recorded as its mean over the rounds since the previous evaluation; ``times`` is
+    ``(wall_s, train_s)`` so far."""
     m_count = program.num_members
     rounds = [rr for rr, _, _ in pending]
     metrics, alive_rows = jax.device_get(
@@ -455,7 +468,7 @@ def _evaluate(
             continue
         ev = {**ev, **personal[m], **source.extras(program.member_streams[m])}
         train = {k: float(v[:, m].mean()) for k, v in rows.items()}
-        records[m] = logs[m].record(r, train, ev, wall)
+        records[m] = logs[m].record(r, train, ev, *times)
     if newly_dead:
         alive = alive.at[jnp.asarray(newly_dead)].set(False)
     bar.evaluated(r, records, m_count - sum(d is not None for d in diverged), m_count)

@@ -22,6 +22,7 @@ ATTACK_SUMMARY = ("backdoor_success",)
 
 # Fields of the last evaluation that the summary repeats under their own names.
 LAST_SUMMARY = (
+    "train_s",
     "sim_time_s",
     "bytes_down",
     "bytes_up",
@@ -63,11 +64,21 @@ class RunLog:
         purge = None if resumed_round is None else resumed_round + 1
         self._tb = TensorBoardLog(self.workdir, purge_step=purge)
 
-    def record(self, r: int, train: dict[str, float], ev: dict[str, float], wall_s: float) -> dict:
+    def record(
+        self,
+        r: int,
+        train: dict[str, float],
+        ev: dict[str, float],
+        wall_s: float,
+        train_s: float | None = None,
+    ) -> dict:
         """Appends round ``r``'s evaluation to the history, ``metrics.jsonl`` and TensorBoard.
 
         ``train`` holds the round metrics of the algorithm and its aggregation pipeline
-        (``train_loss`` and whatever else they report), ``ev`` the evaluation's."""
+        (``train_loss`` and whatever else they report), ``ev`` the evaluation's; ``wall_s``
+        the run's seconds so far, ``train_s`` those spent training (sampling, packing and
+        the rounds, the first round's compilation included; not evaluations or checkpoint
+        writes)."""
         from fedjax_sim.driver.privacy import privacy_fields
 
         clash = sorted(set(train) & set(ev))
@@ -80,6 +91,7 @@ class RunLog:
             **ev,
             **privacy_fields(self.accountant, r),
             "wall_s": round(wall_s, 3),
+            **({} if train_s is None else {"train_s": round(train_s, 3)}),
         }
         self.history.append(rec)
         with self.metrics_path.open("a") as f:
