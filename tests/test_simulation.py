@@ -217,8 +217,8 @@ def test_every_config_loads_with_its_smoke_variant(name, tmp_path):
 
 
 def test_next_token_task_trains_and_evaluates_over_real_tokens(tmp_path):
-    """A sequence task through the whole driver: `task = "next_token"` with a per-position
-    LSTM on sequences whose next token is (token + 1) mod 7, padded with 0 after a random
+    """A sequence task through the whole driver: `task = "next_token"` with a small causal
+    transformer on sequences whose next token is (token + 1) mod 7, padded with 0 after a random
     length. Token accuracy over the real tokens goes from chance (1/6) to near 1."""
     rng = np.random.default_rng(0)
     vocab, length = 8, 10
@@ -238,10 +238,10 @@ def test_next_token_task_trains_and_evaluates_over_real_tokens(tmp_path):
     )
     config = fs.load_config("default:smoke")
     config.task = "next_token"
-    config.model.name = "lstm_shakespeare"
-    config.model.kwargs.per_position = True
+    config.model.name = "transformer"  # per position, causal (the LSTM's: tests/test_task.py)
+    config.model.kwargs = {"num_layers": 1, "width": 16, "num_heads": 2}
     config.clients_per_round, config.num_rounds, config.eval_every = 3, 24, 8
-    config.client.learning_rate, config.client.local_epochs, config.client.batch_size = 1.0, 2, 4
+    config.client.learning_rate, config.client.local_epochs, config.client.batch_size = 0.5, 2, 4
     config.checkpoint_every = 0
     out = fs.simulate(config, tmp_path, federated_data=data, progress=False)
     accuracy = [h["test_accuracy"] for h in out["history"]]
