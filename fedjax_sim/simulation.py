@@ -291,8 +291,8 @@ def simulate(
     run saves a checkpoint (``workdir/checkpoints``) at the start, every ``checkpoint_every``
     rounds and at the end; a later call on the same ``workdir`` resumes from the newest
     readable one (an unreadable one is named and set aside in ``checkpoints_unreadable/``)
-    and ends with bitwise the same state and the same ``metrics.jsonl`` (except ``wall_s``)
-    as a run never interrupted. A checkpoint of a different config is refused
+    and ends with bitwise the same state and the same ``metrics.jsonl`` (except ``wall_s``
+    and ``train_s``) as a run never interrupted. A checkpoint of a different config is refused
     (``checkpoint.ConfigMismatchError``, naming the fields); ``num_rounds`` may grow. A
     finished run called again returns its results and leaves its ``summary.json`` as it was.
 

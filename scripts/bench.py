@@ -704,7 +704,7 @@ def get_model(name: str) -> fs.Model:
 
         def lax_apply(params, x, *, train, key=None):  # Flax's convolutions, as before
             rngs = {"dropout": key} if train else {}
-            x = jnp.reshape(x, (-1, *INPUT_SHAPE))
+            x = jnp.reshape(x, (-1, *INPUT_SHAPE)).astype(jnp.float32)
             return module.apply({"params": params}, x, train=train, rngs=rngs)
 
         return model._replace(apply=lax_apply)
@@ -1010,7 +1010,9 @@ def run_checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
         checks.append((name, not bad, detail))
 
     # A user's plain Flax CNN against the built-in one of the same network, auto, same cohort.
-    builtin = {r["num_clients"]: r for r in autos if r["model"] == "cnn_emnist"}
+    builtin = {
+        r["num_clients"]: r for r in autos if r["model"] == "cnn_emnist" and algo(r) == "fedavg"
+    }
     pairs = [
         (r, builtin[r["num_clients"]])
         for r in autos

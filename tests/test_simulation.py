@@ -24,10 +24,10 @@ def read_metrics(workdir):
 
 
 def test_default_run_reaches_accuracy_far_above_chance(tmp_path):
-    """The README's main job, run as the README shows it (FedAvg on Synthetic(1,1) with the
-    FedProx paper's settings), its first 60 of 200 rounds: 0.85 there, 0.90 at 200 (measured
-    2026-12-07: 16 s and 38 s). It is run-bound, so it runs compiled as outside the tests,
-    without the suite's LLVM level 0 and single thread."""
+    """The README's main job as the README runs it (FedAvg on Synthetic(1,1) with the FedProx
+    paper's settings), its first 60 of 200 rounds: 0.846 there (the README's 0.899 at 200 is
+    a measurement, not checked here; 16 s against 38 s on 2026-12-07). It is run-bound, so it
+    runs compiled as outside the tests, without the suite's LLVM level 0 and single thread."""
     flags = [
         f for f in os.environ.get("XLA_FLAGS", "").split() if f not in (OPT_LEVEL_0, ONE_THREAD)
     ]

@@ -306,12 +306,16 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
         ]
         source.restore(meta["source"])
         t_start -= meta["wall_s"]
-        held = float(meta.get("held_s", 0.0))  # (a checkpoint before train_s existed: 0)
+        # A checkpoint written before train_s existed: no train_s after resuming from it.
+        held = meta.get("held_s")
         if m_count == 1:
             print(f"fedjax-sim: resuming {logs[0].workdir} after round {start}", file=sys.stderr)
     resumed = resume.meta is not None
 
-    def save(r: int) -> None:
+    def save(r: int, since: float) -> None:
+        """Checkpoint after round ``r``; ``since``: when the evaluation and saving began (the
+        held time so far includes it)."""
+        now = time.perf_counter()
         resume.save(
             r,
             {"states": states, "alive": alive},
@@ -323,14 +327,14 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
                     for rr, m, a in pending
                 ],
                 "source": source.bookkeeping(),
-                "wall_s": time.perf_counter() - t_start,
-                "held_s": held,
+                "wall_s": now - t_start,
+                "held_s": None if held is None else held + (now - since),
             },
         )
 
     t_held = time.perf_counter()
     if not resumed and resume.enabled:
-        save(0)  # from here on a killed run resumes instead of being refused
+        save(0, t_held)  # from here on a killed run resumes instead of being refused
     for log in logs:  # a resumed member drops evaluations appended after the checkpoint
         log.start(resumed_round=start if resumed else None)
     if start >= num_rounds and resumed:  # a finished run, rerun: nothing trained, no new time
@@ -341,7 +345,8 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
             if ev["test_loss"] > 0:
                 limits[m] = factor * ev["test_loss"]
     del initial_params
-    held += time.perf_counter() - t_held
+    if held is not None:
+        held += time.perf_counter() - t_held
     bar = _Progress(progress, num_rounds, m_count, start, bar=not program.vectorized)
     done = start
     ctrl_c = _DeferredInterrupt()
@@ -352,21 +357,22 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
                 pending.append((r, metrics, alive))
                 done = r  # trained (its evaluation and checkpoint may still be to come)
                 bar.round_done()
-                t_held = None
-                if r % eval_every == 0 or r == num_rounds:
+                evaluate = r % eval_every == 0 or r == num_rounds
+                if evaluate or resume.due(r, num_rounds):
                     jax.block_until_ready(states)  # the rounds so far are done: time them
                     t_held = time.perf_counter()
-                    wall = t_held - t_start
-                    alive = _evaluate(
-                        r, program, states, alive, pending, evaluator, logs, diverged, raise_,
-                        limits, (wall, wall - held), bar, source,
-                    )  # fmt: skip
-                    pending.clear()
-                if resume.due(r, num_rounds):
-                    t_held = t_held or time.perf_counter()
-                    save(r)
-                if t_held is not None:
-                    held += time.perf_counter() - t_held
+                    if evaluate:
+                        wall = t_held - t_start
+                        train = None if held is None else wall - held
+                        alive = _evaluate(
+                            r, program, states, alive, pending, evaluator, logs, diverged,
+                            raise_, limits, (wall, train), bar, source,
+                        )  # fmt: skip
+                        pending.clear()
+                    if resume.due(r, num_rounds):
+                        save(r, t_held)
+                    if held is not None:
+                        held += time.perf_counter() - t_held
                 ctrl_c.check()  # Ctrl-C stops here, after the round's evaluation and checkpoint
     except KeyboardInterrupt:
         where = resume.ckpt.directory if resume.ckpt is not None else None

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 # Fields of a metrics record that are not scalars to plot: the step itself and the clock.
-TB_SKIP = ("round", "wall_s")
+TB_SKIP = ("round", "wall_s", "train_s")
 # Ends the name of every event file written here (``write_tensorboard`` removes them by it).
 TB_SUFFIX = ".fedjax_sim"
 _PREFIX = "events.out.tfevents."
@@ -41,7 +41,7 @@ def event_files(workdir: str | Path) -> list[Path]:
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
     """The fields of ``record`` that become TensorBoard scalars: every real number (not a bool)
-    except ``round`` (the step) and ``wall_s``."""
+    except ``round`` (the step), ``wall_s`` and ``train_s``."""
     return {
         k: float(v)
         for k, v in record.items()
@@ -121,8 +121,8 @@ class TensorBoardLog:
     def write(self, record: dict[str, Any], *, wall_time: float | None = None) -> None:
         """Appends ``record`` (a ``metrics.jsonl`` line: ``{"round": 10, "train_loss": 0.5,
         "test_accuracy": 0.9, ..., "wall_s": 1.2}``) as one event at step ``record["round"]``
-        holding a scalar per numeric field but ``round`` and ``wall_s``; the file is flushed,
-        so readers see it at once. ``wall_time``: the event's time (default: now)."""
+        holding a scalar per numeric field but ``round``, ``wall_s`` and ``train_s``; the file
+        is flushed, so readers see it at once. ``wall_time``: the event's time (default: now)."""
         if not self._open:
             raise ValueError(f"{self.path}: the TensorBoard log is closed.")
         step = record.get("round")

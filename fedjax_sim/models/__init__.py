@@ -14,7 +14,7 @@ from typing import Any
 from fedjax_sim.core.types import Model
 from fedjax_sim.models.base import count_params, model_from_linen, softmax_cross_entropy
 from fedjax_sim.models.cnn import cnn_emnist, cnn_femnist, cnn_mcmahan
-from fedjax_sim.models.conv import conv, conv2d, conv_general_dilated
+from fedjax_sim.models.conv import conv, conv2d, conv_general_dilated, conv_or_lax, fast_convs
 from fedjax_sim.models.linear import logreg
 from fedjax_sim.models.lora import adapters_only, transformer_model
 from fedjax_sim.models.mlp import mlp
@@ -109,7 +109,9 @@ __all__ = [
     "conv",
     "conv2d",
     "conv_general_dilated",
+    "conv_or_lax",
     "count_params",
+    "fast_convs",
     "get_builder",
     "get_model",
     "logreg",

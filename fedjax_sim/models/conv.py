@@ -213,7 +213,8 @@ def conv_or_lax(lhs: Array, rhs: Array, window_strides, padding, **kwargs) -> Ar
     """``lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)``, through
     :func:`conv2d` where that covers the call (the stride-1 NHWC/HWIO 2-D case): the same
     value either way, fast gradients in loops where covered."""
-    if _unsupported(lhs, rhs, window_strides, **kwargs):
+    negative = not isinstance(padding, str) and any(p < 0 for pair in padding for p in pair)
+    if negative or _unsupported(lhs, rhs, window_strides, **kwargs):
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
     return conv2d(lhs, rhs, padding, precision=kwargs.get("precision"))
 
