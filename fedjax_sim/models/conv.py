@@ -59,11 +59,20 @@ def _conv2d_bwd(padding, precision, res, dy):
     dx = _conv(dy, w_flip, tuple((max(lo, 0), max(hi, 0)) for lo, hi in dx_pad), precision)
     top, left = max(-dx_pad[0][0], 0), max(-dx_pad[1][0], 0)
     dx = dx[:, top : top + x.shape[1], left : left + x.shape[2], :]
-    # Kernel gradient: channels play the batch role and the batch is contracted, so x becomes
-    # [C, H, W, N] (read as NHWC) and dy becomes [Ho, Wo, N, O] (read as HWIO); the result is
-    # [C, kh, kw, O].
-    dw = _conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), padding, precision)
-    dw = dw.transpose(1, 2, 0, 3)  # [kh, kw, I, O]
+    # Kernel gradient as one matmul over the input's patches (im2col): patches [N Ho Wo,
+    # kh kw C] contracted with dy [N Ho Wo, O] over their rows. As a convolution with the
+    # batch contracted (x read as [C, H, W, N]) it ran 3.8x slower for a client batch of 8
+    # (scripts/profile_cnn.py).
+    xp = jnp.pad(x, ((0, 0), (ph_lo, ph_hi), (pw_lo, pw_hi), (0, 0)))
+    ho, wo, c, o = dy.shape[1], dy.shape[2], x.shape[3], dy.shape[3]
+    patches = jnp.concatenate(
+        [xp[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)], axis=-1
+    )
+    rows = (((0,), (0,)), ((), ()))
+    dw = lax.dot_general(
+        patches.reshape(-1, kh * kw * c), dy.reshape(-1, o), rows, precision=precision
+    )
+    dw = dw.reshape(kh, kw, c, o)  # [kh, kw, I, O]
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 

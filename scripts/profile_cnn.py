@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Where a client step of the EMNIST CNN spends its time, layer by layer, inside a loop.
+
+A FedAvg round of ``cnn_emnist`` is, per client, a loop of SGD steps on small batches. This
+script times, each compiled on its own and run ``--steps`` times inside a ``lax.fori_loop``
+(the form the round's local loop takes), one whole SGD step and its pieces: each layer's
+forward pass and its backward pass (``jax.vjp``: the input and weight gradients). Reported
+per piece: milliseconds per step, its share of the whole step, XLA's FLOP count for it and the
+GFLOP/s it reaches, against a float32 matmul peak measured in the same run.
+
+    python scripts/profile_cnn.py                 # batch 8, 200 steps per piece, ~1 min
+    python scripts/profile_cnn.py --batch_size 10 --steps 500 --out profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+import fedjax_sim as fs
+
+INPUT_SHAPE = (28, 28, 1)
+NUM_CLASSES = 62
+
+
+def _loop_time(fn: Callable, args, steps: int, repeats: int) -> tuple[float, float]:
+    """(best seconds per step of ``fn(*args)`` run ``steps`` times in a fori_loop, XLA's FLOPs
+    of one call)."""
+
+    def body(_, carry):
+        out = fn(*carry)
+        # Every input depends on the last output (a zero-weight perturbation XLA cannot fold),
+        # so no part of an iteration is loop-invariant and hoisted out of the loop.
+        s = 0.0 * sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(out))
+
+        def nudge(c):
+            return c + s.astype(c.dtype) if jnp.issubdtype(c.dtype, jnp.floating) else c
+
+        return jax.tree.map(nudge, carry)
+
+    run = jax.jit(lambda *a: lax.fori_loop(0, steps, body, a))
+    one = jax.jit(fn).lower(*args).compile().cost_analysis()
+    one = one[0] if isinstance(one, list) else one
+    flops = float((one or {}).get("flops", 0.0))
+    jax.block_until_ready(run(*args))  # compile and warm up
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(run(*args))
+        best = min(best, time.perf_counter() - t)
+    return best / steps, flops
+
+
+def _matmul_peak(repeats: int) -> float:
+    a = jnp.ones((1024, 1024), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(f(a))
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(a))
+        best = min(best, time.perf_counter() - t)
+    return 2 * 1024**3 / best
+
+
+def pieces(batch: int):
+    """``{name: (fn, args)}``: the whole step and each layer's forward and backward pass."""
+    model = fs.get_model("cnn_emnist", num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE)
+    params = model.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.random((batch, *INPUT_SHAPE), np.float32))
+    y = jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32)
+    key = jax.random.key(1)
+
+    def loss(p, x, y):
+        logits = model.apply(p, x, train=True, key=key)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def step(x, p, y):
+        g = jax.grad(loss)(p, x, y)
+        return jax.tree.map(lambda a, b: a - 0.01 * b, p, g), g
+
+    out = {"whole SGD step": (step, (x, params, y))}
+    conv = fs.models.conv2d
+    k1, k2 = params["Conv_0"]["kernel"], params["Conv_1"]["kernel"]
+    h1 = jax.nn.relu(conv(x, k1, "VALID"))
+    h2 = jax.nn.relu(conv(h1, k2, "VALID"))
+    pooled = h2.reshape(batch, 12, 2, 12, 2, 64).max(axis=(2, 4)).reshape(batch, -1)
+    d1, d2 = params["Dense_0"]["kernel"], params["Dense_1"]["kernel"]
+    h3 = jax.nn.relu(pooled @ d1)
+    layers = {
+        "conv 3x3x1->32": (lambda x, w: conv(x, w, "VALID"), (x, k1)),
+        "conv 3x3x32->64": (lambda x, w: conv(x, w, "VALID"), (h1, k2)),
+        "max-pool 2x2": (lambda h: h.reshape(batch, 12, 2, 12, 2, 64).max(axis=(2, 4)), (h2,)),
+        "dense 9216->128": (lambda h, w: h @ w, (pooled, d1)),
+        "dense 128->62": (lambda h, w: h @ w, (h3, d2)),
+    }
+    for name, (f, args) in layers.items():
+        out[f"{name} forward"] = (f, args)
+
+        def backward(*a, f=f):
+            y, vjp = jax.vjp(f, *a)
+            return vjp(jnp.ones_like(y))
+
+        out[f"{name} backward"] = (backward, args)
+    # The second convolution's kernel gradient two ways (models/conv.py's backward pass): as
+    # a convolution with the batch contracted (before), and as one matmul over the patches.
+    dy = jnp.ones((batch, 24, 24, 64), jnp.float32)
+
+    def as_conv(x, dy):
+        dw = lax.conv_general_dilated(
+            x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1), "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )  # fmt: skip
+        return dw.transpose(1, 2, 0, 3)
+
+    def as_matmul(x, dy):
+        p = jnp.concatenate(
+            [x[:, i : i + 24, j : j + 24, :] for i in range(3) for j in range(3)], axis=-1
+        )
+        rows = (((0,), (0,)), ((), ()))
+        return lax.dot_general(p.reshape(-1, 288), dy.reshape(-1, 64), rows).reshape(3, 3, 32, 64)
+
+    out["conv 32->64 kernel grad as a conv"] = (as_conv, (h1, dy))
+    out["conv 32->64 kernel grad im2col"] = (as_matmul, (h1, dy))
+    # Dropout's masks: random bits for the pooled activations and the hidden layer.
+    out["dropout masks (random bits)"] = (
+        lambda x, k: (
+            jax.random.bernoulli(k, 0.75, (batch, 12, 12, 64)),
+            jax.random.bernoulli(k, 0.5, (batch, 128)),
+        ),
+        (x, key),
+    )
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=200, help="loop iterations per timing")
+    p.add_argument("--repeats", type=int, default=3, help="timings per piece (best kept)")
+    p.add_argument("--out", default=None, help="JSON file to write")
+    args = p.parse_args(argv)
+    peak = _matmul_peak(5)
+    rows = []
+    for name, (fn, fargs) in pieces(args.batch_size).items():
+        seconds, flops = _loop_time(fn, fargs, args.steps, args.repeats)
+        rows.append(
+            {"piece": name, "ms": 1e3 * seconds, "flops": flops, "gflops_s": flops / seconds / 1e9}
+        )
+    whole = rows[0]["ms"]
+    print(f"cnn_emnist, batch {args.batch_size}, {args.steps} steps in a fori_loop; "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
+    print(f"{'piece':28s} {'ms/step':>8s} {'share':>6s} {'MFLOP':>8s} {'GFLOP/s':>8s}")
+    for r in rows:
+        r["share"] = r["ms"] / whole
+        print(f"{r['piece']:28s} {r['ms']:8.3f} {r['share']:6.1%} {r['flops'] / 1e6:8.1f} "
+              f"{r['gflops_s']:8.1f}")  # fmt: skip
+    parts = sum(r["ms"] for r in rows[1:] if "kernel grad" not in r["piece"])
+    print(f"{'sum of the pieces':28s} {parts:8.3f} {parts / whole:6.1%}")
+    if args.out:
+        meta = {"batch_size": args.batch_size, "steps": args.steps, "peak_flops": peak}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
