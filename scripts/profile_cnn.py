@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -26,6 +28,9 @@ import optax
 from jax import lax
 
 import fedjax_sim as fs
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import cost_flops, measure_peak_flops  # noqa: E402
 
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 62
@@ -47,9 +52,7 @@ def _loop_time(fn: Callable, args, steps: int, repeats: int) -> tuple[float, flo
         return jax.tree.map(nudge, carry)
 
     run = jax.jit(lambda *a: lax.fori_loop(0, steps, body, a))
-    one = jax.jit(fn).lower(*args).compile().cost_analysis()
-    one = one[0] if isinstance(one, list) else one
-    flops = float((one or {}).get("flops", 0.0))
+    flops = cost_flops(jax.jit(fn).lower(*args).compile()) or 0.0
     jax.block_until_ready(run(*args))  # compile and warm up
     best = np.inf
     for _ in range(repeats):
@@ -57,18 +60,6 @@ def _loop_time(fn: Callable, args, steps: int, repeats: int) -> tuple[float, flo
         jax.block_until_ready(run(*args))
         best = min(best, time.perf_counter() - t)
     return best / steps, flops
-
-
-def _matmul_peak(repeats: int) -> float:
-    a = jnp.ones((1024, 1024), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    jax.block_until_ready(f(a))
-    best = np.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f(a))
-        best = min(best, time.perf_counter() - t)
-    return 2 * 1024**3 / best
 
 
 def pieces(batch: int):
@@ -149,7 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timings per piece (best kept)")
     p.add_argument("--out", default=None, help="JSON file to write")
     args = p.parse_args(argv)
-    peak = _matmul_peak(5)
+    peak = measure_peak_flops(reps=5)
     rows = []
     for name, (fn, fargs) in pieces(args.batch_size).items():
         seconds, flops = _loop_time(fn, fargs, args.steps, args.repeats)

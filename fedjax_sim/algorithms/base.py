@@ -34,7 +34,7 @@ from fedjax_sim.core.execution import ClientFn, Executor, replicate
 from fedjax_sim.core.keys import AGGREGATE_SALT, EF_SALT, UPDATE_SALT
 from fedjax_sim.core.task import Task, as_task, mean_loss_fn
 from fedjax_sim.core.types import ClientOutput, Cohort, FederatedAlgorithm, Params, PyTree
-from fedjax_sim.features import FEATURES
+from fedjax_sim.features import FEATURES, pipeline_hparams_of_config
 from fedjax_sim.optimizers import (
     get_optimizer,
     injected_hyperparams,
@@ -195,6 +195,16 @@ def optimizer_hparams(optimizer: optax.GradientTransformation, prefix: str) -> d
     if not hyper:
         return {}
     return {_field(prefix, k): float(v) for k, v in hyper.items()}
+
+
+def optimizer_and_pipeline_hparams(config) -> dict[str, float]:
+    """The hyperparameters of ``config``'s client and server optimizers and of its aggregation
+    pipeline: ``AlgorithmSpec.hparams`` of an algorithm with no numbers of its own."""
+    return {
+        **config_optimizer_hparams(config.client, "client"),
+        **config_optimizer_hparams(config.server, "server"),
+        **pipeline_hparams_of_config(config),
+    }
 
 
 def _field(prefix: str, name: str) -> str:

@@ -11,8 +11,8 @@ from fedjax_sim.aggregators.pipeline import Pipeline
 from fedjax_sim.algorithms.base import (
     AlgorithmSpec,
     BuildContext,
-    config_optimizer_hparams,
     local_update,
+    optimizer_and_pipeline_hparams,
     optimizer_hparams,
     pipeline_for,
     select_hparams,
@@ -27,7 +27,7 @@ from fedjax_sim.algorithms.heads import (
 from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.task import as_task, mean_loss_fn
 from fedjax_sim.core.types import FederatedAlgorithm, Model
-from fedjax_sim.features import FEATURES, pipeline_hparams_of_config
+from fedjax_sim.features import FEATURES
 from fedjax_sim.optimizers import optimizer_from_config
 
 
@@ -116,15 +116,6 @@ def fedper(
     )
 
 
-def hparams_of_config(config) -> dict[str, float]:
-    """``fedper``'s hyperparameters for ``config``: the client and server optimizers'."""
-    return {
-        **config_optimizer_hparams(config.client, "client"),
-        **config_optimizer_hparams(config.server, "server"),
-        **pipeline_hparams_of_config(config),
-    }
-
-
 def build(config, ctx: BuildContext) -> FederatedAlgorithm:
     """``fedper`` from a config: ``client.*``/``server.*`` optimizers, ``weighting``,
     ``aggregator``, ``algorithm_kwargs.head_layers`` (default 1)."""
@@ -137,13 +128,13 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
         weighting=config.weighting,
         pipeline=pipeline_for(config, ctx),
         executor=ctx.executor,
-        hparams=hparams_of_config(config),
+        hparams=optimizer_and_pipeline_hparams(config),
     )
 
 
 SPEC = AlgorithmSpec(
     build=build,
-    hparams=hparams_of_config,
+    hparams=optimizer_and_pipeline_hparams,
     config_defaults=body_and_head_model,
     # DP is refused: the reported model averages the cohort's personal heads, unnoised.
     supports=frozenset(FEATURES) - {"dp", "adaptive_clipping", "proximal_term"},

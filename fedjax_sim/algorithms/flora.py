@@ -16,9 +16,9 @@ from fedjax_sim.algorithms.base import (
     BuildContext,
     Messages,
     client_weight,
-    config_optimizer_hparams,
     local_update,
     on_mesh,
+    optimizer_and_pipeline_hparams,
     pipeline_for,
     setup,
 )
@@ -28,7 +28,6 @@ from fedjax_sim.core.execution import Executor
 from fedjax_sim.core.keys import ADAPTERS_SALT
 from fedjax_sim.core.task import as_task
 from fedjax_sim.core.types import ClientOutput, FederatedAlgorithm, Model
-from fedjax_sim.features import pipeline_hparams_of_config
 from fedjax_sim.models import lora
 from fedjax_sim.optimizers import optimizer_from_config
 
@@ -151,10 +150,10 @@ def check_adapters(model: Model) -> None:
     keys = jax.random.split(jax.random.key(1), len(leaves))
     random = [0.1 * jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves)]
     nudged = lora.combine(jax.tree.unflatten(treedef, random), params)
+    out = frozen.jit(lambda p, x: model.apply(p, x, train=False), model.frozen)
     for dtype in (jnp.int32, jnp.float32):  # token ids, else features
         x = jnp.zeros((1, *model.input_shape), dtype)
         try:
-            out = frozen.jit(lambda p, x: model.apply(p, x, train=False), model.frozen)
             same = np.allclose(out(zero, x), out(nudged, x))
             break
         except (TypeError, ValueError, IndexError):
@@ -195,15 +194,6 @@ def messages(config, task, params) -> Messages:
     return Messages(down=jax.eval_shape(lora.products, params), update=params)
 
 
-def hparams_of_config(config) -> dict[str, float]:
-    """``flora``'s hyperparameters: the pipeline's and the client and server optimizers'."""
-    return {
-        **pipeline_hparams_of_config(config),
-        **config_optimizer_hparams(config.client, "client"),
-        **config_optimizer_hparams(config.server, "server"),
-    }
-
-
 def build(config, ctx: BuildContext) -> FederatedAlgorithm:
     """``flora`` from a config: ``client.*``/``server.*`` optimizers, ``weighting`` and the
     framework's pipeline."""
@@ -213,14 +203,14 @@ def build(config, ctx: BuildContext) -> FederatedAlgorithm:
         optimizer_from_config(config.server),
         weighting=config.weighting,
         executor=ctx.executor,
-        hparams=hparams_of_config(config),
+        hparams=optimizer_and_pipeline_hparams(config),
         pipeline=pipeline_for(config, ctx),
     )
 
 
 SPEC = AlgorithmSpec(
     build=build,
-    hparams=hparams_of_config,
+    hparams=optimizer_and_pipeline_hparams,
     description="FLoRA: LoRA with the clients' products merged exactly each round",
     # What acts on the products the server forms; not on the factors a client sends.
     supports=frozenset({"dp", "adaptive_clipping", "robust_aggregation", "data_attack"}),

@@ -126,12 +126,9 @@ def merged(params: Params, scale: float) -> Params:
     model without LoRA (``lora_rank=0``)."""
     flat = traverse_util.flatten_dict(dict(params))
     out = {k: v for k, v in flat.items() if k[-1] not in (*ADAPTER_LEAVES, DELTA)}
-    for k in flat:
-        if k[-1] == "lora_a":
-            prefix = k[:-1]
-            a, b = flat[k], flat[(*prefix, "lora_b")]
-            delta = a @ b + flat.get((*prefix, DELTA), 0.0)
-            out[(*prefix, "kernel")] = out[(*prefix, "kernel")] + scale * delta
+    for k, product in traverse_util.flatten_dict(products(params)).items():
+        kernel = (*k[:-1], "kernel")
+        out[kernel] = out[kernel] + scale * (product + flat.get(k, 0.0))
     return traverse_util.unflatten_dict(out)
 
 
