@@ -25,7 +25,7 @@ from fedjax_sim.core import execution
 from fedjax_sim.core.execution import Executor, client_mesh
 from fedjax_sim.core.task import Task, get_task
 from fedjax_sim.core.types import FederatedAlgorithm, Model, tree_bytes
-from fedjax_sim.driver import privacy
+from fedjax_sim.driver import autotune, privacy
 from fedjax_sim.driver.cohorts import (
     CohortSource,
     data_on_device,
@@ -77,6 +77,95 @@ class Experiment(NamedTuple):
     @property
     def mesh(self):
         return self.executor.mesh
+
+
+# Where a plain run records how its ``auto`` strategy was decided (a resume reuses it).
+STRATEGY_FILE = "strategy.json"
+# Config groups (beside the algorithm, model, client and shapes) in ``auto``'s cache key.
+AUTO_KEY_GROUPS = ("weighting", "aggregator", "aggregator_kwargs", "dp", "compression", "attack")
+
+
+def _plain(value):
+    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+
+def with_strategy(exp: Experiment, strategy: str) -> Experiment:
+    """``exp`` with its executor's strategy set to ``strategy`` and the algorithm rebuilt."""
+    executor = exp.executor._replace(strategy=strategy).check()
+    n = exp.data.train.num_clients
+    pipeline = features.pipeline_of(exp.config, exp.task, n)
+    algorithm = build_algorithm(exp.config, exp.task, executor, n, pipeline)
+    return exp._replace(executor=executor, algorithm=algorithm)
+
+
+def auto_strategy(
+    exp: Experiment, source: CohortSource, resumed: Path | None
+) -> tuple[Experiment, autotune.Choice, SoloProgram]:
+    """A plain run's client strategy and its program: the config's strategy, or for ``auto``
+    the fastest measured on the first round's cohort (``driver.autotune``, cached on disk; a
+    measured winner's program is returned compiled), or, resuming the run in ``resumed``, the
+    one it started with (so a resumed run stays bitwise the same)."""
+    config = exp.config
+
+    def program_of(e: Experiment) -> SoloProgram:
+        return SoloProgram(e.algorithm, e.model, config.seed, e.mesh, source.examples)
+
+    if config.strategy != "auto":
+        return exp, autotune.Choice(exp.strategy, "configured"), program_of(exp)
+    recorded = resumed / STRATEGY_FILE if resumed is not None else None
+    if recorded is not None and recorded.exists():
+        try:
+            strategy = json.loads(recorded.read_text())["strategy"]
+            execution.resolve_strategy(strategy)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{recorded} is unreadable ({e}); set strategy explicitly to resume this run."
+            ) from e
+        why = f"resumed with the strategy the run started with ({recorded.name})"
+        exp = with_strategy(exp, strategy)
+        return exp, autotune.Choice(strategy, why), program_of(exp)
+    if exp.async_settings is not None:  # a round is a buffer of FedBuff's updates
+        why = f"rule ({exp.strategy}): asynchronous rounds"
+        return exp, autotune.Choice(exp.strategy, why), program_of(exp)
+    cohorts = source.preview(1)
+    measured: dict[str, tuple[Experiment, SoloProgram]] = {}
+
+    def time_round(strategy: str) -> float:
+        e = with_strategy(exp, strategy)
+        program = program_of(e)
+        measured[strategy] = (e, program)
+
+        def run():
+            states, alive = program.init()
+            jax.block_until_ready(program.step(states, alive, cohorts, 1))
+
+        return autotune.best_of(run)
+
+    cohort = cohorts[0]
+    fields = {
+        "algorithm": config.algorithm,
+        "algorithm_kwargs": kwargs_of(config.get("algorithm_kwargs")),
+        "model": config.model.name,
+        "params": jax.tree.map(
+            lambda a: f"{a.dtype}{list(a.shape)}", jax.eval_shape(exp.model.init, jax.random.key(0))
+        ),
+        "cohort": jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", cohort),
+        "chunk_size": exp.executor.chunk_size,
+        "mesh": exp.executor.num_devices,
+        # What else shapes the round's program (not the learning rate: a sweep of separate
+        # runs over it measures once).
+        "client": {k: v for k, v in kwargs_of(config.client).items() if k != "learning_rate"},
+        **{k: _plain(config[k]) for k in AUTO_KEY_GROUPS if k in config},
+    }
+    per_device = -(-exp.cohort_slots // exp.executor.num_devices)
+    choice = autotune.choose(
+        fields, autotune.candidates(per_device, exp.executor.chunk_size), time_round
+    )
+    if choice.strategy in measured:  # compiled while measured: the run reuses it
+        exp, program = measured[choice.strategy]
+        return exp, choice, program
+    exp = with_strategy(exp, choice.strategy)
+    return exp, choice, program_of(exp)
 
 
 def kwargs_of(node) -> dict[str, Any]:
@@ -349,7 +438,9 @@ def simulate(
             [(int(config.seed), data_seed_of(config))],
             exp.num_steps,
         )
-        program = SoloProgram(exp.algorithm, exp.model, config.seed, exp.mesh, source.examples)
+        exp, choice, program = auto_strategy(
+            exp, source, workdir if resume.meta is not None else None
+        )
         evaluator = make_evaluator(
             exp,
             {0: eval_clients(exp.data.test, config)},
@@ -370,6 +461,7 @@ def simulate(
         if previous is not None:
             print(f"fedjax-sim: moved the earlier results to {previous}", file=sys.stderr)
     (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
+    (workdir / STRATEGY_FILE).write_text(json.dumps(choice._asdict(), indent=1) + "\n")
     stop = {}
     if last_round < config.num_rounds:
         target = privacy.dp_group(config)["target_epsilon"]
@@ -399,7 +491,11 @@ def simulate(
         summary = json.loads(summary_path.read_text())
     else:
         summary = log.summary(
-            last_round, out.wall_s, **execution_summary(exp.strategy, program, source), **stop
+            last_round,
+            out.wall_s,
+            **execution_summary(exp.strategy, program, source),
+            strategy_reason=choice.reason,
+            **stop,
         )
     return {**summary, "params": out.states.params, "history": log.history}
 

@@ -49,6 +49,9 @@ def _cache_dir() -> str:
 
 
 _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache_dir())
+# strategy = "auto" by the fixed rule, not a timing of every candidate in every test (and
+# subprocess) that leaves it at auto: tests/test_autotune.py measures, with its own cache.
+os.environ.setdefault("FEDJAX_SIM_AUTO", "rule")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update("jax_compilation_cache_dir", _CACHE)

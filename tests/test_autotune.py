@@ -1,0 +1,112 @@
+"""``strategy = "auto"`` from a measurement cached on disk (fedjax_sim/driver/autotune.py)."""
+
+import json
+
+import pytest
+
+import fedjax_sim as fs
+from fedjax_sim.driver import autotune
+from fedjax_sim.simulation import STRATEGY_FILE
+
+
+@pytest.fixture
+def measuring(tmp_path, monkeypatch):
+    cache = tmp_path / "auto_cache"
+    monkeypatch.setenv(autotune.MODE_ENV, "measure")
+    monkeypatch.setenv(autotune.CACHE_ENV, str(cache))
+    return cache
+
+
+def test_choose_measures_once_then_reads_the_cache(measuring):
+    fields = {"model": "m", "cohort": "f32[4, 3]"}
+    calls = []
+
+    def time_round(strategy):
+        calls.append(strategy)
+        return {"sequential": 0.3, "vmap": 0.1, "chunked": 0.2}[strategy]
+
+    choice = autotune.choose(fields, ["sequential", "vmap", "chunked"], time_round)
+    assert choice.strategy == "vmap" and calls == ["sequential", "vmap", "chunked"]
+    assert choice.reason == (
+        "measured: vmap fastest per round (vmap 100.0 ms, chunked 200.0 ms, sequential 300.0 ms)"
+    )
+    (entry,) = measuring.glob("*.json")
+    assert json.loads(entry.read_text())["strategy"] == "vmap"
+
+    def no_timing(strategy):
+        raise AssertionError("measured again")
+
+    again = autotune.choose(fields, ["sequential", "vmap", "chunked"], no_timing)
+    assert again.strategy == "vmap" and "(cached, measured 20" in again.reason
+    # Another key (another cohort shape) measures anew.
+    other = autotune.choose({**fields, "cohort": "f32[8, 3]"}, ["sequential", "vmap"], time_round)
+    assert other.strategy == "vmap" and calls[-2:] == ["sequential", "vmap"]
+    assert len(list(measuring.glob("*.json"))) == 2
+
+
+def test_choose_remeasures_an_unreadable_entry_and_follows_the_rule_when_asked(
+    measuring, monkeypatch
+):
+    fields = {"k": 1}
+    measuring.mkdir()
+    (measuring / f"{autotune.cache_key(fields)}.json").write_text("{not json")
+    choice = autotune.choose(fields, ["sequential", "vmap"], {"sequential": 1.0, "vmap": 2.0}.get)
+    assert choice.strategy == "sequential" and choice.reason.startswith("measured:")
+    monkeypatch.setenv(autotune.MODE_ENV, "rule")
+    ruled = autotune.choose(fields, ["sequential", "vmap"], None)
+    assert ruled.strategy == "sequential"  # the rule on CPU
+    assert ruled.reason == "rule (FEDJAX_SIM_AUTO=rule): sequential on cpu"
+    monkeypatch.setenv(autotune.MODE_ENV, "fastest")
+    with pytest.raises(ValueError, match="FEDJAX_SIM_AUTO='fastest'; choose one of measure, rule"):
+        autotune.choose(fields, ["sequential"], None)
+
+
+def test_candidates_time_chunked_only_where_it_differs_from_vmap():
+    assert autotune.candidates(10, 10) == ["sequential", "vmap"]
+    assert autotune.candidates(11, 10) == ["sequential", "vmap", "chunked"]
+
+
+def smoke(rounds=2):
+    config = fs.load_config(f"{fs.config.DEFAULT_CONFIG}:smoke")
+    config.num_rounds = rounds
+    config.eval_every = rounds
+    config.num_devices = 1
+    return config
+
+
+def test_a_run_trains_with_the_measured_strategy_says_why_and_resumes_with_it(measuring, tmp_path):
+    out = fs.simulate(smoke(), tmp_path / "a", progress=False)
+    assert out["strategy_reason"].startswith(f"measured: {out['strategy']} fastest per round (")
+    recorded = json.loads((tmp_path / "a" / STRATEGY_FILE).read_text())
+    assert recorded["strategy"] == out["strategy"]
+    assert set(recorded["seconds"]) == {"sequential", "vmap"}  # 10 clients: chunks of 10 = vmap
+    (entry,) = measuring.glob("*.json")
+
+    # The cache decides a new run of the same shapes: plant the other strategy in it.
+    other = "vmap" if out["strategy"] == "sequential" else "sequential"
+    planted = json.loads(entry.read_text())
+    planted["strategy"] = other
+    entry.write_text(json.dumps(planted))
+    config = smoke()
+    config.checkpoint_every = 1
+    run = fs.simulate(config, tmp_path / "b", progress=False)
+    assert run["strategy"] == other and "(cached, measured" in run["strategy_reason"]
+
+    # Resuming (two more rounds) keeps the strategy the run started with, whatever the cache
+    # now says, so the resumed run is the run it would have been.
+    planted["strategy"] = out["strategy"]
+    entry.write_text(json.dumps(planted))
+    config.num_rounds = 4
+    resumed = fs.simulate(config, tmp_path / "b", progress=False)
+    assert resumed["strategy"] == other
+    assert resumed["strategy_reason"] == (
+        f"resumed with the strategy the run started with ({STRATEGY_FILE})"
+    )
+
+
+def test_a_configured_strategy_is_not_measured(measuring, tmp_path):
+    config = smoke()
+    config.strategy = "sequential"
+    out = fs.simulate(config, tmp_path / "run", progress=False)
+    assert (out["strategy"], out["strategy_reason"]) == ("sequential", "configured")
+    assert not measuring.exists()
