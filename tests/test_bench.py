@@ -5,8 +5,12 @@ import json
 import os
 import sys
 
+import jax
+import numpy as np
+import optax
 import pytest
 
+import fedjax_sim as fs
 from tests.conftest import REPO_ROOT
 
 
@@ -57,8 +61,44 @@ def test_bench_sweep_tiny_case_matches_solo_runs(tmp_path):
     module = load_script("bench_sweep")
     out = tmp_path / "bench_sweep.json"
     argv = ["--rounds", "2", "--local-epochs", "1", "--axis", "data_seed", "--out", str(out)]
+    argv += ["--two-nn-rounds", "0"]  # the 2NN comparison: the next test
     assert module.main(argv) == 0  # every member within 1e-5 of its solo run
     result = json.loads(out.read_text())
     assert result["members"] == 16 and result["axes"] == ["client.learning_rate", "data_seed"]
     assert result["max_param_diff"] <= 1e-5
     assert result["vectorized_s"] > 0 and result["sequential_s"] > 0
+
+
+def test_bench_sweep_numpy_2nn_reference_is_fedavg():
+    # The NumPy FedAvg the 2NN round is timed against trains what fs.fedavg trains: ragged
+    # clients (25, 20, 13 examples: padded last batches, examples-weighted mean), two rounds.
+    module = load_script("bench_sweep")
+    rng = np.random.default_rng(0)
+    ds = fs.FederatedDataset(
+        {
+            f"c{c}": {
+                "x": rng.random((n, 28, 28, 1), dtype=np.float32),
+                "y": rng.integers(0, 10, n, dtype=np.int32),
+            }
+            for c, n in enumerate((25, 20, 13))
+        }
+    )
+    model = fs.get_model("mlp", num_classes=10, input_shape=(28, 28, 1))
+    init = model.init(jax.random.key(0))
+    cohort = fs.pack_cohort(ds, range(3), batch_size=10, seed=0, round_num=0)
+    algo = fs.fedavg(model, optax.sgd(0.215), executor=fs.Executor("sequential"))
+    state = algo.init(init)
+    for _ in range(2):
+        state, _ = jax.jit(algo.apply)(state, cohort, jax.random.key(1))
+    flat = [np.asarray(init[f"Dense_{i}"][k]) for i in range(3) for k in ("kernel", "bias")]
+    x = np.asarray(cohort.batches["x"])
+    x = x.reshape(x.shape[:3] + (-1,))
+    ref, times, _ = module.numpy_fedavg_2nn(
+        flat, x, np.asarray(cohort.batches["y"]), np.asarray(cohort.mask), 0.215, rounds=2
+    )
+    assert len(times) == 2
+    ours = [np.asarray(state.params[f"Dense_{i}"][k]) for i in range(3) for k in ("kernel", "bias")]
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(ours, flat, strict=True))
+    assert moved > 1e-2  # the rounds trained
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)
