@@ -452,3 +452,33 @@ def test_a_plain_flax_cnn_runs_the_built_in_models_program():
     )
     for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_max_pool_2x2_equals_flax_max_pool_values_and_gradients():
+    # Ties (values on a grid, relu zeros) send the gradient to each window's first maximum in
+    # row-major order, as lax's select-and-scatter does; an odd last row/column is dropped.
+    from fedjax_sim.models import pool
+
+    rng = np.random.default_rng(0)
+    for shape in [(2, 8, 8, 3), (3, 7, 9, 5)]:
+        x = jnp.asarray(np.maximum(np.round(rng.normal(size=shape) * 2) / 2, 0), jnp.float32)
+        y_ref, vjp_ref = jax.vjp(lambda a: nn.max_pool(a, (2, 2), strides=(2, 2)), x)
+        y, vjp = jax.vjp(pool.max_pool_2x2, x)
+        g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])
+        assert int(jnp.sum(vjp(jnp.ones_like(g))[0] != 0)) <= g.size  # one position per window
+    # Other windows, strides or paddings keep Flax's own pooling.
+    x = jnp.asarray(rng.random((2, 9, 9, 3)), jnp.float32)
+    for window, strides, padding in [((3, 3), (3, 3), "VALID"), ((2, 2), (1, 1), "VALID"),
+                                     ((2, 2), (2, 2), "SAME")]:  # fmt: skip
+        np.testing.assert_array_equal(
+            pool.max_pool_or_lax(x, window, strides, padding),
+            nn.max_pool(x, window, strides=strides, padding=padding),
+        )
+    with models_module.fast_convs():
+        assert nn.max_pool is pool.max_pool_or_lax
+        with models_module.fast_convs():  # nested: the outer one restores
+            pass
+        assert nn.max_pool is pool.max_pool_or_lax
+    assert nn.max_pool is pool.LAX_MAX_POOL and nn.pooling.max_pool is pool.LAX_MAX_POOL

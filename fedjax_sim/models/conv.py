@@ -249,11 +249,22 @@ def _use_conv_or_lax(next_fun, args, kwargs, context):
 @contextlib.contextmanager
 def fast_convs():
     """Within it, every ``flax.linen.Conv`` called that uses lax's convolution (it names no
-    ``conv_general_dilated`` of its own) computes through :func:`conv_or_lax`: a user's plain
-    Flax CNN gets the loop-friendly gradients the built-in models have.
-    ``models.model_from_linen``'s ``apply`` runs inside it."""
-    with nn.intercept_methods(_use_conv_or_lax):
-        yield
+    ``conv_general_dilated`` of its own) computes through :func:`conv_or_lax`, and
+    ``flax.linen.max_pool`` (looked up as ``nn.max_pool`` when called) through
+    ``pool.max_pool_or_lax``: a user's plain Flax CNN gets the loop-friendly gradients the
+    built-in models have. ``models.model_from_linen``'s ``apply`` runs inside it (a model
+    tracing in another thread meanwhile sees the same pooling: equal values and gradients)."""
+    from fedjax_sim.models import pool
+
+    swapped = [m for m in (nn, nn.pooling) if m.max_pool is pool.LAX_MAX_POOL]
+    for m in swapped:
+        m.max_pool = pool.max_pool_or_lax
+    try:
+        with nn.intercept_methods(_use_conv_or_lax):
+            yield
+    finally:
+        for m in swapped:
+            m.max_pool = pool.LAX_MAX_POOL
 
 
 def conv(
