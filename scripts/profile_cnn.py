@@ -10,16 +10,34 @@ GFLOP/s it reaches, against a float32 matmul peak measured in the same run.
 
     python scripts/profile_cnn.py                 # batch 8, 200 steps per piece, ~1 min
     python scripts/profile_cnn.py --batch_size 10 --steps 500 --out profile.json
+
+``--round`` profiles a whole compiled FedAvg round instead (``--clients`` clients of
+``--examples`` examples, the sequential strategy over ``--devices`` virtual CPU devices): XLA's
+own trace events (``--xla_cpu_enable_xprof_traceme``, read from ``jax.profiler``'s trace),
+summed per operation over ``--repeats`` rounds and grouped by kind (the fusion's name without
+its number), each top operation with its shape and the JAX operation it came from.
+
+    python scripts/profile_cnn.py --round --clients 10 --devices 2
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
 import json
 import os
+import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+
+if "--round" in sys.argv:  # XLA's per-operation trace events; set before JAX starts
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+    ).strip()
 
 import jax
 import jax.numpy as jnp
@@ -133,13 +151,94 @@ def pieces(batch: int):
     return out
 
 
+# Trace events that are not one operation's own work (the executor, waits, Python).
+NOT_OPS = ("ThunkExecutor", "$", "PjitFunction", "while", "Wait", "Rendezvous", "SlinkyThread")
+
+
+def profile_round(args) -> dict:
+    """Per-operation seconds of a compiled cnn_emnist FedAvg round (see the module doc)."""
+    rng = np.random.default_rng(0)
+    n = args.examples
+    ds = fs.FederatedDataset(
+        {
+            f"c{c}": {
+                "x": rng.random((n, *INPUT_SHAPE), dtype=np.float32),
+                "y": rng.integers(0, NUM_CLASSES, n, dtype=np.int32),
+            }
+            for c in range(args.clients)
+        }
+    )
+    model = fs.get_model("cnn_emnist", num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE)
+    mesh = fs.client_mesh(args.devices) if args.devices > 1 else None
+    algo = fs.fedavg(model, optax.sgd(0.1), executor=fs.Executor("sequential", mesh=mesh))
+    state = algo.init(model.init(jax.random.key(0)))
+    cohort = fs.pack_cohort(ds, range(args.clients), batch_size=args.batch_size, seed=0,
+                            round_num=0)  # fmt: skip
+    key = jax.random.key(1)
+    compiled = jax.jit(algo.apply).lower(state, cohort, key).compile()
+    cohort = jax.device_put(cohort)
+    jax.block_until_ready(compiled(state, cohort, key))
+    best = min(_timed(lambda: compiled(state, cohort, key)) for _ in range(args.repeats))
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(args.repeats):
+                jax.block_until_ready(compiled(state, cohort, key))
+        (path,) = glob.glob(os.path.join(tmp, "**", "*.trace.json.gz"), recursive=True)
+        events = json.load(gzip.open(path))["traceEvents"]
+    per_op, per_kind = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and not e["name"].startswith(NOT_OPS):
+            per_op[e["name"]] += e["dur"] / 1e6 / args.repeats
+            per_kind[re.sub(r"[.\d]+$", "", e["name"])] += e["dur"] / 1e6 / args.repeats
+    hlo = compiled.as_text()
+
+    def described(name: str) -> str:
+        m = re.search(r"%" + re.escape(name) + r" = (\S+) .*?op_name=\"([^\"]+)\"", hlo)
+        return f"{m.group(1)} {m.group(2).split('/')[-2:]}" if m else ""
+
+    total = sum(per_kind.values())
+    return {
+        "round_s": best,
+        "clients_per_s": args.clients / best,
+        "op_s": total,
+        "kinds": [{"kind": k, "s": t, "share": t / total} for k, t in per_kind.most_common(12)],
+        "top_ops": [{"op": k, "s": t, "what": described(k)} for k, t in per_op.most_common(12)],
+    }
+
+
+def _timed(run: Callable) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(run())
+    return time.perf_counter() - t0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--steps", type=int, default=200, help="loop iterations per timing")
     p.add_argument("--repeats", type=int, default=3, help="timings per piece (best kept)")
     p.add_argument("--out", default=None, help="JSON file to write")
+    p.add_argument("--round", action="store_true", help="profile a whole round's operations")
+    p.add_argument("--clients", type=int, default=10, help="--round: clients in the round")
+    p.add_argument("--examples", type=int, default=32, help="--round: examples per client")
+    p.add_argument("--devices", type=int, default=1, help="--round: virtual CPU devices")
     args = p.parse_args(argv)
+    if args.round:
+        jax.config.update("jax_num_cpu_devices", args.devices)
+        out = profile_round(args)
+        print(f"cnn_emnist round: {args.clients} clients x {args.examples} examples, batch "
+              f"{args.batch_size}, sequential on {args.devices} device(s): "
+              f"{out['round_s'] * 1e3:.0f} ms ({out['clients_per_s']:.1f} clients/s); "
+              f"traced op time {out['op_s'] * 1e3:.0f} ms per round (all threads)")  # fmt: skip
+        for k in out["kinds"]:
+            print(f"  {k['kind']:28s} {k['s'] * 1e3:8.1f} ms {k['share']:6.1%}")
+        print("top operations:")
+        for o in out["top_ops"]:
+            print(f"  {o['op']:28s} {o['s'] * 1e3:8.1f} ms  {o['what']}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
+        return 0
     peak = measure_peak_flops(reps=5)
     rows = []
     for name, (fn, fargs) in pieces(args.batch_size).items():
