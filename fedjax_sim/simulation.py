@@ -81,12 +81,12 @@ class Experiment(NamedTuple):
 
 # Where a plain run records how its ``auto`` strategy was decided (a resume reuses it).
 STRATEGY_FILE = "strategy.json"
-# Config groups (beside the algorithm, model, client and shapes) in ``auto``'s cache key.
-AUTO_KEY_GROUPS = ("weighting", "aggregator", "aggregator_kwargs", "dp", "compression", "attack")
-
-
-def _plain(value):
-    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+# Config fields that change no compiled round, left out of ``auto``'s cache key (as is the
+# client learning rate): a sweep of separate runs over them measures once.
+AUTO_KEY_IGNORED = (
+    "num_rounds", "eval_every", "seed", "data_seed", "checkpoint_every", "checkpoint_keep",
+    "divergence_factor", "strategy", "eval_batch_size",
+)  # fmt: skip
 
 
 def with_strategy(exp: Experiment, strategy: str) -> Experiment:
@@ -113,7 +113,10 @@ def auto_strategy(
     if config.strategy != "auto":
         return exp, autotune.Choice(exp.strategy, "configured"), program_of(exp)
     recorded = resumed / STRATEGY_FILE if resumed is not None else None
-    if recorded is not None and recorded.exists():
+    if recorded is not None and not recorded.exists():  # a run from before strategy.json
+        why = f"resumed with the rule's strategy, as a run without {STRATEGY_FILE} started"
+        return exp, autotune.Choice(exp.strategy, why), program_of(exp)
+    if recorded is not None:
         try:
             strategy = json.loads(recorded.read_text())["strategy"]
             execution.resolve_strategy(strategy)
@@ -128,41 +131,44 @@ def auto_strategy(
         why = f"rule ({exp.strategy}): asynchronous rounds"
         return exp, autotune.Choice(exp.strategy, why), program_of(exp)
     cohorts = source.preview(1)
-    measured: dict[str, tuple[Experiment, SoloProgram]] = {}
+    best: dict[str, tuple[Experiment, SoloProgram, float]] = {}  # the fastest so far only
 
-    def time_round(strategy: str) -> float:
+    def time_round(strategy: str, give_up: float) -> float:
         e = with_strategy(exp, strategy)
         program = program_of(e)
-        measured[strategy] = (e, program)
+        if best:  # the examples already on the device, not a copy per candidate
+            program.share_examples(next(iter(best.values()))[1])
 
-        def run():
-            states, alive = program.init()
+        def prepare():
+            return program.init()
+
+        def run(states, alive):
             jax.block_until_ready(program.step(states, alive, cohorts, 1))
 
-        return autotune.best_of(run)
+        seconds = autotune.best_of(run, prepare, autotune.GIVE_UP * give_up)
+        if seconds < give_up:
+            best.clear()
+            best[strategy] = (e, program, seconds)
+        return seconds
 
-    cohort = cohorts[0]
+    config_fields = {
+        k: v for k, v in config.to_dict().items() if k not in AUTO_KEY_IGNORED and k != "client"
+    }
     fields = {
-        "algorithm": config.algorithm,
-        "algorithm_kwargs": kwargs_of(config.get("algorithm_kwargs")),
-        "model": config.model.name,
+        **config_fields,
+        "client": {k: v for k, v in kwargs_of(config.client).items() if k != "learning_rate"},
         "params": jax.tree.map(
             lambda a: f"{a.dtype}{list(a.shape)}", jax.eval_shape(exp.model.init, jax.random.key(0))
         ),
-        "cohort": jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", cohort),
-        "chunk_size": exp.executor.chunk_size,
+        "cohort": jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", cohorts[0]),
         "mesh": exp.executor.num_devices,
-        # What else shapes the round's program (not the learning rate: a sweep of separate
-        # runs over it measures once).
-        "client": {k: v for k, v in kwargs_of(config.client).items() if k != "learning_rate"},
-        **{k: _plain(config[k]) for k in AUTO_KEY_GROUPS if k in config},
     }
     per_device = -(-exp.cohort_slots // exp.executor.num_devices)
     choice = autotune.choose(
         fields, autotune.candidates(per_device, exp.executor.chunk_size), time_round
     )
-    if choice.strategy in measured:  # compiled while measured: the run reuses it
-        exp, program = measured[choice.strategy]
+    if choice.strategy in best:  # compiled while measured: the run reuses it
+        exp, program, _ = best[choice.strategy]
         return exp, choice, program
     exp = with_strategy(exp, choice.strategy)
     return exp, choice, program_of(exp)
@@ -405,6 +411,7 @@ def simulate(
     t_start = time.perf_counter()
     workdir = Path(workdir)
     check_config_values(config)
+    autotune.mode()  # a bad FEDJAX_SIM_AUTO fails here, before any data loads
     created = checkpoint.check_writable(workdir)
     log = RunLog(workdir)
     every = int(config.get("checkpoint_every", 0) or 0)

@@ -36,6 +36,9 @@ rounding on these random labels). ``--skip-sweep`` runs only this.
 
     python scripts/bench_sweep.py --devices 1 --skip-sweep --two-nn-rounds 5
 
+``--step-costs`` also times what the vectorized program does per local step: the default
+config's logistic-regression step alone and vmapped over 4 and 16 members (``member_step_costs``).
+
 Exit status 1 when a member differs from its solo run (or, with ``--min-ratio``, when the
 ratio is below it), or the 2NN's params differ from NumPy's by 1e-4 or more (or, with
 ``--min-2nn-ratio``, its ratio is below it).
@@ -53,6 +56,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import fedjax_sim as fs
@@ -110,6 +114,56 @@ def numpy_fedavg_2nn(params: list, x, y, mask, lr: float, rounds: int) -> tuple[
         times.append(time.perf_counter() - t0)
         first = params if first is None else first
     return params, times, first
+
+
+def member_step_costs(steps: int = 2000, repeats: int = 5) -> dict:
+    """Microseconds per local step of the default config's model (logistic regression, 60
+    features, 10 classes, batch 10, client SGD) in a ``fori_loop``: one member alone, and
+    vmapped over 4 and 16 members that share the batches and the step count (one stream's
+    members in a sweep), and over 16 with a step count each (members of different streams
+    vmapped together)."""
+    import optax
+
+    from fedjax_sim.core.client import local_train
+    from fedjax_sim.core.task import mean_loss_fn
+
+    model = fs.get_model("logreg", num_classes=10, input_shape=(60,))
+    loss_fn = mean_loss_fn(model)
+    rng = np.random.default_rng(0)
+    batches = {
+        "x": jnp.asarray(rng.random((steps, 10, 60), dtype=np.float32)),
+        "y": jnp.asarray(rng.integers(0, 10, (steps, 10)), jnp.int32),
+    }
+    mask = jnp.ones((steps, 10), bool)
+    params = model.init(jax.random.key(0))
+
+    def train(p, lr, n):
+        return local_train(
+            p, batches, mask, jax.random.key(1), loss_fn=loss_fn, optimizer=optax.sgd(lr),
+            num_steps=n,
+        ).params  # fmt: skip
+
+    def per_step(fn, *args) -> float:
+        jax.block_until_ready(fn(*args))
+        best = min(_seconds(fn, *args) for _ in range(repeats))
+        return round(best / steps * 1e6, 2)
+
+    def stacked(m):
+        return jax.tree.map(lambda a: jnp.stack([a] * m), params), jnp.full((m,), 0.01)
+
+    out = {"solo": per_step(jax.jit(train), params, 0.01, steps)}
+    shared = jax.jit(jax.vmap(train, in_axes=(0, 0, None)))
+    for m in (4, 16):
+        out[f"vmap{m}_shared_steps"] = per_step(shared, *stacked(m), steps)
+    own = jax.jit(jax.vmap(train, in_axes=(0, 0, 0)))
+    out["vmap16_own_steps"] = per_step(own, *stacked(16), jnp.full((16,), steps))
+    return out
+
+
+def _seconds(fn, *args) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t0
 
 
 def bench_two_nn(rounds: int, devices: int) -> dict:
@@ -218,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="timed rounds of the 2NN against NumPy FedAvg (0: skip it)")  # fmt: skip
     p.add_argument("--min-2nn-ratio", type=float, default=0.0)
     p.add_argument("--skip-sweep", action="store_true", help="only the 2NN comparison")
+    p.add_argument("--step-costs", action="store_true",
+                   help="also time one local step alone and vmapped over members")  # fmt: skip
     p.add_argument("--out", default=None, help="write the numbers as JSON here")
     p.add_argument("--axis", choices=("seed", "data_seed"), default="seed",
                    help="the second axis beside the client learning rate")  # fmt: skip
@@ -248,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         ok = ok and two_nn["ratio"] >= args.min_2nn_ratio
         ok = ok and two_nn["max_param_diff_round_1"] < 1e-4
+    if args.step_costs:
+        costs = result["step_us"] = member_step_costs()
+        print("microseconds per local step: " + ", ".join(f"{k} {v}" for k, v in costs.items()))
     result["loadavg"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(result))
     if args.out:

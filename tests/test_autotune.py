@@ -21,26 +21,29 @@ def test_choose_measures_once_then_reads_the_cache(measuring):
     fields = {"model": "m", "cohort": "f32[4, 3]"}
     calls = []
 
-    def time_round(strategy):
-        calls.append(strategy)
+    def time_round(strategy, best):
+        calls.append((strategy, best))
         return {"sequential": 0.3, "vmap": 0.1, "chunked": 0.2}[strategy]
 
     choice = autotune.choose(fields, ["sequential", "vmap", "chunked"], time_round)
-    assert choice.strategy == "vmap" and calls == ["sequential", "vmap", "chunked"]
+    # Each candidate learns the best time so far (to give up against).
+    inf = float("inf")
+    assert choice.strategy == "vmap"
+    assert calls == [("sequential", inf), ("vmap", 0.3), ("chunked", 0.1)]
     assert choice.reason == (
         "measured: vmap fastest per round (vmap 100.0 ms, chunked 200.0 ms, sequential 300.0 ms)"
     )
     (entry,) = measuring.glob("*.json")
     assert json.loads(entry.read_text())["strategy"] == "vmap"
 
-    def no_timing(strategy):
+    def no_timing(strategy, best):
         raise AssertionError("measured again")
 
     again = autotune.choose(fields, ["sequential", "vmap", "chunked"], no_timing)
     assert again.strategy == "vmap" and "(cached, measured 20" in again.reason
     # Another key (another cohort shape) measures anew.
     other = autotune.choose({**fields, "cohort": "f32[8, 3]"}, ["sequential", "vmap"], time_round)
-    assert other.strategy == "vmap" and calls[-2:] == ["sequential", "vmap"]
+    assert other.strategy == "vmap" and [c for c, _ in calls[-2:]] == ["sequential", "vmap"]
     assert len(list(measuring.glob("*.json"))) == 2
 
 
@@ -50,7 +53,8 @@ def test_choose_remeasures_an_unreadable_entry_and_follows_the_rule_when_asked(
     fields = {"k": 1}
     measuring.mkdir()
     (measuring / f"{autotune.cache_key(fields)}.json").write_text("{not json")
-    choice = autotune.choose(fields, ["sequential", "vmap"], {"sequential": 1.0, "vmap": 2.0}.get)
+    times = {"sequential": 1.0, "vmap": 2.0}
+    choice = autotune.choose(fields, ["sequential", "vmap"], lambda s, best: times[s])
     assert choice.strategy == "sequential" and choice.reason.startswith("measured:")
     monkeypatch.setenv(autotune.MODE_ENV, "rule")
     ruled = autotune.choose(fields, ["sequential", "vmap"], None)
@@ -59,6 +63,47 @@ def test_choose_remeasures_an_unreadable_entry_and_follows_the_rule_when_asked(
     monkeypatch.setenv(autotune.MODE_ENV, "fastest")
     with pytest.raises(ValueError, match="FEDJAX_SIM_AUTO='fastest'; choose one of measure, rule"):
         autotune.choose(fields, ["sequential"], None)
+
+
+def test_a_failing_candidate_is_skipped_and_named(measuring):
+    def time_round(strategy, best):
+        if strategy == "vmap":
+            raise MemoryError("RESOURCE_EXHAUSTED: out of memory\nwhile allocating")
+        return 0.5
+
+    choice = autotune.choose({"k": 2}, ["sequential", "vmap"], time_round)
+    assert choice.strategy == "sequential"
+    assert choice.reason == (
+        "measured: sequential fastest per round (sequential 500.0 ms, vmap failed)"
+    )
+    (entry,) = measuring.glob("*.json")
+    assert json.loads(entry.read_text())["failed"] == {
+        "vmap": "MemoryError: RESOURCE_EXHAUSTED: out of memory"
+    }
+
+    def nothing_runs(strategy, best):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="every candidate failed.*set strategy explicitly"):
+        autotune.choose({"k": 3}, ["sequential", "vmap"], nothing_runs)
+
+
+def test_best_of_times_the_run_not_its_preparation_and_gives_up_on_a_slow_candidate():
+    runs, prepared = [], []
+
+    def prepare():
+        prepared.append(1)
+        return (len(prepared),)
+
+    def run(i):
+        runs.append(i)
+
+    autotune.best_of(run, prepare, repeats=3)
+    assert runs == [1, 2, 3, 4]  # one untimed (the compile), three timed, each prepared anew
+    runs.clear()
+    prepared.clear()
+    autotune.best_of(run, prepare, give_up_after=-1.0, repeats=3)
+    assert runs == [1, 2]  # slower than allowed after the first timed run: no more
 
 
 def test_candidates_time_chunked_only_where_it_differs_from_vmap():
@@ -91,6 +136,7 @@ def test_a_run_trains_with_the_measured_strategy_says_why_and_resumes_with_it(me
     config.checkpoint_every = 1
     run = fs.simulate(config, tmp_path / "b", progress=False)
     assert run["strategy"] == other and "(cached, measured" in run["strategy_reason"]
+    assert out["compiles"] == 1  # the measured winner's program trained the first run
 
     # Resuming (two more rounds) keeps the strategy the run started with, whatever the cache
     # now says, so the resumed run is the run it would have been.
@@ -102,6 +148,26 @@ def test_a_run_trains_with_the_measured_strategy_says_why_and_resumes_with_it(me
     assert resumed["strategy_reason"] == (
         f"resumed with the strategy the run started with ({STRATEGY_FILE})"
     )
+
+
+def test_resuming_a_run_from_before_strategy_json_keeps_the_rule(measuring, tmp_path):
+    config = smoke()
+    config.checkpoint_every = 1
+    fs.simulate(config, tmp_path / "run", progress=False)
+    (tmp_path / "run" / STRATEGY_FILE).unlink()  # as a run of an earlier version left it
+    config.num_rounds = 3
+    out = fs.simulate(config, tmp_path / "run", progress=False)
+    assert out["strategy"] == "sequential"  # the rule's, on CPU
+    assert out["strategy_reason"].startswith("resumed with the rule's strategy")
+
+
+def test_a_bad_mode_fails_before_any_data_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv(autotune.MODE_ENV, "fastest")
+    config = smoke()
+    config.dataset.name = "no_such_dataset"  # would fail later, were the mode not checked first
+    with pytest.raises(ValueError, match="FEDJAX_SIM_AUTO='fastest'"):
+        fs.simulate(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_configured_strategy_is_not_measured(measuring, tmp_path):

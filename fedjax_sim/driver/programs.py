@@ -113,6 +113,12 @@ class _Program:
     def compiles(self) -> int:
         return self._round._cache_size()
 
+    def share_examples(self, other: _Program) -> None:
+        """Takes ``other``'s examples once it has placed them (same source and mesh), so two
+        programs of one run hold one copy on the device."""
+        if other._host_examples is self._host_examples and other.mesh == self.mesh:
+            self._examples = other._examples
+
 
 class SoloProgram(_Program):
     """One member, no vmap: ``jit(algorithm.apply)`` with the cohort split over ``mesh``."""

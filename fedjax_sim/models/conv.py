@@ -252,8 +252,10 @@ def fast_convs():
     ``conv_general_dilated`` of its own) computes through :func:`conv_or_lax`, and
     ``flax.linen.max_pool`` (looked up as ``nn.max_pool`` when called) through
     ``pool.max_pool_or_lax``: a user's plain Flax CNN gets the loop-friendly gradients the
-    built-in models have. ``models.model_from_linen``'s ``apply`` runs inside it (a model
-    tracing in another thread meanwhile sees the same pooling: equal values and gradients)."""
+    built-in models have. ``models.model_from_linen``'s ``apply`` runs inside it. The pooling
+    swap is process-wide while it lasts: Flax code tracing in another thread meanwhile gets the
+    same values and reverse-mode gradients, but the custom VJP has no forward-mode rule
+    (``jax.jvp`` of ``nn.max_pool`` there fails)."""
     from fedjax_sim.models import pool
 
     swapped = [m for m in (nn, nn.pooling) if m.max_pool is pool.LAX_MAX_POOL]

@@ -6,7 +6,9 @@ gather and a scatter. In a profile of a ``cnn_emnist`` round on the 2-core CPU (
 performance.md, "Where a CNN round's time goes") that machinery took about a quarter of the
 round's op time. :func:`max_pool_2x2` computes the same values as a reshape and a max, and the
 same gradient (to the first maximum of each window in row-major order, as lax's
-select-and-scatter sends it) with a custom VJP of a few elementwise operations.
+select-and-scatter sends it) with a custom VJP of a few elementwise operations. One exception:
+a window holding a NaN gets no gradient here (lax sends it somewhere in the window); such a
+step's loss is NaN already, which the driver reports as divergence.
 """
 
 from __future__ import annotations
