@@ -551,6 +551,11 @@ def _train_group(
                 num_rounds,
                 out.wall_s,
                 **execution_summary(group.exp.strategy, program, source),
+                strategy_reason=(
+                    "configured"
+                    if cfg.strategy != "auto"
+                    else f"rule ({group.exp.strategy}): a sweep's auto is not measured"
+                ),
                 sweep_members=program.num_members,
                 sweep_values=values,
                 data_seed=data_seed_of(cfg),

@@ -121,6 +121,9 @@ def test_server_lr_and_momentum_axes_and_a_shape_axis_as_separate_programs(tmp_p
     for m in (out["members"][3], out["members"][6]):
         assert_equals_solo_run(tmp_path, base, m, synthetic)
         assert m["summary"]["compiles"] == 1
+        assert m["summary"]["strategy_reason"] == (
+            f"rule ({m['summary']['strategy']}): a sweep's auto is not measured"
+        )
 
 
 @pytest.mark.all_devices
