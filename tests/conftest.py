@@ -84,3 +84,27 @@ def _all_devices_where_marked(request, monkeypatch, _one_device_unless_asked):
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# The slowest tests (pytest --durations, 2-core machine, 2026-12-07: 20-90 s each, most of
+# them subprocesses), and every test marked slow, start first: with xdist's load scheduling a
+# long test collected late can leave one worker finishing it alone while the other idles.
+SLOW_FIRST = {
+    "test_two_processes_prepare_mnist_into_one_cache",
+    "test_random_kills_and_damaged_checkpoints_still_end_bitwise_equal",
+    "test_sweep_sigkill_and_resume_is_bitwise_identical",
+    "test_sigkill_and_resume_is_bitwise_identical",
+    "test_in_process_resume_extends_num_rounds",
+    "test_default_run_reaches_accuracy_far_above_chance",
+    "test_every_script_prints_its_usage_when_run_as_the_readme_shows",
+    "test_every_model_family_shards_over_devices",
+    "test_partition_seed_sweep_on_real_mnist_is_one_program_over_one_copy",
+    "test_real_cifar10_jpeg_counts",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    def later(item):
+        return not (item.get_closest_marker("slow") or item.originalname in SLOW_FIRST)
+
+    items.sort(key=later)  # stable: the rest keep their order
