@@ -151,27 +151,34 @@ def auto_strategy(
             best[strategy] = (e, program, seconds)
         return seconds
 
-    config_fields = {
-        k: v for k, v in config.to_dict().items() if k not in AUTO_KEY_IGNORED and k != "client"
-    }
-    fields = {
-        **config_fields,
-        "client": {k: v for k, v in kwargs_of(config.client).items() if k != "learning_rate"},
-        "params": jax.tree.map(
-            lambda a: f"{a.dtype}{list(a.shape)}", jax.eval_shape(exp.model.init, jax.random.key(0))
-        ),
-        "cohort": jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", cohorts[0]),
-        "mesh": exp.executor.num_devices,
-    }
     per_device = -(-exp.cohort_slots // exp.executor.num_devices)
     choice = autotune.choose(
-        fields, autotune.candidates(per_device, exp.executor.chunk_size), time_round
+        auto_key_fields(exp, cohorts[0]),
+        autotune.candidates(per_device, exp.executor.chunk_size),
+        time_round,
     )
     if choice.strategy in best:  # compiled while measured: the run reuses it
         exp, program, _ = best[choice.strategy]
         return exp, choice, program
     exp = with_strategy(exp, choice.strategy)
     return exp, choice, program_of(exp)
+
+
+def auto_key_fields(exp: Experiment, cohort) -> dict[str, Any]:
+    """What of a run shapes its compiled round, for ``auto``'s cache key (the machine and the
+    code are added by ``autotune.cache_key``): the config but ``AUTO_KEY_IGNORED`` and the
+    client learning rate, the parameter and cohort shapes, the device count."""
+    config = exp.config
+
+    def shapes(tree):
+        return jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", tree)
+
+    fields = {k: v for k, v in config.to_dict().items() if k not in AUTO_KEY_IGNORED}
+    fields["client"] = {k: v for k, v in kwargs_of(config.client).items() if k != "learning_rate"}
+    fields["params"] = shapes(jax.eval_shape(exp.model.init, jax.random.key(0)))
+    fields["cohort"] = shapes(cohort)
+    fields["mesh"] = exp.executor.num_devices
+    return fields
 
 
 def kwargs_of(node) -> dict[str, Any]:
