@@ -34,9 +34,11 @@ pfl-research); ``--check`` exits 1 when a measured ratio misses its target.
 
 How each framework runs a round:
 
-- ``fedjax_sim`` (this process's Python): ``fs.pack_cohort`` of the round's clients on the
-  host (reshuffled by ``round_num``), then ``jax.jit(algo.apply, donate_argnums=0)`` of
-  ``fs.fedavg`` with the ``auto`` strategy, clients split over one virtual CPU device per core
+- ``fedjax_sim`` (this process's Python): the examples placed on the devices once (as
+  ``fedjax-sim run`` keeps them), each round's batches packed as example indices on the host
+  (``pack_cohort_indices``, reshuffled by ``round_num``) and gathered in the round, then
+  ``jax.jit(algo.apply, donate_argnums=0)`` of ``fs.fedavg`` with ``fs.Executor("auto")`` (the
+  fixed rule: sequential on CPU), clients split over one virtual CPU device per core
   (``fs.client_mesh``), the donated state fed to the next round (the public API, as a user
   writes it; ``fedjax-sim run`` adds sampling and evaluation around the same compiled round).
   The JSON also records the compiled ``apply`` alone (``apply_s``) and how many times it
@@ -485,9 +487,17 @@ def run_fedjax_sim(w: Workload, pacer: Pacer) -> None:
     pacer.info["versions"] = _versions("jax", "jaxlib", "flax", "optax", "numpy", "fedjax_sim")
     pacer.info["strategy"] = fs.resolve_strategy("auto")
     pacer.info["devices"] = 1 if mesh is None else mesh.size
+    # The examples live on the devices, as `fedjax-sim run` keeps them (data_on_device): each
+    # round packs only the batches' example indices on the host and its local steps gather
+    # their batches in the compiled round (Cohort.examples; the same params as packing the
+    # whole cohort on the host, 12% faster on the logistic workload).
+    from fedjax_sim.data.packing import pack_cohort_indices
+
+    examples = fs.replicate(jax.device_put(ds.all_examples()), mesh)
+    pacer.info["data"] = "on the devices; per round, the batches' example indices"
     extra, r = None, 0
     while pacer.boundary(extra):
-        cohort = fs.pack_cohort(
+        indexed = pack_cohort_indices(
             ds,
             w.cohort(r),
             batch_size=w.batch_size,
@@ -495,6 +505,7 @@ def run_fedjax_sim(w: Workload, pacer: Pacer) -> None:
             seed=w.seed,
             round_num=r,
         )
+        cohort = indexed._replace(examples=examples)
         t0 = time.perf_counter()
         state, _ = apply(state, cohort, jax.random.fold_in(root, r))
         jax.block_until_ready(state)
