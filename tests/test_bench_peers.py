@@ -360,3 +360,20 @@ def test_runner_process_reports_a_runner_that_dies(tmp_path):
         assert "ImportError: no module named fedjax" in str(exc.value)
     finally:
         proc.close()
+
+
+def test_one_command_measures_fedjax_sim_and_names_a_missing_peer(tmp_path):
+    # The whole orchestration on a tiny workload: fedjax_sim's runner in its own process (the
+    # public API, compiled once), a peer that is not installed reported with how to install it.
+    out = tmp_path / "peers.json"
+    argv = ["--workloads", "logreg-4of8x8b4", "--peers", "pfl", "--every_peer", "--rounds", "2"]
+    argv += ["--prefix", str(tmp_path / "no_peers"), "--out", str(out)]
+    assert bp.main(argv) == 0
+    result = json.loads(out.read_text())
+    (wl,) = result["workloads"]
+    ours, pfl = wl["frameworks"]["fedjax_sim"], wl["frameworks"]["pfl"]
+    assert ours["status"] == "ok" and ours["n"] == 2 and ours["median_s"] > 0
+    assert ours["compiles"] == 1 and ours["strategy"] == "sequential"
+    assert pfl["status"] == "unavailable" and "bash scripts/setup_peers.sh" in pfl["reason"]
+    assert "| logreg-4of8x8b4 |" in result["table_markdown"]
+    assert result["meta"]["matmul_peak_gflops"] > 0
