@@ -90,7 +90,10 @@ AUTO_KEY_IGNORED = (
 
 
 def with_strategy(exp: Experiment, strategy: str) -> Experiment:
-    """``exp`` with its executor's strategy set to ``strategy`` and the algorithm rebuilt."""
+    """``exp`` with its executor's strategy set to ``strategy`` and the algorithm rebuilt
+    (``exp`` itself where that is its strategy already)."""
+    if strategy == exp.executor.strategy:
+        return exp
     executor = exp.executor._replace(strategy=strategy).check()
     n = exp.data.train.num_clients
     pipeline = features.pipeline_of(exp.config, exp.task, n)

@@ -61,6 +61,7 @@ import numpy as np
 
 import fedjax_sim as fs
 from fedjax_sim import sweep
+from fedjax_sim.driver.autotune import best_of
 
 LEARNING_RATES = [0.001, 0.003, 0.01, 0.03]
 SEEDS = [0, 1, 2, 3]
@@ -144,8 +145,7 @@ def member_step_costs(steps: int = 2000, repeats: int = 5) -> dict:
         ).params  # fmt: skip
 
     def per_step(fn, *args) -> float:
-        jax.block_until_ready(fn(*args))
-        best = min(_seconds(fn, *args) for _ in range(repeats))
+        best = best_of(lambda: jax.block_until_ready(fn(*args)), tuple, repeats=repeats)
         return round(best / steps * 1e6, 2)
 
     def stacked(m):
@@ -160,10 +160,11 @@ def member_step_costs(steps: int = 2000, repeats: int = 5) -> dict:
     return out
 
 
-def _seconds(fn, *args) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - t0
+def two_nn_leaves(params) -> list[np.ndarray]:
+    """The 2NN's ``[kernel, bias]`` of each of its three layers, in order, on the host (as
+    ``numpy_fedavg_2nn`` takes and returns them)."""
+    layers = [params[f"Dense_{i}"] for i in range(3)]
+    return [np.asarray(layer[k]) for layer in layers for k in ("kernel", "bias")]
 
 
 def bench_two_nn(rounds: int, devices: int) -> dict:
@@ -197,8 +198,7 @@ def bench_two_nn(rounds: int, devices: int) -> dict:
     cohort = fs.pack_cohort(
         ds, range(cfg["clients"]), batch_size=cfg["batch_size"], seed=0, round_num=0
     )
-    layers = [init[f"Dense_{i}"] for i in range(3)]  # on the host: the rounds donate init
-    flat = [np.asarray(a) for layer in layers for a in (layer["kernel"], layer["bias"])]
+    flat = two_nn_leaves(init)  # on the host: the rounds donate init
     apply = jax.jit(algo.apply, donate_argnums=0)
     state = algo.init(init)
     key = jax.random.key(1)
@@ -210,8 +210,7 @@ def bench_two_nn(rounds: int, devices: int) -> dict:
         jax.block_until_ready(state)
         times.append(time.perf_counter() - t0)
         if ours is None:  # compared with NumPy's first round (later ones amplify rounding)
-            layers = [state.params[f"Dense_{i}"] for i in range(3)]
-            ours = [np.asarray(layer[k]) for layer in layers for k in ("kernel", "bias")]
+            ours = two_nn_leaves(state.params)
     with tempfile.TemporaryDirectory() as tmp:
         inputs, outputs = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
         b = cohort.batches

@@ -31,7 +31,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 
 if "--round" in sys.argv:  # XLA's per-operation trace events; set before JAX starts
@@ -46,6 +45,7 @@ import optax
 from jax import lax
 
 import fedjax_sim as fs
+from fedjax_sim.driver.autotune import best_of
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import cost_flops, measure_peak_flops  # noqa: E402
@@ -71,12 +71,7 @@ def _loop_time(fn: Callable, args, steps: int, repeats: int) -> tuple[float, flo
 
     run = jax.jit(lambda *a: lax.fori_loop(0, steps, body, a))
     flops = cost_flops(jax.jit(fn).lower(*args).compile()) or 0.0
-    jax.block_until_ready(run(*args))  # compile and warm up
-    best = np.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(run(*args))
-        best = min(best, time.perf_counter() - t)
+    best = best_of(lambda: jax.block_until_ready(run(*args)), tuple, repeats=repeats)
     return best / steps, flops
 
 
@@ -177,8 +172,9 @@ def profile_round(args) -> dict:
     key = jax.random.key(1)
     compiled = jax.jit(algo.apply).lower(state, cohort, key).compile()
     cohort = jax.device_put(cohort)
-    jax.block_until_ready(compiled(state, cohort, key))
-    best = min(_timed(lambda: compiled(state, cohort, key)) for _ in range(args.repeats))
+    best = best_of(
+        lambda: jax.block_until_ready(compiled(state, cohort, key)), tuple, repeats=args.repeats
+    )
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for _ in range(args.repeats):
@@ -204,12 +200,6 @@ def profile_round(args) -> dict:
         "kinds": [{"kind": k, "s": t, "share": t / total} for k, t in per_kind.most_common(12)],
         "top_ops": [{"op": k, "s": t, "what": described(k)} for k, t in per_op.most_common(12)],
     }
-
-
-def _timed(run: Callable) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(run())
-    return time.perf_counter() - t0
 
 
 def main(argv=None) -> int:

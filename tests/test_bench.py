@@ -90,14 +90,14 @@ def test_bench_sweep_numpy_2nn_reference_is_fedavg():
     state = algo.init(init)
     for _ in range(2):
         state, _ = jax.jit(algo.apply)(state, cohort, jax.random.key(1))
-    flat = [np.asarray(init[f"Dense_{i}"][k]) for i in range(3) for k in ("kernel", "bias")]
+    flat = module.two_nn_leaves(init)
     x = np.asarray(cohort.batches["x"])
     x = x.reshape(x.shape[:3] + (-1,))
     ref, times, _ = module.numpy_fedavg_2nn(
         flat, x, np.asarray(cohort.batches["y"]), np.asarray(cohort.mask), 0.215, rounds=2
     )
     assert len(times) == 2
-    ours = [np.asarray(state.params[f"Dense_{i}"][k]) for i in range(3) for k in ("kernel", "bias")]
+    ours = module.two_nn_leaves(state.params)
     moved = max(float(np.max(np.abs(a - b))) for a, b in zip(ours, flat, strict=True))
     assert moved > 1e-2  # the rounds trained
     for a, b in zip(ours, ref, strict=True):

@@ -165,22 +165,23 @@ def test_formatting():
     assert bp.short_reason("x" * 100, limit=10) == "xxxxxxx..."
 
 
+def results_of(workload: str, frameworks: dict) -> dict:
+    """What ``bench_peers.main`` collects, for one workload whose frameworks ran as given."""
+    w = bp.parse_workload(workload)
+    entry = {"name": w.name, "workload": bp.dataclasses.asdict(w), "frameworks": frameworks}
+    return {"workloads": [entry]}
+
+
 def test_markdown_table_rows_ratios_targets_and_unavailable_peers():
-    w = bp.parse_workload("mlp-100x32")
-    results = {
-        "workloads": [
-            {
-                "name": w.name,
-                "workload": bp.dataclasses.asdict(w),
-                "frameworks": {
-                    "fedjax_sim": {"status": "ok", "median_s": 0.5},
-                    "fedjax": {"status": "ok", "median_s": 1.9},
-                    "flower": {"status": "failed", "reason": "round failed: boom | bang"},
-                    "pfl": {"status": "unavailable", "reason": "install failed: no wheel"},
-                },
-            }
-        ]
-    }
+    results = results_of(
+        "mlp-100x32",
+        {
+            "fedjax_sim": {"status": "ok", "median_s": 0.5},
+            "fedjax": {"status": "ok", "median_s": 1.9},
+            "flower": {"status": "failed", "reason": "round failed: boom | bang"},
+            "pfl": {"status": "unavailable", "reason": "install failed: no wheel"},
+        },
+    )
     bp.add_rates(results, peak_flops=1e11)  # a dense model: no FLOPs, nothing added
     assert "gflops" not in results["workloads"][0]["frameworks"]["fedjax_sim"]
     lines = bp.markdown_table(results).splitlines()
@@ -201,19 +202,10 @@ def test_markdown_table_rows_ratios_targets_and_unavailable_peers():
 
 
 def test_cnn_rows_report_gflops_and_mfu():
-    w = bp.parse_workload("cnn_cifar-50of1000x50b10")
-    results = {
-        "workloads": [
-            {
-                "name": w.name,
-                "workload": bp.dataclasses.asdict(w),
-                "frameworks": {
-                    "fedjax_sim": {"status": "ok", "median_s": 1.0},
-                    "pfl": {"status": "ok", "median_s": 2.5},
-                },
-            }
-        ]
-    }
+    results = results_of(
+        "cnn_cifar-50of1000x50b10",
+        {"fedjax_sim": {"status": "ok", "median_s": 1.0}, "pfl": {"status": "ok", "median_s": 2.5}},
+    )
     bp.add_rates(results, peak_flops=500e9)
     ours = results["workloads"][0]["frameworks"]["fedjax_sim"]
     # 2,500 examples x 99.456 MFLOP in 1 s = 248.6 GFLOP/s, 49.7% of 500.
