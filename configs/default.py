@@ -150,6 +150,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.eval_max_clients = 0
     # Keep the training examples on the device and gather each cohort there (auto: <= 1 GiB).
     config.data_on_device = "auto"  # auto | device | host
+    # Per-client state (SCAFFOLD's control variates, FedDyn's memory, error-feedback residuals):
+    # one table row per client on the device, or on the host for the clients sampled so far
+    # (auto: host for populations generated on demand or tables over 1 GiB).
+    config.client_states = "auto"  # auto | device | host
     # Save a checkpoint (WORKDIR/checkpoints) every this many rounds, at the start and at the
     # end (0: never); `fedjax-sim run` on a workdir with one resumes exactly. Keep the newest
     # ``checkpoint_keep``.

@@ -25,7 +25,7 @@ from fedjax_sim.core import execution
 from fedjax_sim.core.execution import Executor, client_mesh
 from fedjax_sim.core.task import Task, get_task
 from fedjax_sim.core.types import FederatedAlgorithm, Model, tree_bytes
-from fedjax_sim.driver import autotune, privacy
+from fedjax_sim.driver import autotune, client_states, privacy
 from fedjax_sim.driver.cohorts import (
     CohortSource,
     data_on_device,
@@ -69,6 +69,7 @@ class Experiment(NamedTuple):
     model_bytes: int  # bytes one client downloads a round (AlgorithmSpec.messages: the model)
     async_settings: AsyncSettings | None  # an asynchronous algorithm's buffer (FedBuff)
     upload_bytes: int | None = None  # one client's upload (compressed / masked, extras beside)
+    host_states: bool = False  # per-client state kept on the host (driver.client_states)
 
     @property
     def strategy(self) -> str:
@@ -111,7 +112,8 @@ def auto_strategy(
     config = exp.config
 
     def program_of(e: Experiment) -> SoloProgram:
-        return SoloProgram(e.algorithm, e.model, config.seed, e.mesh, source.examples)
+        host = (e.cohort_slots, e.data.train.num_clients) if e.host_states else None
+        return SoloProgram(e.algorithm, e.model, config.seed, e.mesh, source.examples, host)
 
     if config.strategy != "auto":
         return exp, autotune.Choice(exp.strategy, "configured"), program_of(exp)
@@ -263,10 +265,29 @@ def build_experiment(
     # that was built: the bytes the records count and the simulated clock transfers.
     messages = spec.messages(config, task, jax.eval_shape(model.init, jax.random.key(0)))
     upload = pipeline.upload_bytes(messages.update, int(config.clients_per_round))
+    host_states = client_states_on_host(config, algorithm, model, train)
     return Experiment(
         config, federated_data, model, task, algorithm, num_steps, executor, slots,
         tree_bytes(messages.down), async_settings, upload + tree_bytes(messages.extras),
+        host_states,
     )  # fmt: skip
+
+
+def client_states_on_host(config, algorithm: FederatedAlgorithm, model: Model, train) -> bool:
+    """Whether the run keeps per-client state on the host (``config.client_states``; see
+    ``driver.client_states``), refusing what that cannot do yet."""
+    shapes = jax.eval_shape(lambda k: algorithm.init(model.init(k)), jax.random.key(0))
+    setting = str(config.get("client_states", "auto"))
+    host = client_states.on_host(
+        setting, shapes, train.num_clients, on_demand=getattr(train, "on_demand", False)
+    )
+    if host and algorithm.personalize is not None:
+        raise ValueError(
+            f"{config.algorithm} evaluates personal models read from its per-client table, "
+            "which a run keeps whole on the device: set client_states='device' (the table "
+            f"takes {client_states.table_bytes(shapes, train.num_clients) / 2**20:.0f} MiB)."
+        )
+    return host
 
 
 def backdoor_of(config) -> Backdoor | None:

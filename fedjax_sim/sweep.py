@@ -309,6 +309,13 @@ def run_sweep(
                 exps[d] = build_experiment(config, fd, num_devices=1)
             _check_same_shapes(exps)
             exp = next(iter(exps.values()))
+            if exp.host_states:
+                raise ValueError(
+                    "a sweep keeps its members' per-client state whole on the device, but "
+                    "client_states resolves to 'host' (a population generated on demand, or "
+                    "tables over 1 GiB): set client_states='device' if the tables fit, or run "
+                    "the members as separate runs."
+                )
             for i in idx:
                 config = members[i][2]
                 algo = build_algorithm(config, exp.task, exp.executor, exp.data.train.num_clients)

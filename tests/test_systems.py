@@ -73,7 +73,7 @@ def test_weighted_sampling_prefers_large_clients():
 def test_bernoulli_availability_follows_each_clients_probability():
     pop = _population([5] * 50, availability="bernoulli", availability_prob=0.5,
                       availability_spread=0.4)  # fmt: skip
-    p = pop.online_prob
+    p = pop.traits.online_prob
     assert p.min() >= 0.1 - 1e-12 and p.max() <= 0.9 + 1e-12 and p.std() > 0.15
     online = np.mean([pop.online(r) for r in range(1, 801)], axis=0)
     # 800 Bernoulli draws per client: std <= 0.018; 5 sigma.
@@ -86,12 +86,12 @@ def test_diurnal_availability_follows_the_wave():
     pop = _population([5] * 400, availability="diurnal", availability_prob=0.5,
                       availability_spread=0.5, diurnal_period=8)  # fmt: skip
     for r in (1, 3, 6):
-        expected = 0.5 + 0.5 * np.sin(2 * np.pi * (r / 8 + pop.phase))
+        expected = 0.5 + 0.5 * np.sin(2 * np.pi * (r / 8 + pop.traits.phase))
         # 400 clients: the fraction online in a round matches the expected mean closely.
         assert abs(pop.online(r).mean() - expected.mean()) < 0.08
     # Client 0 online more often near its peak than near its trough.
-    peak = round((0.25 - pop.phase[0]) % 1 * 8)
-    trough = round((0.75 - pop.phase[0]) % 1 * 8)
+    peak = round((0.25 - pop.traits.phase[0]) % 1 * 8)
+    trough = round((0.75 - pop.traits.phase[0]) % 1 * 8)
     on = lambda r0: np.mean([pop.online(r0 + 8 * k)[0] for k in range(1, 200)])
     assert on(peak) > on(trough) + 0.5
 

@@ -196,7 +196,7 @@ def personal_head_algorithm(
         # The reported head: the weighted mean of the cohort's new heads (padded rows weigh 0).
         w = client_weight(cohort.num_examples, weighting)
         total = jnp.sum(w)
-        heads = gather_client_states(new.client_states, cohort.client_ids)
+        heads = gather_client_states(new.client_states, cohort.table_rows)
 
         def mean_head(stacked, old):
             summed = jnp.tensordot(w.astype(stacked.dtype), stacked, axes=1)

@@ -39,6 +39,7 @@ EVAL_SAMPLE_TAG = 2  # [seed, 2]: the evaluated test clients (eval_max_clients)
 SYSTEMS_TAG = 3  # [seed, 3, round, what]: who is online, straggles, drops out (driver.systems)
 POPULATION_TAG = 4  # [seed, 4]: clients' fixed availability, speeds and links
 ASYNC_TAG = 5  # [seed, 5]: the asynchronous schedule's dropouts (driver.asynchronous)
+POPULATION_DATA_TAG = 6  # [seed, 6, split, client]: a generated client's data (data.population)
 
 
 def round_key(root: PRNGKey, round_num) -> PRNGKey:

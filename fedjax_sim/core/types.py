@@ -43,6 +43,10 @@ class Cohort(NamedTuple):
       info: ``None``, or per-client facts the driver's schedule adds, each ``[clients]``
         (``{"staleness": int32}``: server steps since an asynchronous client started). Every
         client reads them as ``data["info"]``.
+      state_rows: ``None`` (each client's per-client state is row ``client_id`` of the state's
+        tables), or ``[clients]`` int32 rows into tables that hold only this cohort's rows
+        (``driver.client_states``: a huge population's state kept on the host); padding rows
+        are out of range.
     """
 
     batches: Mapping[str, Array]
@@ -51,6 +55,12 @@ class Cohort(NamedTuple):
     client_ids: Array
     examples: Mapping[str, Array] | None = None
     info: Mapping[str, Array] | None = None
+    state_rows: Array | None = None
+
+    @property
+    def table_rows(self) -> Array:
+        """Each client's row of the per-client state tables (``state_rows`` or its id)."""
+        return self.client_ids if self.state_rows is None else self.state_rows
 
     @property
     def num_clients(self) -> int:

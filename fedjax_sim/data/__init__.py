@@ -1,13 +1,17 @@
 """Federated data: containers, built-in datasets and packing into cohorts."""
 
+import inspect
+
 from fedjax_sim.data.federated import FederatedData, FederatedDataset, from_client_arrays
 from fedjax_sim.data.packing import max_local_steps_of, pack_cohort, pack_eval
+from fedjax_sim.data.population import SyntheticPopulation, population
 from fedjax_sim.data.registry import DATASETS, PARTITIONERS, data_stats, load_federated
 from fedjax_sim.data.synthetic import synthetic, synthetic_iid
 
 BUILTIN_DATASETS = {
     "synthetic": "FedProx Synthetic(alpha, beta): 30 devices, 60 features, 10 classes",
     "synthetic_iid": "FedProx Synthetic-IID",
+    "population": "clients generated on demand from the seed, any number (num_clients=10**6)",
 }
 
 
@@ -21,12 +25,20 @@ def get_federated_data(name: str, *, seed: int, **kwargs) -> FederatedData:
     Real datasets go through ``load_federated`` (TFDS, LEAF, TFF and FedJAX files); ``seed``
     seeds their partition unless ``kwargs`` sets ``seed``.
     """
-    if name == "synthetic":
-        kwargs.setdefault("alpha", 1.0)
-        kwargs.setdefault("beta", 1.0)
-        return synthetic(seed=seed, **kwargs)
-    if name == "synthetic_iid":
-        return synthetic_iid(seed=seed, **kwargs)
+    builtin = {"synthetic": synthetic, "synthetic_iid": synthetic_iid, "population": population}
+    if name in builtin:
+        fn = builtin[name]
+        if name == "synthetic":
+            kwargs.setdefault("alpha", 1.0)
+            kwargs.setdefault("beta", 1.0)
+        known = [p for p in inspect.signature(fn).parameters if p != "seed"]
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise ValueError(
+                f"dataset {name!r} takes no argument(s) {', '.join(unknown)}; its arguments: "
+                f"{', '.join(known)}."
+            )
+        return fn(seed=seed, **kwargs)
     if name in DATASETS:
         if DATASETS[name].kind == "centralized":
             kwargs.setdefault("seed", seed)
@@ -48,6 +60,8 @@ __all__ = [
     "max_local_steps_of",
     "pack_cohort",
     "pack_eval",
+    "population",
+    "SyntheticPopulation",
     "synthetic",
     "synthetic_iid",
 ]

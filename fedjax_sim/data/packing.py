@@ -107,6 +107,25 @@ def pack_cohort_indices(
     padding. ``gather_cohort`` turns this into the real cohort, on the host or (for data kept
     on the device) inside the compiled round, so only the indices cross to the device.
     """
+    local = _pack_local(
+        dataset, client_indices, batch_size=batch_size, local_epochs=local_epochs,
+        max_local_steps=max_local_steps, num_steps=num_steps, num_clients=num_clients,
+        seed=seed, round_num=round_num,
+    )  # fmt: skip
+    offsets = np.concatenate([[0], np.cumsum(dataset.sizes)])
+    index = local.batches["index"]
+    rows = np.minimum(local.client_ids, dataset.num_clients - 1)
+    index = np.where(local.mask, index + offsets[rows][:, None, None], -1)
+    index_dtype = np.int32 if offsets[-1] < 2**31 else np.int64
+    return local._replace(batches={"index": index.astype(index_dtype)})
+
+
+def _pack_local(
+    dataset, client_indices, *, batch_size, local_epochs, max_local_steps, num_steps,
+    num_clients, seed, round_num,
+) -> Cohort:  # fmt: skip
+    """The index cohort with each client's indices into its own examples (no O(population)
+    work: the population may be generated on demand)."""
     if batch_size < 1 or local_epochs < 1:
         raise ValueError(
             f"batch_size and local_epochs must be >= 1, got {batch_size} and {local_epochs}."
@@ -128,13 +147,13 @@ def pack_cohort_indices(
     if num_clients < len(client_indices):
         raise ValueError(f"num_clients={num_clients} < cohort size {len(client_indices)}.")
 
-    offsets = np.concatenate([[0], np.cumsum(dataset.sizes)])
     index = np.full((num_clients, num_steps, batch_size), -1, np.int64)
     counts = np.zeros((num_clients,), np.float32)
     ids = np.full((num_clients,), dataset.num_clients, np.int32)
+    sizes = dataset.sizes
     for row, ci in enumerate(client_indices):
-        n = int(dataset.sizes[ci])
-        idx = client_batch_indices(
+        n = int(sizes[ci])
+        index[row] = client_batch_indices(
             n,
             batch_size=batch_size,
             local_epochs=local_epochs,
@@ -142,16 +161,9 @@ def pack_cohort_indices(
             num_steps=num_steps,
             rng=client_shuffle_rng(seed, round_num, ci),
         )
-        index[row] = np.where(idx >= 0, idx + offsets[ci], -1)
         counts[row] = n
         ids[row] = ci
-    index_dtype = np.int32 if offsets[-1] < 2**31 else np.int64
-    return Cohort(
-        batches={"index": index.astype(index_dtype)},
-        mask=index >= 0,
-        num_examples=counts,
-        client_ids=ids,
-    )
+    return Cohort(batches={"index": index}, mask=index >= 0, num_examples=counts, client_ids=ids)
 
 
 def gather_cohort(examples: dict, indexed: Cohort, xp=np) -> Cohort:
@@ -199,31 +211,25 @@ def pack_cohort(
     Returns:
       A ``Cohort`` whose padding (steps, examples, clients) is masked out.
     """
-    indexed = pack_cohort_indices(
-        dataset,
-        client_indices,
-        batch_size=batch_size,
-        local_epochs=local_epochs,
-        max_local_steps=max_local_steps,
-        num_steps=num_steps,
-        num_clients=num_clients,
-        seed=seed,
-        round_num=round_num,
-    )
-    # Gather per client from its own arrays: no copy of the whole dataset per round.
-    offsets = np.concatenate([[0], np.cumsum(dataset.sizes)])
-    batches = {}
-    for k, (shape, dtype) in dataset.element_spec.items():
-        out = np.zeros(indexed.mask.shape + shape, dtype)
-        for row, ci in enumerate(indexed.client_ids):
-            if ci >= dataset.num_clients:
-                continue
-            real = indexed.mask[row]
-            out[row][real] = dataset.client(int(ci))[k][
-                indexed.batches["index"][row][real] - offsets[ci]
-            ]
-        batches[k] = out
-    return indexed._replace(batches=batches)
+    local = _pack_local(
+        dataset, client_indices, batch_size=batch_size, local_epochs=local_epochs,
+        max_local_steps=max_local_steps, num_steps=num_steps, num_clients=num_clients,
+        seed=seed, round_num=round_num,
+    )  # fmt: skip
+    # Gather per client from its own arrays: no copy of the whole dataset per round (and each
+    # client of a population generated on demand is generated once).
+    batches = {
+        k: np.zeros(local.mask.shape + shape, dtype)
+        for k, (shape, dtype) in dataset.element_spec.items()
+    }
+    for row, ci in enumerate(local.client_ids):
+        if ci >= dataset.num_clients:
+            continue
+        real = local.mask[row]
+        arrays = dataset.client(int(ci))
+        for k, out in batches.items():
+            out[row][real] = arrays[k][local.batches["index"][row][real]]
+    return local._replace(batches=batches)
 
 
 def limit_local_steps(cohort: Cohort, steps_per_client, xp=np) -> Cohort:

@@ -58,6 +58,13 @@ def data_on_device(setting: str, train: data.FederatedDataset) -> bool:
     """Whether the training examples live on the device (``auto``: when they take <= 1 GiB)."""
     if setting not in ("auto", "device", "host"):
         raise ValueError(f"unknown data_on_device {setting!r}; known: auto, device, host.")
+    if getattr(train, "on_demand", False):  # a population generated as it is sampled
+        if setting == "device":
+            raise ValueError(
+                f"{train.name}: clients generated on demand are never held whole, on the "
+                "device or elsewhere; set data_on_device to 'host' or 'auto'."
+            )
+        return False
     if setting == "auto":
         nbytes = sum(
             train.num_examples * int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize

@@ -152,13 +152,13 @@ class Resume:
         self.ckpt.save(r, tree, {**self.identity, "round": r, **meta, "digest": digest})
         self.saved_round = r
 
-    def restore(self, target):
-        """The newest readable checkpoint's tree with ``target``'s structure and placement;
-        ``round`` and ``meta`` are that checkpoint's (older than at construction if the
-        newest one's arrays could not be read)."""
+    def restore(self, target_of):
+        """The newest readable checkpoint's tree with the structure and placement of
+        ``target_of(meta)``; ``round`` and ``meta`` are that checkpoint's (older than at
+        construction if the newest one's arrays could not be read)."""
         while True:
             try:
-                tree = self.ckpt.restore_state(self.round, target)
+                tree = self.ckpt.restore_state(self.round, target_of(self.meta))
                 digest = self.meta.get("digest")
                 if digest is not None and checkpoint.tree_digest(tree) != digest:
                     raise ValueError("its arrays differ from the digest saved with them")
@@ -190,6 +190,9 @@ def execution_summary(strategy: str, program, source: CohortSource) -> dict[str,
         "compiles": program.compiles,
         "data_on_device": source.on_device,
         "padding_waste": source.padding_waste,
+        # Where per-client state lived: the whole table on the device, or the rows of the
+        # clients sampled so far on the host (driver.client_states); none without any.
+        "client_states": program.client_states_at,
     }
 
 
@@ -294,7 +297,7 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
     start = 0
     held = 0.0  # seconds in evaluations and checkpoint writes: wall_s - train_s
     if resume.meta is not None:
-        restored = resume.restore({"states": states, "alive": alive})
+        restored = resume.restore(lambda meta: program.checkpoint_target(states, alive, meta))
         meta = resume.meta  # the checkpoint restored (an older one if the newest was unreadable)
         start = int(meta["round"])
         states, alive = program.place(restored)
@@ -316,10 +319,12 @@ def _train(program, source, evaluator, logs, resume, *, num_rounds, eval_every, 
         """Checkpoint after round ``r``; ``since``: when the evaluation and saving began (the
         held time so far includes it)."""
         now = time.perf_counter()
+        tree, program_meta = program.checkpoint(states, alive)
         resume.save(
             r,
-            {"states": states, "alive": alive},
+            tree,
             {
+                **program_meta,
                 "histories": [log.history for log in logs],
                 "diverged": diverged,
                 "pending": [  # a host sync, only when saving

@@ -22,6 +22,7 @@ from fedjax_sim.core.execution import replicate
 from fedjax_sim.core.frozen import jit as frozen_jit
 from fedjax_sim.core.keys import INIT_SALT, round_key
 from fedjax_sim.core.types import Cohort, FederatedAlgorithm, Model, PyTree
+from fedjax_sim.driver import client_states
 
 STREAM_AXIS = "streams"  # the mesh axis a sweep's streams are split over
 
@@ -67,6 +68,23 @@ class _Program:
 
     def place(self, tree):
         return replicate((tree["states"], tree["alive"]), self.mesh)
+
+    @property
+    def client_states_at(self) -> str:
+        """``"host"``, ``"device"`` or ``"none"``: where the members' per-client tables live."""
+        if getattr(self, "store", None) is not None:
+            return "host"
+        tables = client_states.client_tables(jax.eval_shape(self.init)[0])
+        return "device" if jax.tree.leaves(tables) else "none"
+
+    def checkpoint(self, states, alive) -> tuple[dict, dict]:
+        """``(tree, meta)`` a checkpoint saves of the members (``place`` restores the tree)."""
+        return {"states": states, "alive": alive}, {}
+
+    def checkpoint_target(self, states, alive, meta: dict) -> dict:
+        """The structure and shapes of ``checkpoint``'s tree, given the checkpoint's meta."""
+        del meta
+        return {"states": states, "alive": alive}
 
     def params(self, states):
         return states.params
@@ -127,10 +145,14 @@ class SoloProgram(_Program):
     vectorized = False
     member_streams = (0,)  # each member's stream (index into the source's streams)
 
-    def __init__(self, algorithm, model, seed: int, mesh, examples):
+    def __init__(self, algorithm, model, seed: int, mesh, examples, host_states=None):
         self.algorithm, self.model, self.mesh = algorithm, model, mesh
         self.root = jax.random.key(seed)
         self._host_examples, self._examples = examples, None
+        # ``(cohort slots, population)``: per-client state kept on the host for the clients
+        # sampled so far (``driver.client_states``), the round's tables holding the cohort's.
+        self.host_states = host_states
+        self.store = None
 
         def solo_round(state, alive, cohort, r, *examples):
             if examples:  # only the indices travelled; gather the examples here
@@ -144,11 +166,51 @@ class SoloProgram(_Program):
         self._round = frozen_jit(solo_round, model.frozen, mesh=mesh, donate_argnums=0)
 
     def init(self):
-        state = initial_state(self.algorithm, self.model, self.root)
+        if self.host_states is None:
+            state = initial_state(self.algorithm, self.model, self.root)
+        else:
+            slots, population = self.host_states
+            state = jax.jit(
+                lambda root: client_states.shrink_tables(
+                    initial_state(self.algorithm, self.model, root), slots
+                )
+            )(self.root)
+            tables = client_states.client_tables(state)
+            if not isinstance(jax.tree.leaves(tables)[0], jax.core.Tracer):  # not eval_shape
+                self.store = client_states.HostClientStates(tables, population, self.mesh)
         return self.place({"states": state, "alive": jnp.ones((1,), bool)})
+
+    def step(self, states, alive, cohorts: list[Cohort], r: int):
+        if self.store is None:
+            return super().step(states, alive, cohorts, r)
+        states, cohort = self.store.prepare(states, cohorts[0])
+        states, alive, metrics = super().step(states, alive, [cohort], r)
+        self.store.finish(states, cohort)
+        return states, alive, metrics
+
+    def checkpoint(self, states, alive) -> tuple[dict, dict]:
+        tree, meta = super().checkpoint(states, alive)
+        if self.store is not None:
+            tree["client_states"] = self.store.tree()
+            meta["client_states_count"] = self.store.count
+        return tree, meta
+
+    def checkpoint_target(self, states, alive, meta: dict) -> dict:
+        target = super().checkpoint_target(states, alive, meta)
+        if self.store is not None:
+            target["client_states"] = self.store.target(meta.get("client_states_count", 0))
+        return target
+
+    def place(self, tree):
+        if self.store is not None and "client_states" in tree:
+            self.store.restore(tree["client_states"])
+        return super().place(tree)
 
     def _round_args(self, cohorts: list[Cohort], r: int, abstract: bool = False) -> tuple:
         (cohort,) = cohorts
+        if self.host_states is not None and cohort.state_rows is None:  # tracing: rows made up
+            slots = self.host_states[0]
+            cohort = cohort._replace(state_rows=np.arange(slots, dtype=np.int32))
         return (cohort, jnp.asarray(r, jnp.int32), *self._device_examples(abstract))
 
 

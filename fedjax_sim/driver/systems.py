@@ -154,6 +154,16 @@ def poisson_rate(systems: Systems, num_clients: int, clients_per_round: int) -> 
     return systems.rate or clients_per_round / num_clients
 
 
+class Traits(NamedTuple):
+    """Each client's fixed traits, ``[num_clients]`` each."""
+
+    online_prob: np.ndarray  # bernoulli availability
+    phase: np.ndarray  # diurnal availability
+    speed: np.ndarray  # examples per second
+    down: np.ndarray  # bytes per second
+    up: np.ndarray
+
+
 class Population:
     """One stream's simulated clients: their availability, speeds and links, fixed per seed.
 
@@ -182,19 +192,40 @@ class Population:
         self.once_bytes = int(once_bytes)
         # What a client uploads: the model's bytes, or its compressed / masked update's.
         self.upload_bytes = int(model_bytes if upload_bytes is None else upload_bytes)
-        self.sizes = np.asarray(sizes, np.int64)
-        self.num_clients = n = len(self.sizes)
+        self.sizes = np.asarray(sizes)
+        if not np.issubdtype(self.sizes.dtype, np.integer):
+            self.sizes = self.sizes.astype(np.int64)
+        self.num_clients = len(self.sizes)
         self.cohort_size = clients_per_round
         self.model_bytes = int(model_bytes)
-        rng = np.random.default_rng([self.seed, POPULATION_TAG])
-        s = systems
-        lo, hi = s.availability_prob - s.availability_spread, s.availability_prob
-        hi += s.availability_spread
-        self.online_prob = np.clip(rng.uniform(lo, hi, n), 0.0, 1.0)
-        self.phase = rng.uniform(0.0, 1.0, n)
-        self.speed = s.compute_speed * np.exp(s.speed_sigma * rng.standard_normal(n))
-        self.down = _links(s.bandwidth_down, s.bandwidth_sigma, rng, n)
-        self.up = _links(s.bandwidth_up, s.bandwidth_sigma, rng, n)
+        self._traits = None
+
+    @property
+    def uniform(self) -> bool:
+        """Every client alike and always online: no per-client trait is ever drawn (a
+        population of millions then holds no array of its size here)."""
+        s = self.systems
+        return (
+            s.availability == "always"
+            and s.speed_sigma == 0
+            and (s.bandwidth_sigma == 0 or (s.bandwidth_down <= 0 and s.bandwidth_up <= 0))
+        )
+
+    @property
+    def traits(self) -> Traits:
+        """Every client's fixed availability, speed and links, drawn at first use."""
+        if self._traits is None:
+            n, s = self.num_clients, self.systems
+            rng = np.random.default_rng([self.seed, POPULATION_TAG])
+            lo, hi = s.availability_prob - s.availability_spread, s.availability_prob
+            hi += s.availability_spread
+            online_prob = np.clip(rng.uniform(lo, hi, n), 0.0, 1.0)
+            phase = rng.uniform(0.0, 1.0, n)
+            speed = s.compute_speed * np.exp(s.speed_sigma * rng.standard_normal(n))
+            down = _links(s.bandwidth_down, s.bandwidth_sigma, rng, n)
+            up = _links(s.bandwidth_up, s.bandwidth_sigma, rng, n)
+            self._traits = Traits(online_prob, phase, speed, down, up)
+        return self._traits
 
     def online(self, r: int) -> np.ndarray:
         """``[num_clients]`` bool: who is online in round ``r``."""
@@ -202,9 +233,9 @@ class Population:
         if s.availability == "always":
             return np.ones(self.num_clients, bool)
         if s.availability == "bernoulli":
-            p = self.online_prob
+            p = self.traits.online_prob
         else:
-            wave = np.sin(2 * np.pi * (r / s.diurnal_period + self.phase))
+            wave = np.sin(2 * np.pi * (r / s.diurnal_period + self.traits.phase))
             p = np.clip(s.availability_prob + s.availability_spread * wave, 0.0, 1.0)
         rng = np.random.default_rng([self.seed, SYSTEMS_TAG, r, 0])
         return rng.uniform(size=self.num_clients) < p
@@ -226,11 +257,15 @@ class Population:
         """
         s, n = self.systems, self.num_clients
         size = self.cohort_size if size is None else size
+        tag = [self.seed, SAMPLING_TAG, r] + ([] if draw is None else [draw])
+        if s.availability == "always" and exclude is None and s.scheme == "uniform":
+            # The historical draw, without an O(population) mask: NumPy's choice without
+            # replacement draws k of n in O(k) memory when k << n.
+            return np.random.default_rng(tag).choice(n, size=min(size, n), replace=False)
         online = self.online(r)
         if exclude is not None:
             online = online & ~exclude
         candidates = np.flatnonzero(online)
-        tag = [self.seed, SAMPLING_TAG, r] + ([] if draw is None else [draw])
         rng = np.random.default_rng(tag)
         if s.scheme == "poisson":
             q = poisson_rate(s, n, self.cohort_size)
@@ -253,8 +288,17 @@ class Population:
         client, marks its first time), ``examples`` processed, upload."""
         ids = np.asarray(ids, np.int64)
         down = self.model_bytes + (0 if first is None else self.once_bytes * np.asarray(first))
-        link = down / self.down[ids] + self.upload_bytes / self.up[ids]
-        return link + np.asarray(examples, np.float64) / self.speed[ids]
+        if self.uniform:  # the traits' values without drawing them (exp(0 * z) == 1)
+            s = self.systems
+            rate_down, rate_up = (
+                np.inf if b <= 0 else b for b in (s.bandwidth_down, s.bandwidth_up)
+            )
+            speed = s.compute_speed
+        else:
+            t = self.traits
+            rate_down, rate_up, speed = t.down[ids], t.up[ids], t.speed[ids]
+        link = down / rate_down + self.upload_bytes / rate_up
+        return link + np.asarray(examples, np.float64) / speed
 
 
 def _links(median: float, sigma: float, rng, n: int) -> np.ndarray:

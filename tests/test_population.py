@@ -1,0 +1,169 @@
+"""Populations generated on demand and per-client state kept on the host for the clients
+sampled so far: both are checked against their materialized (whole-table) counterparts."""
+
+import tracemalloc
+
+import jax
+import numpy as np
+import pytest
+from fedjax_sim.configs import default
+
+import fedjax_sim as fs
+from fedjax_sim.data import pack_cohort
+from fedjax_sim.data.population import SyntheticPopulation
+from fedjax_sim.driver.cohorts import sample_clients
+from fedjax_sim.driver.systems import Population, Systems
+from fedjax_sim.simulation import build_experiment
+
+
+def test_a_client_is_a_pure_function_of_seed_split_and_id():
+    a = SyntheticPopulation(10**6, seed=3)
+    b = SyntheticPopulation(10**6, seed=3)
+    for i in (0, 17, 999_999):
+        ca, cb = a.client(i), b.client(i)
+        assert all(np.array_equal(ca[k], cb[k]) for k in ("x", "y"))
+        assert len(ca["y"]) == a.sizes_of([i])[0] == b.sizes[i]
+        assert ca["x"].dtype == np.float32 and ca["y"].dtype == np.int32
+    test = SyntheticPopulation(10**6, seed=3, split="test")
+    other = SyntheticPopulation(10**6, seed=4)
+    assert not np.array_equal(a.client(5)["x"][:5], test.client(5)["x"][:5])
+    assert not np.array_equal(a.client(5)["x"][:5], other.client(5)["x"][:5])
+    assert a.sizes.min() >= 10 and a.sizes.max() <= 50 and a.sizes.dtype == np.int32
+    assert a.client_ids[7] == "c0000007" and len(a.client_ids) == 10**6
+    # The labels follow the shared labelling model: not one class everywhere.
+    labels = np.concatenate([a.client(i)["y"] for i in range(40)])
+    assert len(np.unique(labels)) >= 5
+
+
+def test_packing_a_generated_population_equals_packing_it_materialized():
+    lazy = SyntheticPopulation(40, seed=1, min_examples=3, max_examples=25)
+    held = fs.data.FederatedDataset({cid: arrays for cid, arrays in lazy}, name="held")
+    kw = dict(batch_size=4, local_epochs=2, num_clients=8, seed=5, round_num=3)
+    ids = [3, 39, 0, 17, 22]
+    got, want = pack_cohort(lazy, ids, **kw), pack_cohort(held, ids, **kw)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(g, w)
+    got = fs.data.packing.pack_cohort_indices(held, ids, **kw)
+    gathered = fs.data.packing.gather_cohort(held.all_examples(), got)
+    for g, w in zip(jax.tree.leaves(gathered), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_sampling_a_billion_ids_materializes_none_of_them():
+    pop = Population(Systems(), np.zeros(0, np.int32), 0, 1000, 0)
+    pop.num_clients = 10**9  # only the count is read by uniform sampling
+    tracemalloc.start()
+    ids = pop.sample(7)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(np.unique(ids)) == 1000 and ids.max() < 10**9
+    assert peak < 2**20, peak  # 1,000 ids, not a 10**9 mask
+    np.testing.assert_array_equal(ids, sample_clients(0, 7, 10**9, 1000))
+
+
+def test_bad_population_arguments_are_one_line_errors():
+    with pytest.raises(ValueError, match="1..1_000_000_000 clients"):
+        SyntheticPopulation(0, seed=0)
+    with pytest.raises(ValueError, match="min_examples <= max_examples"):
+        SyntheticPopulation(10, seed=0, min_examples=5, max_examples=2)
+    with pytest.raises(ValueError, match="takes no argument.*alpha"):
+        fs.data.get_federated_data("population", seed=0, alpha=1.0)
+    with pytest.raises(ValueError, match="never held in memory whole"):
+        SyntheticPopulation(10, seed=0).all_examples()
+    config = _config(data_on_device="device")
+    with pytest.raises(ValueError, match="set data_on_device to 'host' or 'auto'"):
+        fs.simulate(config, "/nonexistent/never/written", progress=False)
+
+
+def _config(**overrides):
+    config = default.get_config()
+    config.dataset.name = "population"
+    config.dataset.kwargs = {"num_clients": 200, "test_clients": 5, "dim": 6, "num_classes": 3}
+    config.num_rounds, config.eval_every, config.clients_per_round = 6, 3, 8
+    config.client.local_epochs, config.client.batch_size = 1, 5
+    config.client.learning_rate = 0.1
+    config.checkpoint_every = 0
+    config.update(overrides)
+    return config
+
+
+def _dense_vs_host(tmp_path, **overrides):
+    """Final params and metrics of the same run with the tables on the device and on the host
+    (a small population: every client is sampled several times in 6 rounds of 8 of 20)."""
+    out = {}
+    for where in ("device", "host"):
+        config = _config(client_states=where, **overrides)
+        config.dataset.kwargs.num_clients = 20
+        summary = fs.simulate(config, tmp_path / where, progress=False)
+        assert summary["client_states"] == where
+        out[where] = summary
+    return out["device"], out["host"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"algorithm": "scaffold", "strategy": "sequential"},  # the in-place table loop
+        {"algorithm": "scaffold", "strategy": "vmap", "num_devices": 2},
+        {"algorithm": "feddyn", "strategy": "chunked", "chunk_size": 3},
+        {"compression": {"method": "top_k", "kwargs": {"ratio": 0.3}, "error_feedback": True}},
+    ],
+    ids=["scaffold-seq", "scaffold-vmap-2dev", "feddyn-chunked", "topk-error-feedback"],
+)
+def test_host_client_states_equal_the_whole_table_on_the_device(tmp_path, overrides):
+    dense, host = _dense_vs_host(tmp_path, **overrides)
+    for a, b in zip(jax.tree.leaves(dense["params"]), jax.tree.leaves(host["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    strip = lambda h: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in h]  # noqa: E731
+    assert strip(dense["history"]) == strip(host["history"])
+
+
+def test_the_host_table_holds_the_clients_sampled_and_no_others():
+    from fedjax_sim.driver.client_states import client_tables
+    from fedjax_sim.simulation import auto_strategy, cohort_source
+
+    config = _config(algorithm="scaffold", client_states="auto", strategy="sequential")
+    config.dataset.kwargs.num_clients = 100_000
+    exp = build_experiment(config)
+    assert exp.host_states  # auto: a population generated on demand
+    source = cohort_source(exp, {0: exp.data.train}, [(0, 0)], exp.num_steps)
+    exp, _, program = auto_strategy(exp, source, None)
+    states, alive = program.init()
+    rows = jax.tree.leaves(client_tables(states))[0].shape[0]
+    assert rows == exp.cohort_slots == 8  # the round's table: the cohort's rows only
+    sampled = set()
+    for r in range(1, 5):
+        states, alive, _ = program.step(states, alive, source.cohorts(r), r)
+        sampled |= set(sample_clients(0, r, 100_000, 8).tolist())
+    tree = program.store.tree()
+    assert set(tree["ids"].tolist()) == sampled and program.store.count == len(sampled)
+    # A client that reported has a non-zero control variate; the initial row stays zero.
+    assert all(np.abs(r).sum() > 0 for r in jax.tree.leaves(tree["rows"])[0])
+
+
+def test_host_client_states_resume_bitwise(tmp_path):
+    config = _config(algorithm="scaffold", client_states="host", checkpoint_every=2)
+    config.dataset.kwargs.num_clients = 30
+    whole = fs.simulate(config, tmp_path / "whole", progress=False)
+    config.num_rounds = 3
+    fs.simulate(config, tmp_path / "split", progress=False)
+    config.num_rounds = 6
+    resumed = fs.simulate(config, tmp_path / "split", progress=False)
+    for a, b in zip(
+        jax.tree.leaves(whole["params"]), jax.tree.leaves(resumed["params"]), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_what_host_client_states_cannot_do_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown client_states 'disk'"):
+        build_experiment(_config(algorithm="scaffold", client_states="disk"))
+    with pytest.raises(ValueError, match="set client_states='device'"):
+        build_experiment(_config(algorithm="ditto", client_states="host"))
+    config = _config(algorithm="scaffold")
+    with pytest.raises(ValueError, match="a sweep keeps its members' per-client state"):
+        fs.run_sweep(config, {"client.learning_rate": [0.1, 0.2]}, tmp_path, progress=False)
+    # FedAvg has no per-client state: nothing is kept, whatever the setting.
+    assert not build_experiment(_config(client_states="host")).host_states
+    summary = fs.simulate(_config(client_states="host", num_rounds=1), tmp_path / "fedavg")
+    assert summary["client_states"] == "none"
