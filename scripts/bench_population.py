@@ -7,11 +7,13 @@ child process so its peak RSS (``ru_maxrss``) is its own, for FedAvg and for SCA
 control variates are kept on the host for the clients sampled so far). Seconds per round are
 the medians of the training time between evaluations (``train_s`` differences: packing,
 generating the cohort's clients and the compiled round, no evaluation), after the first round
-(compilation). The check: for each algorithm, peak RSS and seconds per round within
-``--tolerance`` (10%) of the smallest population's.
+(compilation); each run is repeated ``--repeats`` times, interleaved over the sizes (the
+machine's load drifts), and a size's row has its median seconds per round and its largest peak
+RSS. The check: for each algorithm, peak RSS and seconds per round within ``--tolerance``
+(10%) of the smallest population's.
 
-    python scripts/bench_population.py                     # 3 sizes x 2 algorithms, ~5 min
-    python scripts/bench_population.py --sizes 10000,1000000 --rounds 8 --out pop.json
+    python scripts/bench_population.py                     # 3 sizes x 2 algorithms x 3, ~5 min
+    python scripts/bench_population.py --sizes 10000,1000000 --repeats 1 --out pop.json
 
 Exit status 1 when a check fails.
 """
@@ -72,7 +74,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--algorithms", default="fedavg,scaffold")
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cohort", type=int, default=1000)
     parser.add_argument("--tolerance", type=float, default=0.10)
     parser.add_argument("--out", help="also write the rows as JSON here")
@@ -92,9 +95,18 @@ def main() -> int:
     print(f"{'algorithm':9} {'population':>11} {'peak RSS MiB':>13} {'s/round':>8} "
           f"{'RSS ratio':>9} {'time ratio':>10} {'states':>6} {'test acc':>8}")  # fmt: skip
     for algorithm in args.algorithms.split(","):
+        # Repetitions interleaved over the sizes (the machine's load drifts): per size the
+        # median seconds per round and the largest peak RSS.
+        runs = {size: [] for size in sizes}
+        for _ in range(args.repeats):
+            for size in sizes:
+                runs[size].append(run_child(size, algorithm, args))
         base = None
         for size in sizes:
-            row = run_child(size, algorithm, args)
+            row = dict(runs[size][0])
+            row["s_per_round"] = statistics.median(r["s_per_round"] for r in runs[size])
+            row["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs[size])
+            row["repeats"] = args.repeats
             base = base or row
             row["rss_ratio"] = row["peak_rss_mib"] / base["peak_rss_mib"]
             row["time_ratio"] = row["s_per_round"] / base["s_per_round"]
