@@ -7,9 +7,9 @@ does not grow with the population (``scripts/bench_population.py`` measures it):
     fedjax-sim run --workdir /tmp/population --config population
 
 Expected: test accuracy (100 held-out clients) 0.904 after 20 rounds (measured on a 2-core CPU:
-15 s, about 0.6 s per round, most of it generating the 1,000 sampled clients). Variant ``smoke`` samples 50 of 10**5 clients for 5 rounds; ``scaffold`` runs
-SCAFFOLD, whose control variates are kept only for clients that have been sampled
-(``client_states = "host"``).
+15 s, about 0.6 s per round, most of it generating the 1,000 sampled clients). Variant
+``smoke`` samples 50 of 10**5 clients for 5 rounds; ``scaffold`` runs SCAFFOLD, whose control
+variates are kept only for clients that have been sampled (``client_states = "host"``).
 """
 
 import ml_collections

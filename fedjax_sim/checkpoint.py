@@ -219,11 +219,15 @@ class Checkpointer:
     def set_unreadable(self, round_num: int) -> Path:
         """Moves checkpoint ``round_num`` to ``WORKDIR/checkpoints_unreadable/`` (kept for
         inspection, out of the manager's sight) and returns where it went."""
+        from fedjax_sim import distributed
+
         dest = self.directory.parent / UNREADABLE_DIR / str(round_num)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(self.directory / str(round_num), dest)
+        if distributed.is_primary():  # every process finds it unreadable; one moves it
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(self.directory / str(round_num), dest)
+        distributed.barrier(f"fedjax_sim:unreadable_{round_num}")
         self.manager.reload()
         return dest
 
@@ -237,8 +241,12 @@ class Checkpointer:
             force=True,
         )
         self.manager.wait_until_finished()
-        step = self.directory / str(round_num)
-        write_lines_atomically(step / MANIFEST, [json.dumps(_file_digests(step))])
+        from fedjax_sim import distributed
+
+        if distributed.is_primary():  # one manifest of every process's files
+            step = self.directory / str(round_num)
+            write_lines_atomically(step / MANIFEST, [json.dumps(_file_digests(step))])
+        distributed.barrier(f"fedjax_sim:saved_{round_num}")
 
     def verify(self, round_num: int) -> None:
         """Raises ValueError naming a file of checkpoint ``round_num`` that is missing or

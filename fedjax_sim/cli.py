@@ -49,6 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--overwrite", action="store_true", help="replace an earlier run's results")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    multi = run.add_argument_group(
+        "multi-process runs (one command per process; see fedjax_sim/distributed.py)"
+    )
+    multi.add_argument("--coordinator", help="HOST:PORT of process 0")
+    multi.add_argument("--num-processes", type=int, help="processes in the run")
+    multi.add_argument("--process-id", type=int, help="this process's index, 0..N-1")
+    multi.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run described by the environment (srun, mpirun, "
+        "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)",
+    )
     sw = sub.add_parser(
         "sweep",
         help="train a grid of configs, vectorized where only hyperparameters change",
@@ -272,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from fedjax_sim import simulation
 
+    if args.distributed or args.coordinator or args.num_processes:
+        from fedjax_sim import distributed
+
+        try:
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        except (ValueError, RuntimeError) as e:
+            print(f"fedjax-sim: error: cannot join the run's processes: {e}", file=sys.stderr)
+            return 2
     try:
         summary = simulation.simulate(
             config, args.workdir, progress=not args.no_progress, overwrite=args.overwrite

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fedjax_sim import algorithms, checkpoint, data, features, models, pretrain
+from fedjax_sim import algorithms, checkpoint, data, distributed, features, models, pretrain
 from fedjax_sim.aggregators.adversary import Backdoor, backdoor_settings, check_backdoor
 from fedjax_sim.algorithms.base import AsyncSettings, BuildContext
 from fedjax_sim.core import execution
@@ -323,6 +323,7 @@ def cohort_source(exp: Experiment, trains: dict, streams: list[tuple[int, int]],
         slot_multiple=exp.executor.num_devices,
         async_settings=exp.async_settings,
         once_bytes=exp.model.frozen_bytes,
+        share_of=distributed.share_of(exp.mesh),
     )
 
 
@@ -494,12 +495,14 @@ def simulate(
             resume.close()
         checkpoint.remove_created(created)
         raise
-    if overwrite:
-        previous = checkpoint.set_aside(workdir)
-        if previous is not None:
-            print(f"fedjax-sim: moved the earlier results to {previous}", file=sys.stderr)
-    (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
-    (workdir / STRATEGY_FILE).write_text(json.dumps(choice._asdict(), indent=1) + "\n")
+    if distributed.is_primary():  # the others wait below
+        if overwrite:
+            previous = checkpoint.set_aside(workdir)
+            if previous is not None:
+                print(f"fedjax-sim: moved the earlier results to {previous}", file=sys.stderr)
+        (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
+        (workdir / STRATEGY_FILE).write_text(json.dumps(choice._asdict(), indent=1) + "\n")
+    distributed.barrier("fedjax_sim:workdir_ready")
     stop = {}
     if last_round < config.num_rounds:
         target = privacy.dp_group(config)["target_epsilon"]

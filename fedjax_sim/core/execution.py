@@ -182,18 +182,20 @@ def scatter_client_states(
 
 def default_num_devices() -> int:
     """What ``num_devices=0`` (or ``None``) means wherever a count of devices is asked for:
-    every local device. (The test suite makes it 1 for tests that do not ask for more.)"""
-    return len(jax.local_devices())
+    every device (of every process in a multi-process run). (The test suite makes it 1 for
+    tests that do not ask for more.)"""
+    return len(jax.devices())
 
 
 def client_mesh(num_devices: int | None = None) -> jax.sharding.Mesh | None:
-    """A 1-D mesh named ``clients`` over the first ``num_devices`` local devices.
+    """A 1-D mesh named ``clients`` over the first ``num_devices`` devices (every process's,
+    in a multi-process run: ``fedjax_sim.distributed``).
 
-    ``None`` or 0 takes every local device; a single device gives ``None`` (no sharding).
+    ``None`` or 0 takes every device; a single device gives ``None`` (no sharding).
     On CPU, ``jax.config.update("jax_num_cpu_devices", os.cpu_count())`` before JAX starts
     gives one device per core: a sequential round then runs one client loop per core.
     """
-    devices = jax.local_devices()
+    devices = jax.devices()
     n = num_devices or default_num_devices()
     if n > len(devices):
         raise ValueError(f"asked for {n} devices but JAX sees {len(devices)}: {devices}.")
@@ -210,6 +212,12 @@ def replicate(tree: PyTree, mesh: jax.sharding.Mesh | None) -> PyTree:
     """
     if mesh is None:
         return tree
+    if jax.process_count() > 1 and not any(
+        isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(tree)
+    ):  # every process holds the same values: each places its devices' copies
+        from fedjax_sim import distributed
+
+        return distributed.to_global(distributed.host_value(tree), mesh, sharded=False)
     return jax.device_put(tree, jax.sharding.NamedSharding(mesh, P()))
 
 

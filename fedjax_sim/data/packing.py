@@ -107,7 +107,7 @@ def pack_cohort_indices(
     padding. ``gather_cohort`` turns this into the real cohort, on the host or (for data kept
     on the device) inside the compiled round, so only the indices cross to the device.
     """
-    local = _pack_local(
+    local = pack_cohort_local(
         dataset, client_indices, batch_size=batch_size, local_epochs=local_epochs,
         max_local_steps=max_local_steps, num_steps=num_steps, num_clients=num_clients,
         seed=seed, round_num=round_num,
@@ -120,12 +120,13 @@ def pack_cohort_indices(
     return local._replace(batches={"index": index.astype(index_dtype)})
 
 
-def _pack_local(
+def pack_cohort_local(
     dataset, client_indices, *, batch_size, local_epochs, max_local_steps, num_steps,
     num_clients, seed, round_num,
 ) -> Cohort:  # fmt: skip
-    """The index cohort with each client's indices into its own examples (no O(population)
-    work: the population may be generated on demand)."""
+    """Like ``pack_cohort_indices``, but each client's indices point into its own examples
+    (no O(population) work: the population may be generated on demand); ``fill_cohort`` then
+    gathers the examples."""
     if batch_size < 1 or local_epochs < 1:
         raise ValueError(
             f"batch_size and local_epochs must be >= 1, got {batch_size} and {local_epochs}."
@@ -211,21 +212,35 @@ def pack_cohort(
     Returns:
       A ``Cohort`` whose padding (steps, examples, clients) is masked out.
     """
-    local = _pack_local(
+    local = pack_cohort_local(
         dataset, client_indices, batch_size=batch_size, local_epochs=local_epochs,
         max_local_steps=max_local_steps, num_steps=num_steps, num_clients=num_clients,
         seed=seed, round_num=round_num,
     )  # fmt: skip
+    return fill_cohort(dataset, local)
+
+
+def fill_cohort(dataset: FederatedDataset, local: Cohort, rows: slice | None = None) -> Cohort:
+    """A ``pack_cohort_local`` cohort with its examples (zero where masked out).
+
+    Args:
+      dataset: the dataset the cohort was packed from.
+      local: the cohort, indices into each client's own examples.
+      rows: fill only these cohort rows (a process's share of a multi-process run's cohort);
+        the others stay zero.
+    """
     # Gather per client from its own arrays: no copy of the whole dataset per round (and each
     # client of a population generated on demand is generated once).
     batches = {
         k: np.zeros(local.mask.shape + shape, dtype)
         for k, (shape, dtype) in dataset.element_spec.items()
     }
-    for row, ci in enumerate(local.client_ids):
-        if ci >= dataset.num_clients:
-            continue
+    span = range(len(local.client_ids))[rows or slice(None)]
+    for row in span:
+        ci = local.client_ids[row]
         real = local.mask[row]
+        if ci >= dataset.num_clients or not real.any():
+            continue
         arrays = dataset.client(int(ci))
         for k, out in batches.items():
             out[row][real] = arrays[k][local.batches["index"][row][real]]

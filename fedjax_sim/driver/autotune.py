@@ -124,6 +124,9 @@ def choose(
     the fastest wins and is cached. A candidate that raises is skipped (all failing raises)."""
     if mode() == "rule":
         return rule()
+    if jax.process_count() > 1:  # each process would time its own: they must agree
+        strategy = execution.resolve_strategy("auto")
+        return Choice(strategy, f"rule: {strategy}; a multi-process run does not measure")
     path = cache_dir() / f"{cache_key(fields)}.json"
     try:
         entry = json.loads(path.read_text())

@@ -121,8 +121,12 @@ class CohortSource:
         slot_multiple: int = 1,
         async_settings: AsyncSettings | None = None,
         once_bytes: int = 0,
+        share_of=None,
     ):
         self.streams = streams
+        # ``slots -> rows`` of the cohort this process feeds (a multi-process run: only those
+        # rows' examples are gathered), or ``None``: every row.
+        self.share_of = share_of
         self.trains = trains
         self.cohort_size = config.clients_per_round
         self.slots = slots  # packed clients per cohort (>= cohort_size: padded for devices)
@@ -208,7 +212,8 @@ class CohortSource:
             ),
             default=1,
         )
-        pack = data.packing.pack_cohort_indices if self.on_device else data.pack_cohort
+        packing = data.packing
+        pack = packing.pack_cohort_indices if self.on_device else packing.pack_cohort_local
         out = []
         for j, ((s, d), i) in enumerate(zip(self.streams, ids, strict=True)):
             c = pack(
@@ -241,7 +246,10 @@ class CohortSource:
             self.bytes[j] = (down, up + len(ids_) * pop.upload_bytes)
             self.real_slots += int(np.asarray(c.mask).sum())
             self.total_slots += c.mask.size
-            out.append(data.packing.remap_cohort(c, self.row_maps[d]) if self.row_maps else c)
+            if not self.on_device:  # the examples, after stragglers and dropouts masked theirs
+                share = None if self.share_of is None else self.share_of(self.slots)
+                c = packing.fill_cohort(self.trains[d], c, share)
+            out.append(packing.remap_cohort(c, self.row_maps[d]) if self.row_maps else c)
         return out
 
     def preview(self, round_num: int) -> list[Cohort]:

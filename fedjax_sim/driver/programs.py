@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fedjax_sim import data
+from fedjax_sim import data, distributed
 from fedjax_sim.core import execution
 from fedjax_sim.core.execution import replicate
 from fedjax_sim.core.frozen import jit as frozen_jit
@@ -87,6 +87,10 @@ class _Program:
         return {"states": states, "alive": alive}
 
     def params(self, states):
+        """The members' params, as this process's copy in a multi-process run (evaluation runs
+        on each process's own devices)."""
+        if distributed.is_multiprocess():
+            return distributed.host_value(states.params)
         return states.params
 
     def member_state(self, states, m: int):
@@ -99,6 +103,11 @@ class _Program:
 
     def step(self, states, alive, cohorts: list[Cohort], r: int):
         return self._round(states, alive, *self._round_args(cohorts, r))
+
+    def _feed(self, cohort: Cohort) -> Cohort:
+        """The cohort as the round takes it: in a multi-process run, a global array of which
+        this process gives its own devices' rows."""
+        return distributed.to_global(cohort, self.mesh, sharded=True)
 
     def check(self, cohorts: list[Cohort], r: int) -> None:
         """Traces round ``r`` on the abstract initial state and examples (nothing is compiled,
@@ -162,8 +171,12 @@ class SoloProgram(_Program):
             finite = jnp.isfinite(metrics["train_loss"])
             return state, alive & finite[None], {k: v[None] for k, v in metrics.items()}
 
-        # A model's frozen parameters (a LoRA base) are an argument, never a constant.
-        self._round = frozen_jit(solo_round, model.frozen, mesh=mesh, donate_argnums=0)
+        # A model's frozen parameters (a LoRA base) are an argument, never a constant. In a
+        # multi-process run the state comes back replicated, so each process can read it.
+        out = {}
+        if mesh is not None:
+            out["out_shardings"] = NamedSharding(mesh, P())
+        self._round = frozen_jit(solo_round, model.frozen, mesh=mesh, donate_argnums=0, **out)
 
     def init(self):
         if self.host_states is None:
@@ -211,6 +224,8 @@ class SoloProgram(_Program):
         if self.host_states is not None and cohort.state_rows is None:  # tracing: rows made up
             slots = self.host_states[0]
             cohort = cohort._replace(state_rows=np.arange(slots, dtype=np.int32))
+        if not abstract:
+            cohort = self._feed(cohort)
         return (cohort, jnp.asarray(r, jnp.int32), *self._device_examples(abstract))
 
 

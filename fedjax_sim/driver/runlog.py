@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from fedjax_sim import checkpoint
 
 # Personalized fields of the last evaluation that the summary repeats (as final_<name>).
@@ -51,10 +53,14 @@ class RunLog:
         self.metrics_path = self.workdir / "metrics.jsonl"
         self.history: list[dict[str, Any]] = list(history or [])
         self._tb = None
+        # In a multi-process run process 0 writes the files; the others keep the history.
+        self.writes = jax.process_index() == 0
 
     def start(self, resumed_round: int | None = None) -> None:
         """Writes ``metrics.jsonl`` holding ``history``: empty for a fresh run; for a resumed
         one, the records up to its checkpoint (a killed run may have appended more)."""
+        if not self.writes:
+            return
         checkpoint.write_lines_atomically(self.metrics_path, [json.dumps(h) for h in self.history])
         from fedjax_sim.metrics.tensorboard import TensorBoardLog, event_files
 
@@ -94,6 +100,8 @@ class RunLog:
             **({} if train_s is None else {"train_s": round(train_s, 3)}),
         }
         self.history.append(rec)
+        if not self.writes:
+            return rec
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         if self._tb is not None:
@@ -125,5 +133,6 @@ class RunLog:
             "rounds_per_s": round(num_rounds / wall_s, 2),
             **extra,
         }
-        (self.workdir / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+        if self.writes:
+            (self.workdir / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
         return out
