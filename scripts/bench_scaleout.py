@@ -12,6 +12,7 @@ evaluation), after the first round; every layout must reach the same test accura
 
     python scripts/bench_scaleout.py                      # layouts 1x1 1x2 2x1 1x4 2x2 4x1
     python scripts/bench_scaleout.py --layouts 1x2,2x1 --rounds 6 --out scaleout.json
+    python scripts/bench_scaleout.py --set model.name=mlp --set dataset.kwargs.dim=200  # compute
 
 Exit status 1 when a layout's results differ from the first's.
 """
@@ -43,6 +44,7 @@ def run_layout(processes: int, devices: int, args) -> dict:
         cmd += ["--config.eval_every=1", "--config.checkpoint_every=0"]
         cmd += [f"--config.dataset.kwargs.num_clients={args.population}"]
         cmd += [f"--config.cpu_devices={devices}", f"--config.strategy={args.strategy}"]
+        cmd += [f"--config.{field}" for field in args.set]
         if processes > 1:
             cmd += ["--coordinator", f"localhost:{free_port()}"]
             cmd += ["--num-processes", str(processes)]
@@ -58,7 +60,7 @@ def run_layout(processes: int, devices: int, args) -> dict:
         errs = [p.communicate(timeout=1200)[1] for p in procs]
         if any(p.returncode for p in procs):
             raise SystemExit(f"layout {processes}x{devices} failed:\n{errs[0][-2000:]}")
-        history = [json.loads(line) for line in Path(tmp, "metrics.jsonl").read_text().split()]
+        history = [json.loads(line) for line in Path(tmp, "metrics.jsonl").read_text().splitlines()]
     train = [r["train_s"] for r in history]
     per_round = statistics.median(b - a for a, b in zip(train, train[1:], strict=False))
     return {
@@ -79,6 +81,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--population", type=int, default=100_000)
     parser.add_argument("--strategy", default="sequential")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a config override for every layout, e.g. --set model.name=mlp (repeatable)",
+    )
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
     layouts = [tuple(int(x) for x in lay.split("x")) for lay in args.layouts.split(",")]

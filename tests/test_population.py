@@ -167,3 +167,19 @@ def test_what_host_client_states_cannot_do_is_refused(tmp_path):
     assert not build_experiment(_config(client_states="host")).host_states
     summary = fs.simulate(_config(client_states="host", num_rounds=1), tmp_path / "fedavg")
     assert summary["client_states"] == "none"
+
+
+def test_a_process_share_packs_its_rows_as_the_whole_cohort_does():
+    """A multi-process run's process draws the shuffles and gathers the examples of its own
+    rows only; those rows, and every row's mask, are the whole cohort's."""
+    lazy = SyntheticPopulation(60, seed=2, min_examples=3, max_examples=30)
+    kw = dict(batch_size=4, local_epochs=2, num_steps=16, num_clients=8, seed=1, round_num=4)
+    ids = [5, 59, 0, 33, 12, 7]  # two padded rows
+    whole = pack_cohort(lazy, ids, **kw)
+    local = fs.data.packing.pack_cohort_local(lazy, ids, rows=slice(4, 8), **kw)
+    part = fs.data.packing.fill_cohort(lazy, local, slice(4, 8))
+    np.testing.assert_array_equal(part.mask, whole.mask)
+    np.testing.assert_array_equal(part.num_examples, whole.num_examples)
+    for k in ("x", "y"):
+        np.testing.assert_array_equal(part.batches[k][4:], whole.batches[k][4:])
+        assert not part.batches[k][:4].any()  # not this process's rows: never gathered

@@ -54,7 +54,7 @@ def client_batch_indices(
     local_epochs: int,
     max_local_steps: int | None,
     num_steps: int,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None,
 ) -> np.ndarray:
     """``[num_steps, batch_size]`` example indices, -1 for padding.
 
@@ -83,7 +83,10 @@ def client_batch_indices(
     rows = []
     for _ in range(epochs_needed):
         perm = np.full(per_epoch * batch_size, -1, dtype=np.int64)
-        perm[:num_examples] = rng.permutation(num_examples)
+        # ``rng=None``: in order (the mask is the same whatever the shuffle).
+        perm[:num_examples] = (
+            np.arange(num_examples) if rng is None else rng.permutation(num_examples)
+        )
         rows.append(perm.reshape(per_epoch, batch_size))
     out[:want] = np.concatenate(rows)[:want]
     return out
@@ -100,6 +103,7 @@ def pack_cohort_indices(
     num_clients: int | None = None,
     seed: int,
     round_num: int,
+    rows: slice | None = None,
 ) -> Cohort:
     """Like ``pack_cohort``, but ``batches`` is ``{"index": [clients, steps, batch]}``.
 
@@ -110,7 +114,7 @@ def pack_cohort_indices(
     local = pack_cohort_local(
         dataset, client_indices, batch_size=batch_size, local_epochs=local_epochs,
         max_local_steps=max_local_steps, num_steps=num_steps, num_clients=num_clients,
-        seed=seed, round_num=round_num,
+        seed=seed, round_num=round_num, rows=rows,
     )  # fmt: skip
     offsets = np.concatenate([[0], np.cumsum(dataset.sizes)])
     index = local.batches["index"]
@@ -121,12 +125,13 @@ def pack_cohort_indices(
 
 
 def pack_cohort_local(
-    dataset, client_indices, *, batch_size, local_epochs, max_local_steps, num_steps,
-    num_clients, seed, round_num,
+    dataset, client_indices, *, batch_size, local_epochs=1, max_local_steps=None,
+    num_steps=None, num_clients=None, seed, round_num, rows=None,
 ) -> Cohort:  # fmt: skip
     """Like ``pack_cohort_indices``, but each client's indices point into its own examples
     (no O(population) work: the population may be generated on demand); ``fill_cohort`` then
-    gathers the examples."""
+    gathers the examples. Only the cohort ``rows`` given (a process's share; default all)
+    draw their shuffles: the others keep the right masks, their examples in order."""
     if batch_size < 1 or local_epochs < 1:
         raise ValueError(
             f"batch_size and local_epochs must be >= 1, got {batch_size} and {local_epochs}."
@@ -152,6 +157,7 @@ def pack_cohort_local(
     counts = np.zeros((num_clients,), np.float32)
     ids = np.full((num_clients,), dataset.num_clients, np.int32)
     sizes = dataset.sizes
+    mine = range(num_clients)[rows or slice(None)]
     for row, ci in enumerate(client_indices):
         n = int(sizes[ci])
         index[row] = client_batch_indices(
@@ -160,7 +166,7 @@ def pack_cohort_local(
             local_epochs=local_epochs,
             max_local_steps=max_local_steps,
             num_steps=num_steps,
-            rng=client_shuffle_rng(seed, round_num, ci),
+            rng=client_shuffle_rng(seed, round_num, ci) if row in mine else None,
         )
         counts[row] = n
         ids[row] = ci

@@ -215,6 +215,7 @@ class CohortSource:
         packing = data.packing
         pack = packing.pack_cohort_indices if self.on_device else packing.pack_cohort_local
         out = []
+        share = None if self.share_of is None else self.share_of(self.slots)
         for j, ((s, d), i) in enumerate(zip(self.streams, ids, strict=True)):
             c = pack(
                 self.trains[d],
@@ -223,6 +224,7 @@ class CohortSource:
                 num_clients=self.slots,
                 seed=s,
                 round_num=round_num,
+                rows=share,
                 **self.pack_kw,
             )
             n = self.trains[d].num_clients
@@ -247,7 +249,6 @@ class CohortSource:
             self.real_slots += int(np.asarray(c.mask).sum())
             self.total_slots += c.mask.size
             if not self.on_device:  # the examples, after stragglers and dropouts masked theirs
-                share = None if self.share_of is None else self.share_of(self.slots)
                 c = packing.fill_cohort(self.trains[d], c, share)
             out.append(packing.remap_cohort(c, self.row_maps[d]) if self.row_maps else c)
         return out
