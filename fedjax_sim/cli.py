@@ -304,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"fedjax-sim: error: {e}", file=sys.stderr)
         return 2
-    print(simulation.format_summary(summary))
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("params", "history")}))
+    from fedjax_sim import distributed
+
+    if distributed.is_primary():  # one summary for a multi-process run
+        print(simulation.format_summary(summary))
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("params", "history")}))
     return 0
 
 

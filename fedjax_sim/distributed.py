@@ -41,12 +41,12 @@ def initialize(
         num_processes = int(os.environ["JAX_NUM_PROCESSES"])
     if process_id is None and os.environ.get("JAX_PROCESS_ID"):
         process_id = int(os.environ["JAX_PROCESS_ID"])
-    if num_processes is not None and not (
-        num_processes >= 1 and process_id is not None and 0 <= process_id < num_processes
-    ):
+    if (num_processes is None) != (process_id is None):
+        raise ValueError("--num-processes and --process-id go together (or neither).")
+    if num_processes is not None and not 0 <= process_id < num_processes:
         raise ValueError(
-            f"--num-processes {num_processes} needs --process-id in 0..{num_processes - 1} "
-            f"(got {process_id})."
+            f"--process-id must be in 0..{num_processes - 1} for --num-processes "
+            f"{num_processes}, got {process_id}."
         )
     jax.distributed.initialize(
         coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
@@ -98,7 +98,7 @@ def local_rows(mesh, num_rows: int) -> slice:
     devices = list(mesh.devices.flat)
     per = num_rows // len(devices)
     mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
-    if mine != list(range(mine[0], mine[-1] + 1)):
+    if not mine or mine != list(range(mine[0], mine[-1] + 1)):
         raise ValueError("this process's devices are not contiguous in the clients mesh.")
     return slice(mine[0] * per, (mine[-1] + 1) * per)
 

@@ -202,6 +202,7 @@ def build_experiment(
     federated_data: data.FederatedData | None = None,
     *,
     num_devices: int | None = None,
+    sweep: bool = False,
 ) -> Experiment:
     """Validates ``config`` and builds data, model, task and algorithm from it (no training).
 
@@ -209,7 +210,8 @@ def build_experiment(
       config: an experiment config (see ``configs/default.py``).
       federated_data: use this data instead of the dataset the config names.
       num_devices: devices to split the cohort over (default: the config's ``num_devices``,
-        0 meaning every local device); a sweep passes 1 (it splits members instead).
+        0 meaning every device); a sweep passes 1 (it splits members instead).
+      sweep: building a sweep's group (per-client state stays on the device).
 
     Returns:
       An ``Experiment``.
@@ -255,6 +257,12 @@ def build_experiment(
     wanted = config.num_devices if num_devices is None else num_devices
     wanted = wanted or execution.default_num_devices()
     mesh = client_mesh(min(wanted, capacity))
+    if distributed.is_multiprocess() and (mesh is None or mesh.size != jax.device_count()):
+        n = jax.device_count()
+        raise ValueError(
+            f"a multi-process run splits every cohort over all {n} devices of its "
+            f"{jax.process_count()} processes: set num_devices to 0 and clients_per_round >= {n}."
+        )
     executor = Executor(config.strategy, config.chunk_size, mesh).check()
     executor = executor._replace(strategy=executor.resolved())  # the summary says which ran
     pipeline = features.pipeline_of(config, task, train.num_clients)
@@ -265,7 +273,7 @@ def build_experiment(
     # that was built: the bytes the records count and the simulated clock transfers.
     messages = spec.messages(config, task, jax.eval_shape(model.init, jax.random.key(0)))
     upload = pipeline.upload_bytes(messages.update, int(config.clients_per_round))
-    host_states = client_states_on_host(config, algorithm, model, train)
+    host_states = client_states_on_host(config, algorithm, model, train, sweep=sweep)
     return Experiment(
         config, federated_data, model, task, algorithm, num_steps, executor, slots,
         tree_bytes(messages.down), async_settings, upload + tree_bytes(messages.extras),
@@ -273,21 +281,32 @@ def build_experiment(
     )  # fmt: skip
 
 
-def client_states_on_host(config, algorithm: FederatedAlgorithm, model: Model, train) -> bool:
+def client_states_on_host(
+    config, algorithm: FederatedAlgorithm, model: Model, train, *, sweep: bool = False
+) -> bool:
     """Whether the run keeps per-client state on the host (``config.client_states``; see
-    ``driver.client_states``), refusing what that cannot do yet."""
+    ``driver.client_states``): ``auto`` keeps it on the device where the host cannot (a
+    personalizing algorithm, a sweep), ``host`` there is refused."""
     shapes = jax.eval_shape(lambda k: algorithm.init(model.init(k)), jax.random.key(0))
     setting = str(config.get("client_states", "auto"))
     host = client_states.on_host(
         setting, shapes, train.num_clients, on_demand=getattr(train, "on_demand", False)
     )
-    if host and algorithm.personalize is not None:
+    if not host or not (sweep or algorithm.personalize is not None):
+        return host
+    if setting == "auto":
+        return False
+    size = f"{client_states.table_bytes(shapes, train.num_clients) / 2**20:.0f} MiB"
+    if sweep:
         raise ValueError(
-            f"{config.algorithm} evaluates personal models read from its per-client table, "
-            "which a run keeps whole on the device: set client_states='device' (the table "
-            f"takes {client_states.table_bytes(shapes, train.num_clients) / 2**20:.0f} MiB)."
+            "a sweep keeps its members' per-client state whole on the device: set "
+            f"client_states='device' (the table takes {size} per member) or run the members "
+            "as separate runs."
         )
-    return host
+    raise ValueError(
+        f"{config.algorithm} evaluates personal models read from its per-client table, which "
+        f"a run keeps whole on the device: set client_states='device' (the table takes {size})."
+    )
 
 
 def backdoor_of(config) -> Backdoor | None:

@@ -257,6 +257,11 @@ def run_sweep(
     t0 = time.perf_counter()
     if seed_strategy not in ("auto", "sequential", "vmap"):
         raise ValueError(f"unknown seed_strategy {seed_strategy!r}; known: auto, sequential, vmap.")
+    if jax.process_count() > 1:
+        raise ValueError(
+            "a sweep runs in one process: run its members as separate multi-process runs "
+            "(fedjax-sim run), or one sweep per host."
+        )
     members = member_configs(base_config, axes)
     if federated_data is not None and "data_seed" in axes:
         raise ValueError(
@@ -306,16 +311,9 @@ def run_sweep(
                     fd = data.get_federated_data(
                         config.dataset.name, seed=d, **kwargs_of(config.dataset.kwargs)
                     )
-                exps[d] = build_experiment(config, fd, num_devices=1)
+                exps[d] = build_experiment(config, fd, num_devices=1, sweep=True)
             _check_same_shapes(exps)
             exp = next(iter(exps.values()))
-            if exp.host_states:
-                raise ValueError(
-                    "a sweep keeps its members' per-client state whole on the device, but "
-                    "client_states resolves to 'host' (a population generated on demand, or "
-                    "tables over 1 GiB): set client_states='device' if the tables fit, or run "
-                    "the members as separate runs."
-                )
             for i in idx:
                 config = members[i][2]
                 algo = build_algorithm(config, exp.task, exp.executor, exp.data.train.num_clients)

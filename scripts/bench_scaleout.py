@@ -7,8 +7,8 @@ as that many processes on this machine joined by ``jax.distributed`` (``--coordi
 localhost:PORT``), each with its own virtual CPU devices; one process is a plain run. Seconds
 per round are the median of the training time between evaluations (``train_s`` differences:
 sampling, generating and packing the process's share of the cohort, and the compiled round; no
-evaluation), after the first round; every layout must reach the same test accuracy as the first
-(within 1e-5: the collectives may sum in another order).
+evaluation), after the first round; every layout must end with the first layout's training loss
+within 1e-5 relative (the collectives may sum in another order).
 
     python scripts/bench_scaleout.py                      # layouts 1x1 1x2 2x1 1x4 2x2 4x1
     python scripts/bench_scaleout.py --layouts 1x2,2x1 --rounds 6 --out scaleout.json

@@ -57,6 +57,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# Start the backend now: a test calling the CLI's main() in-process would otherwise set the
+# worker's device count first (its cpu_devices), and later tests in that worker would see 2
+# devices instead of 4 (tests/test_sweep.py's device-split cases failed that way).
+jax.devices()
 
 
 @pytest.fixture(autouse=True, scope="session")

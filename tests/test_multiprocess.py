@@ -18,8 +18,10 @@ import fedjax_sim as fs
 from fedjax_sim import checkpoint
 from tests.test_resume import _assert_bitwise_equal, _count_lines, _metrics
 
-# SCAFFOLD with its control variates on the host (checkpointed with the run), 24 rounds.
+# SCAFFOLD with its control variates on the host (checkpointed with the run), 24 rounds, the
+# examples on the host (each process gathers its own clients'), stragglers.
 FIELDS = {
+    "data_on_device": "host",
     "num_rounds": 24,
     "eval_every": 2,
     "checkpoint_every": 4,
@@ -29,6 +31,7 @@ FIELDS = {
 }
 OVERRIDES = [f"--config.{k}={v}" for k, v in FIELDS.items()] + [
     "--config.client.local_epochs=10",
+    "--config.systems.straggler_fraction=0.2",
     "--config.cpu_devices=2",
 ]
 

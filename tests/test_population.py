@@ -1,6 +1,7 @@
 """Populations generated on demand and per-client state kept on the host for the clients
 sampled so far: both are checked against their materialized (whole-table) counterparts."""
 
+import time
 import tracemalloc
 
 import jax
@@ -61,7 +62,7 @@ def test_sampling_a_billion_ids_materializes_none_of_them():
     np.testing.assert_array_equal(ids, sample_clients(0, 7, 10**9, 1000))
 
 
-def test_bad_population_arguments_are_one_line_errors():
+def test_bad_population_arguments_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="1..1_000_000_000 clients"):
         SyntheticPopulation(0, seed=0)
     with pytest.raises(ValueError, match="min_examples <= max_examples"):
@@ -70,9 +71,9 @@ def test_bad_population_arguments_are_one_line_errors():
         fs.data.get_federated_data("population", seed=0, alpha=1.0)
     with pytest.raises(ValueError, match="never held in memory whole"):
         SyntheticPopulation(10, seed=0).all_examples()
-    config = _config(data_on_device="device")
     with pytest.raises(ValueError, match="set data_on_device to 'host' or 'auto'"):
-        fs.simulate(config, "/nonexistent/never/written", progress=False)
+        fs.simulate(_config(data_on_device="device"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def _config(**overrides):
@@ -107,8 +108,9 @@ def _dense_vs_host(tmp_path, **overrides):
         {"algorithm": "scaffold", "strategy": "vmap", "num_devices": 2},
         {"algorithm": "feddyn", "strategy": "chunked", "chunk_size": 3},
         {"compression": {"method": "top_k", "kwargs": {"ratio": 0.3}, "error_feedback": True}},
+        {"algorithm": "scaffold", "sampling": {"scheme": "poisson", "rate": 0.3}},
     ],
-    ids=["scaffold-seq", "scaffold-vmap-2dev", "feddyn-chunked", "topk-error-feedback"],
+    ids=["scaffold-seq", "scaffold-vmap-2dev", "feddyn-chunked", "topk-error-feedback", "poisson"],
 )
 def test_host_client_states_equal_the_whole_table_on_the_device(tmp_path, overrides):
     dense, host = _dense_vs_host(tmp_path, **overrides)
@@ -160,9 +162,12 @@ def test_what_host_client_states_cannot_do_is_refused(tmp_path):
         build_experiment(_config(algorithm="scaffold", client_states="disk"))
     with pytest.raises(ValueError, match="set client_states='device'"):
         build_experiment(_config(algorithm="ditto", client_states="host"))
-    config = _config(algorithm="scaffold")
+    # auto keeps a personalizing algorithm's table on the device, even for a population.
+    assert not build_experiment(_config(algorithm="ditto")).host_states
+    config = _config(algorithm="scaffold", client_states="host")
     with pytest.raises(ValueError, match="a sweep keeps its members' per-client state"):
         fs.run_sweep(config, {"client.learning_rate": [0.1, 0.2]}, tmp_path, progress=False)
+    assert not build_experiment(_config(algorithm="scaffold"), sweep=True).host_states  # auto
     # FedAvg has no per-client state: nothing is kept, whatever the setting.
     assert not build_experiment(_config(client_states="host")).host_states
     summary = fs.simulate(_config(client_states="host", num_rounds=1), tmp_path / "fedavg")
@@ -183,3 +188,25 @@ def test_a_process_share_packs_its_rows_as_the_whole_cohort_does():
     for k in ("x", "y"):
         np.testing.assert_array_equal(part.batches[k][4:], whole.batches[k][4:])
         assert not part.batches[k][:4].any()  # not this process's rows: never gathered
+
+
+def test_cohorts_prepared_ahead_in_a_thread_equal_those_prepared_in_turn():
+    from fedjax_sim.simulation import cohort_source
+
+    config = _config(algorithm="scaffold")
+    config.systems.straggler_fraction, config.systems.dropout = 0.3, 0.1  # pure per round too
+    exp = build_experiment(config)
+    ahead = cohort_source(exp, {0: exp.data.train}, [(0, 0)], exp.num_steps)
+    in_turn = fs.simulation.CohortSource(
+        exp.config, {0: exp.data.train}, [(0, 0)], slots=exp.cohort_slots,
+        max_steps=exp.num_steps, model_bytes=exp.model_bytes, prefetch=False,
+    )  # fmt: skip
+    assert ahead._pool is not None and in_turn._pool is None
+    for r in range(1, 6):
+        if r == 3:
+            time.sleep(0.2)  # whatever the timing
+        for a, b in zip(ahead.cohorts(r), in_turn.cohorts(r), strict=True):
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+                np.testing.assert_array_equal(x, y)
+        assert ahead.bookkeeping() == in_turn.bookkeeping()
+    assert ahead._next[0] == 6  # round 6 is being prepared

@@ -77,19 +77,24 @@ class HostClientStates:
     """The sparse host table: a row per client that has reported, in order of first report.
 
     Args:
-      initial: the per-client tables of the initial state (``[slots, ...]`` leaves); their
-        first row is what a client never sampled reads.
+      initial: the per-client tables of the initial state (``[slots, ...]`` leaves, every row
+        the same): what a client never sampled reads.
       num_clients: the population (client ids at or above it are padding).
       mesh: the mesh the round's state is replicated on (or ``None``).
     """
 
     def __init__(self, initial: tuple[PyTree, PyTree], num_clients: int, mesh):
         host = jax.device_get(initial)
-        self.slots = int(jax.tree.leaves(host)[0].shape[0])
         self.num_clients, self.mesh = int(num_clients), mesh
         self.initial_row = jax.tree.map(lambda a: np.asarray(a[0]), host)
+        if not all(np.array_equal(a, a[:1].repeat(len(a), 0)) for a in jax.tree.leaves(host)):
+            raise ValueError(
+                "client_states='host' needs every client's initial per-client state to be "
+                "the same (a client never sampled reads it); set client_states='device'."
+            )
         self.index: dict[int, int] = {}
-        self.rows = jax.tree.map(lambda r: np.empty((0, *r.shape), r.dtype), self.initial_row)
+        # Rows in order of first report; room doubles when full (no copy of them every round).
+        self.rows = jax.tree.map(lambda r: np.empty((16, *r.shape), r.dtype), self.initial_row)
         self._pending = None  # (client ids, the round's tables on the device), not yet read
 
     @property
@@ -101,20 +106,20 @@ class HostClientStates:
         ``state_rows`` pointing each client at its row (padding: out of range)."""
         self.flush()
         ids = np.asarray(cohort.client_ids, np.int64)
-        if len(ids) != self.slots:
-            raise ValueError(f"a cohort of {len(ids)} clients but {self.slots} state rows.")
+        slots = len(ids)  # may grow (a large Poisson draw): the round then compiles again
         real = ids < self.num_clients
         where = np.array([self.index.get(int(i), -1) for i in ids], np.int64)
+        known = where >= 0
 
         def gather(stored, initial):
-            out = np.broadcast_to(initial, (self.slots, *initial.shape)).copy()
-            known = where >= 0
+            out = np.broadcast_to(initial, (slots, *initial.shape)).copy()
             out[known] = stored[where[known]]
             return out
 
         tables = jax.tree.map(gather, self.rows, self.initial_row)
-        state = with_client_tables(state, replicate(jax.device_put(tables), self.mesh))
-        state_rows = np.where(real, np.arange(self.slots), self.slots).astype(np.int32)
+        placed = jax.device_put(tables) if self.mesh is None else replicate(tables, self.mesh)
+        state = with_client_tables(state, placed)
+        state_rows = np.where(real, np.arange(slots), slots).astype(np.int32)
         return state, cohort._replace(state_rows=state_rows)
 
     def finish(self, state, cohort: Cohort) -> None:
@@ -131,13 +136,14 @@ class HostClientStates:
         tables = jax.device_get(tables)
         real = np.flatnonzero(ids < self.num_clients)
         new = [int(ids[p]) for p in real if int(ids[p]) not in self.index]
-        if new:
-            start = self.count
-            self.index.update({cid: start + k for k, cid in enumerate(new)})
+        start = self.count
+        self.index.update({cid: start + k for k, cid in enumerate(new)})
+        room = len(jax.tree.leaves(self.rows)[0])
+        if self.count > room:
+            grown = max(self.count, 2 * room)
             self.rows = jax.tree.map(
-                lambda s, r: np.concatenate([s, np.empty((len(new), *r.shape), r.dtype)]),
+                lambda s: np.concatenate([s, np.empty((grown - len(s), *s.shape[1:]), s.dtype)]),
                 self.rows,
-                self.initial_row,
             )
         at = np.array([self.index[int(ids[p])] for p in real], np.int64)
 
@@ -152,7 +158,7 @@ class HostClientStates:
         while no client has reported: a checkpoint holds no empty arrays)."""
         self.flush()
         ids = np.fromiter(self.index, np.int64, count=self.count)
-        rows = self.rows
+        rows = jax.tree.map(lambda s: s[: self.count], self.rows)
         if not self.count:
             ids = np.full((1,), -1, np.int64)
             rows = jax.tree.map(lambda r: r[None], self.initial_row)
@@ -172,3 +178,5 @@ class HostClientStates:
         self._pending = None
         self.index = {int(c): k for k, c in enumerate(ids[keep])}
         self.rows = jax.tree.map(lambda a: np.array(a)[keep], saved["rows"])
+        if not self.count:  # room for the first reports
+            self.rows = jax.tree.map(lambda r: np.empty((16, *r.shape), r.dtype), self.initial_row)

@@ -9,6 +9,7 @@ client), so the streams stack into one array.
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Any
 
 import numpy as np
@@ -122,8 +123,11 @@ class CohortSource:
         async_settings: AsyncSettings | None = None,
         once_bytes: int = 0,
         share_of=None,
+        prefetch: bool = True,
     ):
         self.streams = streams
+        # The next round's cohorts, being prepared in the background: ``(round, future)``.
+        self._next, self._pool = None, None
         # ``slots -> rows`` of the cohort this process feeds (a multi-process run: only those
         # rows' examples are gathered), or ``None``: every row.
         self.share_of = share_of
@@ -184,6 +188,9 @@ class CohortSource:
                 nbytes = sum(int(a.nbytes) for a in pool.values())
                 if config.data_on_device != "auto" or nbytes <= DEVICE_DATA_BUDGET:
                     self.examples, self.row_maps = pool, dict(zip(seeds, maps, strict=True))
+        self.last_round = None  # no round after it is prepared ahead (the driver sets it)
+        if prefetch and self.schedules is None and self.systems.scheme != "poisson":
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, "fedjax_sim_cohorts")
 
     @property
     def on_device(self) -> bool:
@@ -194,11 +201,34 @@ class CohortSource:
         return 0 if self.examples is None else len(next(iter(self.examples.values())))
 
     def cohorts(self, round_num: int) -> list[Cohort]:
-        """Every stream's packed cohort for ``round_num``, all with one step count."""
+        """Every stream's packed cohort for ``round_num``, all with one step count.
+
+        Where preparing a round is a pure function of its number (no asynchronous schedule, no
+        Poisson cohort whose room may grow), the next round's cohorts are prepared in a
+        background thread while this round trains; the bookkeeping (clock, bytes, padding)
+        stays here, in round order, so the results are the same whatever the timing.
+        """
+        prepared = None
+        if self._next is not None:
+            r, future = self._next
+            self._next = None
+            if r == round_num:
+                prepared = future.result()
+        if prepared is None:
+            prepared = self._prepare(round_num)
+        out = [self._account(j, c, step) for j, (c, step) in enumerate(prepared)]
+        if self._pool is not None and (self.last_round is None or round_num < self.last_round):
+            self._next = (round_num + 1, self._pool.submit(self._prepare, round_num + 1))
+        return out
+
+    def _prepare(self, round_num: int) -> list[tuple[Cohort, Any]]:
+        """Each stream's cohort for ``round_num`` with its asynchronous step (or ``None``):
+        sampled, packed, with stragglers and dropouts applied and its examples gathered."""
         if self.schedules is not None:
             steps_ = [sched.step(round_num) for sched in self.schedules]
             ids = [st.clients for st in steps_]
         else:
+            steps_ = [None] * len(self.streams)
             ids = [pop.sample(round_num) for pop in self.populations]
         biggest = max(len(i) for i in ids)
         if biggest > self.slots:  # a large Poisson draw: room grows (the round recompiles)
@@ -227,31 +257,38 @@ class CohortSource:
                 rows=share,
                 **self.pack_kw,
             )
-            n = self.trains[d].num_clients
-            if self.schedules is not None:
+            if steps_[j] is not None:
                 stale = np.zeros((self.slots,), np.int32)
                 stale[: len(i)] = steps_[j].staleness
                 c = c._replace(info={"staleness": stale})
-                self.clock[j] = steps_[j].time
-                self.async_counts[j] = (steps_[j].discarded, steps_[j].lost)
-            else:
-                if self.systems.alters_cohorts:
-                    c, _ = apply_systems(c, self.systems, s, round_num, n)
-                self.clock[j] += round_seconds(self.populations[j], c, n, self.served[j])
-            pop = self.populations[j]
-            ids_ = np.asarray(c.client_ids)
-            ids_ = ids_[ids_ < n]
-            first = int((~self.served[j][ids_]).sum())
-            self.served[j][ids_] = True
-            down, up = self.bytes[j]
-            down += len(ids_) * pop.model_bytes + first * self.once_bytes
-            self.bytes[j] = (down, up + len(ids_) * pop.upload_bytes)
-            self.real_slots += int(np.asarray(c.mask).sum())
-            self.total_slots += c.mask.size
+            elif self.systems.alters_cohorts:
+                c, _ = apply_systems(c, self.systems, s, round_num, self.trains[d].num_clients)
             if not self.on_device:  # the examples, after stragglers and dropouts masked theirs
                 c = packing.fill_cohort(self.trains[d], c, share)
-            out.append(packing.remap_cohort(c, self.row_maps[d]) if self.row_maps else c)
+            out.append((c, steps_[j]))
         return out
+
+    def _account(self, j: int, c: Cohort, step) -> Cohort:
+        """Stream ``j``'s bookkeeping for its cohort ``c`` (its clock, bytes, the clients
+        served, the padding); returns ``c`` as the round takes it."""
+        d = self.streams[j][1]
+        n = self.trains[d].num_clients
+        if step is not None:
+            self.clock[j] = step.time
+            self.async_counts[j] = (step.discarded, step.lost)
+        else:
+            self.clock[j] += round_seconds(self.populations[j], c, n, self.served[j])
+        pop = self.populations[j]
+        ids_ = np.asarray(c.client_ids)
+        ids_ = ids_[ids_ < n]
+        first = int((~self.served[j][ids_]).sum())
+        self.served[j][ids_] = True
+        down, up = self.bytes[j]
+        down += len(ids_) * pop.model_bytes + first * self.once_bytes
+        self.bytes[j] = (down, up + len(ids_) * pop.upload_bytes)
+        self.real_slots += int(np.asarray(c.mask).sum())
+        self.total_slots += c.mask.size
+        return data.packing.remap_cohort(c, self.row_maps[d]) if self.row_maps else c
 
     def preview(self, round_num: int) -> list[Cohort]:
         """``cohorts(round_num)`` without advancing the bookkeeping (to trace a round)."""

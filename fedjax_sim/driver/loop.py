@@ -275,6 +275,7 @@ def run_loop(
       RunInterrupted: Ctrl-C; says the last finished round and the checkpoint to resume from.
     """
     t_start = time.perf_counter() if wall_start is None else wall_start
+    source.last_round = num_rounds  # nothing is prepared ahead past the last round
     try:
         return _train(
             program, source, evaluator, logs, resume, num_rounds=num_rounds,

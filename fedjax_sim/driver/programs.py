@@ -222,8 +222,7 @@ class SoloProgram(_Program):
     def _round_args(self, cohorts: list[Cohort], r: int, abstract: bool = False) -> tuple:
         (cohort,) = cohorts
         if self.host_states is not None and cohort.state_rows is None:  # tracing: rows made up
-            slots = self.host_states[0]
-            cohort = cohort._replace(state_rows=np.arange(slots, dtype=np.int32))
+            cohort = cohort._replace(state_rows=np.arange(cohort.num_clients, dtype=np.int32))
         if not abstract:
             cohort = self._feed(cohort)
         return (cohort, jnp.asarray(r, jnp.int32), *self._device_examples(abstract))
