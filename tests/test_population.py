@@ -168,6 +168,11 @@ def test_what_host_client_states_cannot_do_is_refused(tmp_path):
     with pytest.raises(ValueError, match="a sweep keeps its members' per-client state"):
         fs.run_sweep(config, {"client.learning_rate": [0.1, 0.2]}, tmp_path, progress=False)
     assert not build_experiment(_config(algorithm="scaffold"), sweep=True).host_states  # auto
+    config = _config()
+    config.eval.finetune_steps = 2
+    with pytest.raises(ValueError, match="set eval.finetune_steps = 0"):
+        fs.simulate(config, tmp_path / "finetune", progress=False)
+    assert not (tmp_path / "finetune").exists()
     # FedAvg has no per-client state: nothing is kept, whatever the setting.
     assert not build_experiment(_config(client_states="host")).host_states
     summary = fs.simulate(_config(client_states="host", num_rounds=1), tmp_path / "fedavg")

@@ -226,6 +226,12 @@ def _pack_test(test: data.FederatedDataset, batch_size: int):
 def _personal_clients(test, train, personalization: Personalization, batch_size: int):
     """The test clients that are also training clients, their training indices, their
     fine-tuning batches (round 0's shuffle: training rounds count from 1) and test data."""
+    if getattr(train, "on_demand", False):  # not a dict of a million ids to find none
+        raise ValueError(
+            f"personalized evaluation (eval.finetune_steps, or a personalizing algorithm) "
+            f"fine-tunes each test client on its training data, but {train.name}'s test "
+            "clients are other clients; set eval.finetune_steps = 0."
+        )
     where = {cid: i for i, cid in enumerate(train.client_ids)}
     rows = [r for r, cid in enumerate(test.client_ids) if cid in where]
     if not rows:
