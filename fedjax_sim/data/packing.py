@@ -110,6 +110,7 @@ def pack_cohort_indices(
     The indices point into ``dataset.all_examples()`` (clients concatenated in order), -1 for
     padding. ``gather_cohort`` turns this into the real cohort, on the host or (for data kept
     on the device) inside the compiled round, so only the indices cross to the device.
+    ``rows``: only these cohort rows draw their shuffles (see ``pack_cohort_local``).
     """
     local = pack_cohort_local(
         dataset, client_indices, batch_size=batch_size, local_epochs=local_epochs,
@@ -117,9 +118,8 @@ def pack_cohort_indices(
         seed=seed, round_num=round_num, rows=rows,
     )  # fmt: skip
     offsets = np.concatenate([[0], np.cumsum(dataset.sizes)])
-    index = local.batches["index"]
-    rows = np.minimum(local.client_ids, dataset.num_clients - 1)
-    index = np.where(local.mask, index + offsets[rows][:, None, None], -1)
+    owners = np.minimum(local.client_ids, dataset.num_clients - 1)  # padding: masked out below
+    index = np.where(local.mask, local.batches["index"] + offsets[owners][:, None, None], -1)
     index_dtype = np.int32 if offsets[-1] < 2**31 else np.int64
     return local._replace(batches={"index": index.astype(index_dtype)})
 
