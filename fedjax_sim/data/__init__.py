@@ -3,6 +3,7 @@
 import inspect
 
 from fedjax_sim.data.federated import FederatedData, FederatedDataset, from_client_arrays
+from fedjax_sim.data.on_disk import OnDiskClients, on_disk, write_clients
 from fedjax_sim.data.packing import max_local_steps_of, pack_cohort, pack_eval
 from fedjax_sim.data.population import SyntheticPopulation, population
 from fedjax_sim.data.registry import DATASETS, PARTITIONERS, data_stats, load_federated
@@ -12,6 +13,7 @@ BUILTIN_DATASETS = {
     "synthetic": "FedProx Synthetic(alpha, beta): 30 devices, 60 features, 10 classes",
     "synthetic_iid": "FedProx Synthetic-IID",
     "population": "clients generated on demand from the seed, any number (num_clients=10**6)",
+    "on_disk": "a write_clients folder (path=): train clients read from disk on demand",
 }
 
 
@@ -25,7 +27,12 @@ def get_federated_data(name: str, *, seed: int, **kwargs) -> FederatedData:
     Real datasets go through ``load_federated`` (TFDS, LEAF, TFF and FedJAX files); ``seed``
     seeds their partition unless ``kwargs`` sets ``seed``.
     """
-    builtin = {"synthetic": synthetic, "synthetic_iid": synthetic_iid, "population": population}
+    builtin = {
+        "synthetic": synthetic,
+        "synthetic_iid": synthetic_iid,
+        "population": population,
+        "on_disk": on_disk,
+    }
     if name in builtin:
         fn = builtin[name]
         if name == "synthetic":
@@ -38,6 +45,8 @@ def get_federated_data(name: str, *, seed: int, **kwargs) -> FederatedData:
                 f"dataset {name!r} takes no argument(s) {', '.join(unknown)}; its arguments: "
                 f"{', '.join(known)}."
             )
+        if name == "on_disk":  # the folder's clients are what they are: no seed
+            return fn(**kwargs)
         return fn(seed=seed, **kwargs)
     if name in DATASETS:
         if DATASETS[name].kind == "centralized":
@@ -60,6 +69,9 @@ __all__ = [
     "max_local_steps_of",
     "pack_cohort",
     "pack_eval",
+    "on_disk",
+    "OnDiskClients",
+    "write_clients",
     "population",
     "SyntheticPopulation",
     "synthetic",

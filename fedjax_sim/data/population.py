@@ -56,7 +56,44 @@ class _ClientIds(Sequence):
         return f"{self._prefix}{i:07d}"
 
 
-class SyntheticPopulation:
+class OnDemandClients:
+    """What a population held nowhere whole shares (``SyntheticPopulation``, the on-disk
+    ``OnDiskClients``): ``num_clients``, iteration, ``subset`` (clients held in memory: an
+    evaluation set) and the refusal of ``all_examples``. Subclasses set ``_n``, ``name``,
+    ``client_ids``, ``sizes`` and ``client(i)``."""
+
+    on_demand = True
+    _n: int
+    name: str
+
+    @property
+    def num_clients(self) -> int:
+        return self._n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _check_index(self, index) -> int:
+        index = int(index)
+        if not 0 <= index < self._n:
+            raise IndexError(f"client index {index} outside 0..{self._n - 1}")
+        return index
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        return ((self.client_ids[i], self.client(i)) for i in range(self._n))
+
+    def all_examples(self):
+        raise ValueError(
+            f"{self.name}: clients made or read on demand ({self._n:_} of them) are never "
+            "held in memory whole; keep the data on the host (data_on_device='host' or 'auto')."
+        )
+
+    def subset(self, indices) -> FederatedDataset:
+        """Clients ``indices`` held in memory (an evaluation set)."""
+        return FederatedDataset({self.client_ids[i]: self.client(i) for i in indices}, self.name)
+
+
+class SyntheticPopulation(OnDemandClients):
     """A population whose clients are generated on demand (see the module docstring).
 
     It offers what packing and sampling read from a ``FederatedDataset`` (``num_clients``,
@@ -73,8 +110,6 @@ class SyntheticPopulation:
       min_examples, max_examples: each client's example count, uniform in this range.
       shift: standard deviation of the clients' feature means (0: IID features).
     """
-
-    on_demand = True
 
     def __init__(
         self,
@@ -117,13 +152,6 @@ class SyntheticPopulation:
         self._b = rng.standard_normal(self.num_classes).astype(np.float32)
         self._sizes = None
 
-    @property
-    def num_clients(self) -> int:
-        return self._n
-
-    def __len__(self) -> int:
-        return self._n
-
     def sizes_of(self, indices) -> np.ndarray:
         """The example counts of clients ``indices`` (a hash of seed, split and id)."""
         ids = np.asarray(indices, np.uint64)
@@ -145,31 +173,13 @@ class SyntheticPopulation:
 
     def client(self, index: int) -> dict[str, np.ndarray]:
         """Client ``index``'s examples, generated now from ``(seed, split, index)``."""
-        index = int(index)
-        if not 0 <= index < self._n:
-            raise IndexError(f"client index {index} outside 0..{self._n - 1}")
+        index = self._check_index(index)
         n = int(self.sizes_of([index])[0])
         rng = np.random.default_rng([self.seed, POPULATION_DATA_TAG, _SPLITS[self.split], index])
         mean = self.shift * rng.standard_normal(self.dim)
         x = (mean + rng.standard_normal((n, self.dim))).astype(np.float32)
         y = np.argmax(x @ self._w + self._b, axis=1).astype(np.int32)
         return {"x": x, "y": y}
-
-    def __iter__(self) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-        return ((self.client_ids[i], self.client(i)) for i in range(self._n))
-
-    def all_examples(self):
-        raise ValueError(
-            f"{self.name}: a population generated on demand ({self._n:_} clients) is never "
-            "held in memory whole; keep the data on the host (data_on_device='host' or "
-            "'auto')."
-        )
-
-    def subset(self, indices) -> FederatedDataset:
-        """Clients ``indices`` generated and held in memory (an evaluation set)."""
-        return FederatedDataset(
-            {self.client_ids[i]: self.client(i) for i in indices}, name=self.name
-        )
 
     def __repr__(self) -> str:
         return (
