@@ -197,7 +197,9 @@ class Checkpointer:
     def __init__(self, workdir: Path, *, keep: int = 3):
         import orbax.checkpoint as ocp
 
-        self._ocp = ocp
+        from fedjax_sim import distributed  # imports JAX: not at this module's import
+
+        self._ocp, self._distributed = ocp, distributed
         self.directory = (Path(workdir) / CHECKPOINT_DIR).resolve()
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -219,9 +221,8 @@ class Checkpointer:
     def set_unreadable(self, round_num: int) -> Path:
         """Moves checkpoint ``round_num`` to ``WORKDIR/checkpoints_unreadable/`` (kept for
         inspection, out of the manager's sight) and returns where it went."""
-        from fedjax_sim import distributed
-
         dest = self.directory.parent / UNREADABLE_DIR / str(round_num)
+        distributed = self._distributed
         if distributed.is_primary():  # every process finds it unreadable; one moves it
             dest.parent.mkdir(parents=True, exist_ok=True)
             if dest.exists():
@@ -241,8 +242,7 @@ class Checkpointer:
             force=True,
         )
         self.manager.wait_until_finished()
-        from fedjax_sim import distributed
-
+        distributed = self._distributed
         if distributed.is_primary():  # one manifest of every process's files
             step = self.directory / str(round_num)
             write_lines_atomically(step / MANIFEST, [json.dumps(_file_digests(step))])

@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
-from fedjax_sim import algorithms, checkpoint, data
+from fedjax_sim import algorithms, checkpoint, data, distributed
 from fedjax_sim.driver import privacy
 from fedjax_sim.driver.cohorts import eval_clients
 from fedjax_sim.driver.loop import Resume, execution_summary, run_loop
@@ -257,7 +257,7 @@ def run_sweep(
     t0 = time.perf_counter()
     if seed_strategy not in ("auto", "sequential", "vmap"):
         raise ValueError(f"unknown seed_strategy {seed_strategy!r}; known: auto, sequential, vmap.")
-    if jax.process_count() > 1:
+    if distributed.is_multiprocess():
         raise ValueError(
             "a sweep runs in one process: run its members as separate multi-process runs "
             "(fedjax-sim run), or one sweep per host."

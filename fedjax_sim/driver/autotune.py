@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from fedjax_sim import distributed
 from fedjax_sim.core import execution
 
 MODE_ENV, CACHE_ENV = "FEDJAX_SIM_AUTO", "FEDJAX_SIM_AUTO_CACHE"
@@ -124,7 +125,7 @@ def choose(
     the fastest wins and is cached. A candidate that raises is skipped (all failing raises)."""
     if mode() == "rule":
         return rule()
-    if jax.process_count() > 1:  # each process would time its own: they must agree
+    if distributed.is_multiprocess():  # each process would time its own: they must agree
         strategy = execution.resolve_strategy("auto")
         return Choice(strategy, f"rule: {strategy}; a multi-process run does not measure")
     path = cache_dir() / f"{cache_key(fields)}.json"

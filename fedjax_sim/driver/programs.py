@@ -104,11 +104,6 @@ class _Program:
     def step(self, states, alive, cohorts: list[Cohort], r: int):
         return self._round(states, alive, *self._round_args(cohorts, r))
 
-    def _feed(self, cohort: Cohort) -> Cohort:
-        """The cohort as the round takes it: in a multi-process run, a global array of which
-        this process gives its own devices' rows."""
-        return distributed.to_global(cohort, self.mesh, sharded=True)
-
     def check(self, cohorts: list[Cohort], r: int) -> None:
         """Traces round ``r`` on the abstract initial state and examples (nothing is compiled,
         run or placed on a device, and the round call reuses the trace): a setting the
@@ -223,8 +218,8 @@ class SoloProgram(_Program):
         (cohort,) = cohorts
         if self.host_states is not None and cohort.state_rows is None:  # tracing: rows made up
             cohort = cohort._replace(state_rows=np.arange(cohort.num_clients, dtype=np.int32))
-        if not abstract:
-            cohort = self._feed(cohort)
+        if not abstract:  # a multi-process run: a global array this process gives its rows of
+            cohort = distributed.to_global(cohort, self.mesh, sharded=True)
         return (cohort, jnp.asarray(r, jnp.int32), *self._device_examples(abstract))
 
 

@@ -6,9 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
-
-from fedjax_sim import checkpoint
+from fedjax_sim import checkpoint, distributed
 
 # Personalized fields of the last evaluation that the summary repeats (as final_<name>).
 PERSONAL_SUMMARY = (
@@ -54,7 +52,7 @@ class RunLog:
         self.history: list[dict[str, Any]] = list(history or [])
         self._tb = None
         # In a multi-process run process 0 writes the files; the others keep the history.
-        self.writes = jax.process_index() == 0
+        self.writes = distributed.is_primary()
 
     def start(self, resumed_round: int | None = None) -> None:
         """Writes ``metrics.jsonl`` holding ``history``: empty for a fresh run; for a resumed
