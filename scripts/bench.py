@@ -18,6 +18,19 @@ checks that every strategy's round gives the reference's params (within ``--tole
     python scripts/bench.py --out b.json --models mlp --cohorts 100,1000
     python scripts/bench.py --out b.json --quick --algorithms fedavg,scaffold,fednova
 
+``--gpu`` (the default on a GPU or TPU backend when no ``--models`` are named) is the GPU
+table: the EMNIST CNN (28x28x1, 62 classes) and ResNet-18-GN (CIFAR-10's 32x32x3, 10 classes)
+at cohorts of 10, 100 and 1000, MFU against an 8192 x 8192 float32 matmul measured in the same
+run (``--peak_n``; at JAX's default precision, TF32 on recent NVIDIA GPUs), the compiled
+program's memory (``mem MiB``) and the device allocator's peak after each program's first round
+(``dev MiB``), and in the ``auto`` row both the fixed rule ``fs.Executor("auto")`` runs and what
+``fs.simulate``'s measured ``auto`` picks from the same timings. On a CPU it needs ``--cohorts``
+(``--gpu --cohorts 2`` runs the table's code path in about two minutes). A program that cannot
+be compiled or fails in its first round (out of device memory, say) becomes a row that says
+why (``FAILED ...``); the case's other programs still run (``--strategies`` drops some).
+
+    python scripts/bench.py --out bench_gpu.json --gpu
+
 ``--algorithms`` adds SCAFFOLD (option II, ``fs.scaffold`` with injected client SGD) and
 FedNova (``fs.fednova``, plain client SGD), each timed with the strategy ``auto`` resolves to
 (``--algorithm_strategies`` for more) against a Python-loop reference of that algorithm in the
@@ -50,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -73,6 +87,7 @@ from fedjax_sim.core.client import local_train, tree_sub
 from fedjax_sim.core.execution import CLIENT_AXIS, replicate
 from fedjax_sim.core.keys import client_keys
 from fedjax_sim.core.task import mean_loss_fn
+from fedjax_sim.driver import autotune
 from fedjax_sim.simulation import tree_bytes
 
 STRATEGIES = ("vmap", "chunked", "sequential", "auto")
@@ -90,6 +105,11 @@ LINEN_CNN_LAX = "cnn_emnist_linen_lax"
 MODELS = ("logreg", "mlp", "cnn_emnist", LINEN_CNN)
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 62
+# Models that train on other data than EMNIST's shape: ResNet-18-GN on CIFAR-10's.
+DATA_SHAPES = {"resnet18_gn": ((32, 32, 3), 10)}
+# --gpu (and the default on a GPU or TPU backend): the convolutional models, cohorts to 1000.
+GPU_MODELS = ("cnn_emnist", "resnet18_gn")
+GPU_COHORTS = (10, 100, 1000)
 FULL_COHORTS = {
     "logreg": (10, 100, 1000),
     "mlp": (10, 100, 1000),
@@ -99,8 +119,9 @@ FULL_COHORTS = {
 QUICK_COHORTS = {"logreg": (10, 100, 1000), "mlp": (10, 100), "cnn_emnist": (10,), LINEN_CNN: (10,)}
 # A user's plain Flax CNN is at least this fraction of the built-in one's clients/s (auto).
 USER_MODEL_TARGET = 1 / 1.25
-# The CNN's cohort cap on a CPU (vmapped convolutions of 1000 clients take minutes and GBs).
+# The CNNs' cohort cap on a CPU (vmapped convolutions of 1000 clients take minutes and GBs).
 CPU_CNN_MAX_CLIENTS = 100
+CONV_PREFIXES = ("cnn", "resnet")
 # No reference loop for cohorts this large of a convolutional model.
 REFERENCE_CONV_MAX_CLIENTS = 999
 AUTO_VS_REF_TARGET = 5.0
@@ -209,12 +230,19 @@ def rel_err(a, b) -> float:
 # Data
 
 
-def make_cohort(num_clients: int, args) -> fs.Cohort:
-    """A packed cohort of random EMNIST-shaped clients of ``examples_per_client`` each."""
+def data_shape(model_name: str) -> tuple[tuple[int, ...], int]:
+    """``(input_shape, num_classes)`` of the data ``model_name`` trains on in this benchmark."""
+    return DATA_SHAPES.get(model_name, (INPUT_SHAPE, NUM_CLASSES))
+
+
+def make_cohort(num_clients: int, args, model_name: str = "logreg") -> fs.Cohort:
+    """A packed cohort of random clients of ``examples_per_client`` each, shaped for
+    ``model_name`` (EMNIST's 28x28x1 and 62 classes, or ``DATA_SHAPES``)."""
+    input_shape, num_classes = data_shape(model_name)
     rng = np.random.default_rng(args.seed)
     n = args.examples_per_client
-    x = rng.random((num_clients, n, *INPUT_SHAPE), dtype=np.float32)
-    y = rng.integers(0, NUM_CLASSES, size=(num_clients, n), dtype=np.int32)
+    x = rng.random((num_clients, n, *input_shape), dtype=np.float32)
+    y = rng.integers(0, num_classes, size=(num_clients, n), dtype=np.int32)
     ds = fs.FederatedDataset({f"c{i}": {"x": x[i], "y": y[i]} for i in range(num_clients)})
     return fs.pack_cohort(
         ds,
@@ -272,6 +300,25 @@ class Runner:
             self.params = jax.tree.map(np.asarray, params)
             self.aux = None if aux is None else jax.tree.map(np.asarray, aux)
         return dt
+
+
+class FailedRunner(Runner):
+    """A program that could not be compiled or run (out of device memory, say): its row says
+    why, and the case's other programs still run."""
+
+    def __init__(self, name: str, error: BaseException, *, algorithm: str = "fedavg"):
+        super().__init__(name, None, math.nan, None, algorithm=algorithm)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        self.error = f"{type(error).__name__}: {first}"[:300]
+
+
+def attempt(name: str, algorithm: str, build: Callable[[], Runner]) -> Runner:
+    """``build()``, or a ``FailedRunner`` saying why it raised."""
+    try:
+        return build()
+    except Exception as e:  # noqa: BLE001 - e.g. RESOURCE_EXHAUSTED: a row, not a crash
+        log(f"{name} ({algorithm}) failed: {e!s:.300}")
+        return FailedRunner(name, e, algorithm=algorithm)
 
 
 def build_algorithm(algorithm: str, model, executor: fs.Executor, num_clients: int, args):
@@ -708,14 +755,15 @@ def get_model(name: str) -> fs.Model:
             return module.apply({"params": params}, x, train=train, rngs=rngs)
 
         return model._replace(apply=lax_apply)
-    return fs.get_model(name, num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE)
+    input_shape, num_classes = data_shape(name)
+    return fs.get_model(name, num_classes=num_classes, input_shape=input_shape)
 
 
 def run_case(model_name: str, num_clients: int, args, peak_flops: float) -> list[dict]:
     model = get_model(model_name)
     params = model.init(jax.random.key(args.seed))
     key = jax.random.key(args.seed + 1)
-    cohort_np = make_cohort(num_clients, args)
+    cohort_np = make_cohort(num_clients, args, model_name)
     cohort = jax.device_put(cohort_np)
     examples = float(np.sum(cohort_np.mask))  # real examples processed in one round
     fwd_flops, flops_source = forward_flops_per_example(model, params, args.batch_size)
@@ -729,26 +777,49 @@ def run_case(model_name: str, num_clients: int, args, peak_flops: float) -> list
     runners: list[Runner] = []
     for algorithm in args.algorithm_list:
         tag = f"[{model_name} C={num_clients}]" + ("" if algorithm == "fedavg" else f" {algorithm}")
-        strategies = STRATEGIES if algorithm == "fedavg" else args.algorithm_strategy_list
+        strategies = args.strategy_list if algorithm == "fedavg" else args.algorithm_strategy_list
         for strategy in strategies:
             log(f"{tag} compiling {strategy}")
             runners.append(
-                strategy_runner(strategy, model, params, cohort, key, args, mesh, algorithm)
+                attempt(
+                    strategy,
+                    algorithm,
+                    functools.partial(
+                        strategy_runner, strategy, model, params, cohort, key, args, mesh, algorithm
+                    ),
+                )
             )
         if with_reference:
             log(f"{tag} compiling {REFERENCE}" + (f" and {FUSED}" if algorithm == "fedavg" else ""))
-            runners.append(REFERENCE_RUNNERS[algorithm](model, params, cohort_np, key, args))
+            build = REFERENCE_RUNNERS[algorithm]
+            runners.append(
+                attempt(
+                    REFERENCE, algorithm, lambda b=build: b(model, params, cohort_np, key, args)
+                )
+            )
             if algorithm == "fedavg":
-                runners.append(fused_runner(model, params, cohort_np, key, args))
+                runners.append(
+                    attempt(
+                        FUSED, algorithm, lambda: fused_runner(model, params, cohort_np, key, args)
+                    )
+                )
 
     def label(r: Runner) -> str:
         tag = f"[{model_name} C={num_clients}]"
         return f"{tag} {r.name}" if r.algorithm == "fedavg" else f"{tag} {r.algorithm} {r.name}"
 
     # Warmup (first run allocates; the RSS high-water growth is charged to that runner).
-    for r in runners:
+    for i, r in enumerate(runners):
+        if isinstance(r, FailedRunner):
+            continue
         rss0 = peak_rss_mib()
-        r.first_s = r.run_once()
+        try:
+            r.first_s = r.run_once()
+        except Exception as e:  # noqa: BLE001 - out of memory in its first round, say
+            log(f"{label(r)} failed in its first round: {e!s:.300}")
+            runners[i] = FailedRunner(r.name, e, algorithm=r.algorithm)
+            del r
+            continue
         r.extra["rss_hwm_growth_mib"] = peak_rss_mib() - rss0
         dev = device_peak_mib()
         if dev is not None:
@@ -763,10 +834,12 @@ def run_case(model_name: str, num_clients: int, args, peak_flops: float) -> list
             reps = max(reps, min(args.ratio_repeats, budget))
         r.reps = reps
         log(f"{label(r)}: first round {r.first_s:.3f}s, {reps} reps")
+    failed = [r for r in runners if isinstance(r, FailedRunner)]
+    runners = [r for r in runners if not isinstance(r, FailedRunner)]
     # Every algorithm's programs and references in one interleaved loop: load from other
     # processes hits all of them alike, so their ratios compare.
     rng = random.Random(args.seed)
-    time_interleaved(runners, max(r.reps for r in runners), rng)
+    time_interleaved(runners, max((r.reps for r in runners), default=0), rng)
 
     # auto and the strategy it resolves to run the same program: when they differ by more
     # than noise should allow, time the two (and the best) head to head once more.
@@ -774,9 +847,11 @@ def run_case(model_name: str, num_clients: int, args, peak_flops: float) -> list
     for algorithm in args.algorithm_list:
         by_name = {r.name: r for r in runners if r.algorithm == algorithm}
         timed = [by_name[s] for s in STRATEGIES if s in by_name]
-        best_strategy = min(timed, key=lambda r: min(r.times))
         auto = by_name.get("auto")
-        if auto is None or best_strategy is auto:
+        if auto is None or len(timed) < 2:
+            continue
+        best_strategy = min(timed, key=lambda r: min(r.times))
+        if best_strategy is auto:
             continue
         if min(best_strategy.times) / min(auto.times) >= 0.95:
             continue
@@ -857,18 +932,59 @@ def run_case(model_name: str, num_clients: int, args, peak_flops: float) -> list
                 row["params_rel_err"] = row["update_rel_err"] = row["match"] = None
             group_rows.append(row)
 
-        best_cps = max(r["clients_per_s"] for r in group_rows if r["strategy"] in STRATEGIES)
+        best_cps = max(
+            (r["clients_per_s"] for r in group_rows if r["strategy"] in STRATEGIES), default=None
+        )
         ref_cps = next((r["clients_per_s"] for r in group_rows if r["strategy"] == REFERENCE), None)
         fused_cps = next((r["clients_per_s"] for r in group_rows if r["strategy"] == FUSED), None)
         ref_median = next((r["median_s"] for r in group_rows if r["strategy"] == REFERENCE), None)
+        if algorithm == "fedavg":
+            measured_auto(group_rows, num_clients, mesh, args)
         for row in group_rows:
-            row["x_best"] = row["clients_per_s"] / best_cps
+            row["x_best"] = row["clients_per_s"] / best_cps if best_cps else None
             row["x_ref"] = row["clients_per_s"] / ref_cps if ref_cps else None
             row["x_fused"] = row["clients_per_s"] / fused_cps if fused_cps else None
             # The same ratio from median rounds: a second opinion on noisy minima.
             row["x_ref_median"] = ref_median / row["median_s"] if ref_median else None
         rows.extend(group_rows)
+        rows.extend(
+            failed_row(r, model_name, num_clients, mesh) for r in failed if r.algorithm == algorithm
+        )
     return rows
+
+
+def failed_row(r: FailedRunner, model_name: str, num_clients: int, mesh) -> dict:
+    """The row of a program that could not be compiled or run: no times, the error."""
+    row = {
+        "model": model_name,
+        "num_clients": num_clients,
+        "algorithm": r.algorithm,
+        "devices": 1 if mesh is None or r.name in (REFERENCE, FUSED) else mesh.size,
+        "strategy": r.name,
+        "resolved": fs.resolve_strategy("auto") if r.name == "auto" else None,
+        "failed": r.error,
+        "remeasured": False,
+        "device_peak_mib": device_peak_mib(),
+    }
+    for k in ("best_s", "median_s", "clients_per_s", "examples_per_s", "gflops_per_s", "mfu"):
+        row[k] = None
+    for k in ("compile_s", "mem_mib", "params_rel_err", "update_rel_err", "match"):
+        row[k] = None
+    for k in ("x_best", "x_ref", "x_fused", "x_ref_median"):
+        row[k] = None
+    return row
+
+
+def measured_auto(group_rows: list[dict], num_clients: int, mesh, args) -> None:
+    """What ``fs.simulate``'s measured ``auto`` (``driver.autotune``) would pick from these
+    timings: the fastest of its candidates that ran, written into the ``auto`` row (the
+    ``auto`` program itself is ``fs.Executor("auto")``, the fixed rule)."""
+    per_device = num_clients // (1 if mesh is None else mesh.size)
+    names = autotune.candidates(per_device, args.chunk_size)
+    timed = {r["strategy"]: r["best_s"] for r in group_rows if r["strategy"] in names}
+    for row in group_rows:
+        if row["strategy"] == "auto" and timed:
+            row["measured_auto"] = min(timed, key=timed.get)
 
 
 def controls_of(aux) -> tuple[Any, Any]:
@@ -897,6 +1013,7 @@ COLUMNS = (
     ("MFU %", 6, "{:.2f}"),
     ("compile s", 9, "{:.2f}"),
     ("mem MiB", 9, "{:.1f}"),
+    ("dev MiB", 8, "{:.0f}"),
     ("note", 0, "{}"),
 )
 
@@ -918,6 +1035,10 @@ def table_row(row: dict) -> str:
         notes.append(f"WARNING params differ from reference ({err})")
     if row["remeasured"]:
         notes.append("re-timed")
+    if row.get("measured_auto"):
+        notes.append(f"measured auto picks {row['measured_auto']}")
+    if row.get("failed"):
+        notes.append(f"FAILED {row['failed']}")
     values = (
         row["model"],
         row["num_clients"],
@@ -928,9 +1049,10 @@ def table_row(row: dict) -> str:
         row["x_ref"],
         row["x_fused"],
         row["x_best"],
-        100.0 * row["mfu"],
+        None if row["mfu"] is None else 100.0 * row["mfu"],
         row["compile_s"],
         row["mem_mib"],
+        row.get("device_peak_mib"),
         "; ".join(notes),
     )
     cells = []
@@ -969,9 +1091,13 @@ def run_checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
         ok = target["x_ref"] >= AUTO_VS_REF_TARGET
         checks.append((name, ok, f"{target['x_ref']:.2f}x"))
 
-    autos = [r for r in rows if r["strategy"] == "auto"]
+    autos = [r for r in rows if r["strategy"] == "auto" and not r.get("failed")]
+    failed_autos = [r for r in rows if r["strategy"] == "auto" and r.get("failed")]
     name = f"auto >= {AUTO_VS_BEST_TARGET:g}x best everywhere"
-    if not autos:
+    if failed_autos:
+        where_failed = ", ".join(f"{where(r)} (auto->{r['resolved']})" for r in failed_autos)
+        checks.append((name, False, f"auto failed in {where_failed}"))
+    elif not autos:
         checks.append((name, None, "not run"))
     else:
         worst = min(autos, key=lambda r: r["x_best"])
@@ -983,6 +1109,7 @@ def run_checks(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                 and r["num_clients"] == worst["num_clients"]
                 and algo(r) == algo(worst)
                 and r["strategy"] in STRATEGIES
+                and not r.get("failed")
             ),
             key=lambda r: r["clients_per_s"],
         )
@@ -1074,6 +1201,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--quick", action="store_true", help="fewer cases and repetitions (~3 min)")
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help=f"the GPU table: {', '.join(GPU_MODELS)} at cohorts "
+        f"{', '.join(map(str, GPU_COHORTS))} (the default on a GPU or TPU backend); on a CPU "
+        "only with --cohorts",
+    )
+    p.add_argument(
+        "--strategies",
+        default="all",
+        help=f"FedAvg's strategies to time (comma-separated subset of {', '.join(STRATEGIES)}, "
+        "or all)",
+    )
+    p.add_argument(
+        "--peak_n",
+        type=int,
+        default=0,
+        help="matmul size of the measured peak (0: 1024 on a CPU, 8192 on a GPU or TPU)",
+    )
     p.add_argument("--models", default=None, help=f"comma-separated subset of {MODELS}")
     p.add_argument("--cohorts", default=None, help="comma-separated cohort sizes")
     p.add_argument("--examples_per_client", type=int, default=20)
@@ -1138,19 +1284,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [a for a in args.algorithm_list if a not in ALGORITHMS]
     if unknown or not args.algorithm_list:
         p.error(f"--algorithms: unknown {unknown}; known: {', '.join(ALGORITHMS)}")
-    if args.algorithm_strategies.strip() == "all":
-        args.algorithm_strategy_list = STRATEGIES
-    else:
-        chosen = {t.strip() for t in args.algorithm_strategies.split(",") if t.strip()}
-        bad = sorted(chosen - set(STRATEGIES))
-        if bad or not chosen:
-            p.error(f"--algorithm_strategies: unknown {bad}; known: {', '.join(STRATEGIES)}, all")
-        args.algorithm_strategy_list = tuple(t for t in STRATEGIES if t in chosen)
+    args.algorithm_strategy_list = strategy_list(
+        p, "--algorithm_strategies", args.algorithm_strategies
+    )
+    args.strategy_list = strategy_list(p, "--strategies", args.strategies)
     return args
 
 
+def strategy_list(p: argparse.ArgumentParser, flag: str, text: str) -> tuple[str, ...]:
+    """``all``, or the comma-separated strategies in ``text`` (in ``STRATEGIES``' order)."""
+    if text.strip() == "all":
+        return STRATEGIES
+    chosen = {t.strip() for t in text.split(",") if t.strip()}
+    bad = sorted(chosen - set(STRATEGIES))
+    if bad or not chosen:
+        p.error(f"{flag}: unknown {bad}; known: {', '.join(STRATEGIES)}, all")
+    return tuple(t for t in STRATEGIES if t in chosen)
+
+
 def select_cases(args) -> list[tuple[str, int]]:
-    models = MODELS
+    on_cpu = jax.default_backend() == "cpu"
+    if on_cpu and args.gpu and not args.cohorts:
+        raise SystemExit(
+            "--gpu on a CPU backend: its 1000-client CNN cohorts take hours here; give --cohorts "
+            "(e.g. --cohorts 2 to try the table's code path) or run it on a GPU."
+        )
+    models = GPU_MODELS if args.gpu else MODELS
     if args.models:
         models = tuple(m.strip() for m in args.models.split(",") if m.strip())
         known = dict.fromkeys([*MODELS, LINEN_CNN_LAX, *fs.models.MODEL_NAMES])
@@ -1159,11 +1318,13 @@ def select_cases(args) -> list[tuple[str, int]]:
             raise SystemExit(f"unknown models {unknown}; known: {', '.join(known)}")
     cohorts = parse_ints(args.cohorts) if args.cohorts else None
     table = QUICK_COHORTS if args.quick else FULL_COHORTS
+    if args.gpu:
+        table = dict.fromkeys(models, GPU_COHORTS)
     cases = []
     for m in models:
         for c in cohorts or table.get(m, (10, 100)):
-            if jax.default_backend() == "cpu" and m.startswith("cnn") and c > CPU_CNN_MAX_CLIENTS:
-                log(f"skipping {m} C={c}: the CNN runs up to {CPU_CNN_MAX_CLIENTS} on a CPU")
+            if on_cpu and m.startswith(CONV_PREFIXES) and c > CPU_CNN_MAX_CLIENTS:
+                log(f"skipping {m} C={c}: the CNNs run up to {CPU_CNN_MAX_CLIENTS} on a CPU")
                 continue
             cases.append((m, c))
     return cases
@@ -1195,7 +1356,9 @@ def metadata(args, peak_start: float, peak_end: float) -> dict:
         "peak_gflops": max(peak_start, peak_end) / 1e9,
         "peak_gflops_start": peak_start / 1e9,
         "peak_gflops_end": peak_end / 1e9,
-        "peak_method": "best of 10 float32 jnp.dot 1024x1024 (2*n^3 FLOPs), start and end",
+        "peak_method": f"best of 10 float32 jnp.dot {args.peak_n}x{args.peak_n} (2*n^3 FLOPs), "
+        "start and end, at JAX's default matmul precision (TF32 on recent NVIDIA GPUs)",
+        "matmul_precision": str(jax.config.jax_default_matmul_precision),
         "auto_rule": "fedjax_sim.core.execution.resolve_strategy",
         "algorithms": list(args.algorithm_list),
         "round_state": "donated; each timed round's new state feeds the next (as the driver "
@@ -1223,12 +1386,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices or os.cpu_count() or 1)
     except RuntimeError:
         log("JAX already started: keeping its CPU device count")
+    if jax.default_backend() != "cpu" and not args.models:
+        args.gpu = True  # a GPU or TPU: the GPU table unless models are named
     cases = select_cases(args)
     log(
         f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"{len(jax.devices())} device(s), {len(cases)} cases"
     )
-    peak_start = measure_peak_flops()
+    args.peak_n = args.peak_n or (1024 if jax.default_backend() == "cpu" else 8192)
+    peak_start = measure_peak_flops(args.peak_n)
     log(f"matmul peak {peak_start / 1e9:.1f} GFLOP/s")
 
     rows: list[dict] = []
@@ -1237,10 +1403,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # MFU is computed against the start peak here and rescaled to the run's peak below.
         case_rows = run_case(model_name, num_clients, args, peak_start)
         rows.extend(case_rows)
-    peak_end = measure_peak_flops()
+    peak_end = measure_peak_flops(args.peak_n)
     peak = max(peak_start, peak_end)
     for row in rows:
-        row["mfu"] = row["gflops_per_s"] * 1e9 / peak
+        if row["gflops_per_s"] is not None:
+            row["mfu"] = row["gflops_per_s"] * 1e9 / peak
     print(table_header())
     for model_name, num_clients in cases:
         for row in rows:

@@ -102,3 +102,58 @@ def test_bench_sweep_numpy_2nn_reference_is_fedavg():
     assert moved > 1e-2  # the rounds trained
     for a, b in zip(ours, ref, strict=True):
         np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_bench_failed_program_is_a_row_and_the_rest_still_run(tmp_path, capsys, monkeypatch):
+    # On a GPU a 1000-client vmapped ResNet can run out of memory: that program's row says why
+    # (failing to compile, or in its first round) and the case's other programs still run.
+    bench = load_script()
+    real = bench.strategy_runner
+
+    def flaky(strategy, *args, **kwargs):
+        if strategy == "vmap":
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB")
+        runner = real(strategy, *args, **kwargs)
+        if strategy == "chunked":
+
+            def oom():
+                raise MemoryError("first round out of memory")
+
+            runner.call = oom
+        return runner
+
+    monkeypatch.setattr(bench, "strategy_runner", flaky)
+    out = tmp_path / "bench.json"
+    argv = ["--out", str(out), "--models", "logreg", "--cohorts", "4", "--repeats", "1"]
+    argv += ["--min_seconds", "0", "--max_seconds", "1", "--no-check"]
+    assert bench.main(argv) == 0
+    rows = {r["strategy"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {*bench.STRATEGIES, bench.REFERENCE, bench.FUSED}
+    assert rows["vmap"]["failed"].startswith("RuntimeError: RESOURCE_EXHAUSTED")
+    assert rows["chunked"]["failed"] == "MemoryError: first round out of memory"
+    for name in ("vmap", "chunked"):
+        assert rows[name]["clients_per_s"] is None and rows[name]["match"] is None
+    for name in ("sequential", "auto", bench.REFERENCE, bench.FUSED):
+        assert "failed" not in rows[name] and rows[name]["clients_per_s"] > 0
+        assert rows[name]["match"] is True
+    # fs.simulate's measured auto skips a candidate that fails, as this picks from the rest.
+    assert rows["auto"]["measured_auto"] == "sequential"
+    printed = capsys.readouterr().out
+    assert "FAILED RuntimeError: RESOURCE_EXHAUSTED" in printed
+    assert "measured auto picks sequential" in printed
+
+
+def test_bench_gpu_table_shapes_and_refusal_on_cpu(tmp_path):
+    bench = load_script()
+    with pytest.raises(SystemExit, match="--gpu on a CPU backend.*--cohorts"):
+        bench.main(["--out", str(tmp_path / "b.json"), "--gpu"])
+    args = bench.parse_args(["--out", "b.json", "--gpu", "--cohorts", "3"])
+    assert bench.select_cases(args) == [("cnn_emnist", 3), ("resnet18_gn", 3)]
+    args = bench.parse_args(["--out", "b.json", "--gpu", "--cohorts", "3,1000"])
+    assert ("resnet18_gn", 1000) not in bench.select_cases(args)  # capped on a CPU
+    cohort = bench.make_cohort(3, bench.parse_args(["--out", "b.json"]), "resnet18_gn")
+    assert cohort.batches["x"].shape[-3:] == (32, 32, 3)  # CIFAR-10's images
+    assert int(np.max(cohort.batches["y"])) < 10
+    assert bench.get_model("resnet18_gn").input_shape == (32, 32, 3)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", "b.json", "--strategies", "vmap,nope"])
