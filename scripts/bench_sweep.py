@@ -37,7 +37,9 @@ rounding on these random labels). ``--skip-sweep`` runs only this.
     python scripts/bench_sweep.py --devices 1 --skip-sweep --two-nn-rounds 5
 
 ``--step-costs`` also times what the vectorized program does per local step: the default
-config's logistic-regression step alone and vmapped over 4 and 16 members (``member_step_costs``).
+config's logistic-regression step alone and vmapped over 4 and 16 members (``member_step_costs``),
+and a bound on any layout: the step written by hand with 1, 4 and 16 members' kernels side by
+side in one matmul.
 
 Exit status 1 when a member differs from its solo run (or, with ``--min-ratio``, when the
 ratio is below it), or the 2NN's params differ from NumPy's by 1e-4 or more (or, with
@@ -157,7 +159,31 @@ def member_step_costs(steps: int = 2000, repeats: int = 5) -> dict:
         out[f"vmap{m}_shared_steps"] = per_step(shared, *stacked(m), steps)
     own = jax.jit(jax.vmap(train, in_axes=(0, 0, 0)))
     out["vmap16_own_steps"] = per_step(own, *stacked(16), jnp.full((16,), steps))
+
+    # A bound on what any layout of the vectorized step could reach (``side_by_side_sgd``).
+    for m in (1, 4, 16):
+        wide = jnp.zeros((60, m, 10)), jnp.zeros((m, 10)), jnp.full((m,), 0.01)
+        fn = jax.jit(side_by_side_sgd, static_argnums=4)
+        out[f"by_hand{m}_side_by_side"] = per_step(fn, *wide, batches, steps)
     return out
+
+
+def side_by_side_sgd(kernel, bias, lr, batches, steps: int):
+    """``steps`` SGD steps of ``m`` logistic-regression members on the same batches, written
+    by hand with the members' kernels side by side (``kernel [d, m, classes]``, ``bias [m,
+    classes]``, ``lr [m]``): one matmul each way per step, no transposes, no mask, metrics or
+    keys; the mean cross-entropy over each batch, as ``local_train`` on full batches."""
+    classes = kernel.shape[-1]
+
+    def body(i, carry):
+        kernel, bias = carry
+        x, y = batches["x"][i], batches["y"][i]
+        probs = jax.nn.softmax(jnp.einsum("bd,dmc->bmc", x, kernel) + bias, axis=-1)
+        g = (probs - jax.nn.one_hot(y, classes)[:, None, :]) / x.shape[0]
+        kernel = kernel - lr[None, :, None] * jnp.einsum("bd,bmc->dmc", x, g)
+        return kernel, bias - lr[:, None] * g.sum(axis=0)
+
+    return jax.lax.fori_loop(0, steps, body, (kernel, bias))
 
 
 def two_nn_leaves(params) -> list[np.ndarray]:

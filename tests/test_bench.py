@@ -157,3 +157,33 @@ def test_bench_gpu_table_shapes_and_refusal_on_cpu(tmp_path):
     assert bench.get_model("resnet18_gn").input_shape == (32, 32, 3)
     with pytest.raises(SystemExit):
         bench.parse_args(["--out", "b.json", "--strategies", "vmap,nope"])
+
+
+def test_bench_sweep_by_hand_bound_is_the_members_own_sgd():
+    # The per-step bound bench_sweep.py times trains what each member's local_train trains.
+    from fedjax_sim.core.client import local_train
+    from fedjax_sim.core.task import mean_loss_fn
+
+    module = load_script("bench_sweep")
+    model = fs.get_model("logreg", num_classes=10, input_shape=(60,))
+    rng = np.random.default_rng(0)
+    batches = {
+        "x": jax.numpy.asarray(rng.random((5, 10, 60), dtype=np.float32)),
+        "y": jax.numpy.asarray(rng.integers(0, 10, (5, 10)), jax.numpy.int32),
+    }
+    params = model.init(jax.random.key(0))
+    (name,) = params  # one dense layer: {"kernel": [60, 10], "bias": [10]}
+    lrs = [0.5, 2.0]
+    kernel = np.stack([np.asarray(params[name]["kernel"])] * 2, axis=1)
+    bias = np.stack([np.asarray(params[name]["bias"])] * 2)
+    wide_k, wide_b = module.side_by_side_sgd(
+        jax.numpy.asarray(kernel), jax.numpy.asarray(bias), jax.numpy.asarray(lrs), batches, 5
+    )
+    for m, lr in enumerate(lrs):
+        solo = local_train(
+            params, batches, jax.numpy.ones((5, 10), bool), jax.random.key(1),
+            loss_fn=mean_loss_fn(model), optimizer=optax.sgd(lr),
+        ).params[name]  # fmt: skip
+        np.testing.assert_allclose(wide_k[:, m], solo["kernel"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(wide_b[m], solo["bias"], rtol=1e-5, atol=1e-6)
+        assert not np.allclose(solo["kernel"], params[name]["kernel"])  # it trained
