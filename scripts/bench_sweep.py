@@ -236,9 +236,8 @@ def bench_two_nn(rounds: int, devices: int) -> dict:
     # NumPy's rounds read the packed batches from memory; ours from the devices, where the
     # cohort is placed once, split over them (as scripts/bench.py times rounds). The same
     # rounds with the host cohort sent every round are timed too (``..._from_host_s``).
-    on_devices = cohort
-    if mesh is not None:
-        on_devices = jax.device_put(cohort, NamedSharding(mesh, PartitionSpec(CLIENT_AXIS)))
+    split = None if mesh is None else NamedSharding(mesh, PartitionSpec(CLIENT_AXIS))
+    on_devices = jax.device_put(cohort, split)
     times: dict[str, list[float]] = {"devices": [], "host": []}
     state, ours = algo.init(init), None
     for r in range(2 * (rounds + 1)):  # interleaved; the first round of each compiles
