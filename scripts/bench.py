@@ -23,11 +23,17 @@ table: the EMNIST CNN (28x28x1, 62 classes) and ResNet-18-GN (CIFAR-10's 32x32x3
 at cohorts of 10, 100 and 1000, MFU against an 8192 x 8192 float32 matmul measured in the same
 run (``--peak_n``; at JAX's default precision, TF32 on recent NVIDIA GPUs), the compiled
 program's memory (``mem MiB``) and the device allocator's peak after each program's first round
-(``dev MiB``), and in the ``auto`` row both the fixed rule ``fs.Executor("auto")`` runs and what
+(``peak MiB``: the process's peak so far, which never goes down, JAX cannot reset it; so it
+is an upper bound of that program's, and grows only where a program needs more), and in
+the ``auto`` row both the fixed rule ``fs.Executor("auto")`` runs and what
 ``fs.simulate``'s measured ``auto`` picks from the same timings. On a CPU it needs ``--cohorts``
-(``--gpu --cohorts 2`` runs the table's code path in about two minutes). A program that cannot
-be compiled or fails in its first round (out of device memory, say) becomes a row that says
-why (``FAILED ...``); the case's other programs still run (``--strategies`` drops some).
+(``--gpu --cohorts 2 --examples_per_client 4 --batch_size 2 --repeats 1`` runs the table's
+code path in about two minutes). A program that runs out of memory while compiling or in its
+first round becomes a row that says so (``FAILED ...``) and the case's other programs still
+run (``--strategies`` drops some); any other error stops the run. On a GPU the ``auto`` row
+is the fixed rule's ``vmap``: where a vmapped cohort runs out of memory (ResNet-18-GN at 1000
+clients may), that row fails and so does the check ``auto >= 0.9x best``, while the measured
+``auto`` of ``fs.simulate`` skips the failed candidate (the note says what it picks).
 
     python scripts/bench.py --out bench_gpu.json --gpu
 
@@ -302,22 +308,40 @@ class Runner:
         return dt
 
 
-class FailedRunner(Runner):
-    """A program that could not be compiled or run (out of device memory, say): its row says
-    why, and the case's other programs still run."""
+# What an out-of-memory error says (XLA's RESOURCE_EXHAUSTED, allocators' messages).
+OUT_OF_MEMORY = ("resource_exhausted", "out of memory")
 
-    def __init__(self, name: str, error: BaseException, *, algorithm: str = "fedavg"):
-        super().__init__(name, None, math.nan, None, algorithm=algorithm)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        self.error = f"{type(error).__name__}: {first}"[:300]
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a program running out of memory (any other error is a bug)."""
+    text = f"{type(error).__name__}: {error}".lower()
+    return isinstance(error, MemoryError) or any(s in text for s in OUT_OF_MEMORY)
+
+
+class FailedRunner(Runner):
+    """A program that ran out of memory while compiling or in its first round: its row says
+    why (and keeps its compile time and memory when it got that far); the case's other
+    programs still run."""
+
+    def __init__(self, name: str, error: BaseException, *, algorithm: str = "fedavg", like=None):
+        compile_s, memory = (math.nan, None) if like is None else (like.compile_s, like.memory)
+        super().__init__(name, None, compile_s, memory, algorithm=algorithm)
+        self.error = first_line(error)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
 def attempt(name: str, algorithm: str, build: Callable[[], Runner]) -> Runner:
-    """``build()``, or a ``FailedRunner`` saying why it raised."""
+    """``build()``, or a ``FailedRunner`` when it runs out of memory (anything else raises)."""
     try:
         return build()
-    except Exception as e:  # noqa: BLE001 - e.g. RESOURCE_EXHAUSTED: a row, not a crash
-        log(f"{name} ({algorithm}) failed: {e!s:.300}")
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        log(f"{name} ({algorithm}) failed: {first_line(e)}")
         return FailedRunner(name, e, algorithm=algorithm)
 
 
@@ -815,9 +839,11 @@ def run_case(model_name: str, num_clients: int, args, peak_flops: float) -> list
         rss0 = peak_rss_mib()
         try:
             r.first_s = r.run_once()
-        except Exception as e:  # noqa: BLE001 - out of memory in its first round, say
-            log(f"{label(r)} failed in its first round: {e!s:.300}")
-            runners[i] = FailedRunner(r.name, e, algorithm=r.algorithm)
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            log(f"{label(r)} failed in its first round: {first_line(e)}")
+            runners[i] = FailedRunner(r.name, e, algorithm=r.algorithm, like=r)
             del r
             continue
         r.extra["rss_hwm_growth_mib"] = peak_rss_mib() - rss0
@@ -964,11 +990,14 @@ def failed_row(r: FailedRunner, model_name: str, num_clients: int, mesh) -> dict
         "resolved": fs.resolve_strategy("auto") if r.name == "auto" else None,
         "failed": r.error,
         "remeasured": False,
-        "device_peak_mib": device_peak_mib(),
+        "device_peak_mib": None,
+        "compile_s": None if math.isnan(r.compile_s) else r.compile_s,
+        "memory": r.memory,
+        "mem_mib": r.memory["total_mib"] if r.memory else None,
     }
     for k in ("best_s", "median_s", "clients_per_s", "examples_per_s", "gflops_per_s", "mfu"):
         row[k] = None
-    for k in ("compile_s", "mem_mib", "params_rel_err", "update_rel_err", "match"):
+    for k in ("params_rel_err", "update_rel_err", "match"):
         row[k] = None
     for k in ("x_best", "x_ref", "x_fused", "x_ref_median"):
         row[k] = None
@@ -977,14 +1006,16 @@ def failed_row(r: FailedRunner, model_name: str, num_clients: int, mesh) -> dict
 
 def measured_auto(group_rows: list[dict], num_clients: int, mesh, args) -> None:
     """What ``fs.simulate``'s measured ``auto`` (``driver.autotune``) would pick from these
-    timings: the fastest of its candidates that ran, written into the ``auto`` row (the
-    ``auto`` program itself is ``fs.Executor("auto")``, the fixed rule)."""
-    per_device = num_clients // (1 if mesh is None else mesh.size)
+    timings: the fastest of its candidates that ran, written into the ``auto`` row with the
+    candidates compared (the ``auto`` program itself is ``fs.Executor("auto")``, the fixed
+    rule)."""
+    per_device = -(-num_clients // (1 if mesh is None else mesh.size))  # as the driver counts
     names = autotune.candidates(per_device, args.chunk_size)
     timed = {r["strategy"]: r["best_s"] for r in group_rows if r["strategy"] in names}
     for row in group_rows:
         if row["strategy"] == "auto" and timed:
             row["measured_auto"] = min(timed, key=timed.get)
+            row["measured_auto_of"] = sorted(timed)
 
 
 def controls_of(aux) -> tuple[Any, Any]:
@@ -1013,7 +1044,7 @@ COLUMNS = (
     ("MFU %", 6, "{:.2f}"),
     ("compile s", 9, "{:.2f}"),
     ("mem MiB", 9, "{:.1f}"),
-    ("dev MiB", 8, "{:.0f}"),
+    ("peak MiB", 8, "{:.0f}"),
     ("note", 0, "{}"),
 )
 
@@ -1036,7 +1067,8 @@ def table_row(row: dict) -> str:
     if row["remeasured"]:
         notes.append("re-timed")
     if row.get("measured_auto"):
-        notes.append(f"measured auto picks {row['measured_auto']}")
+        of = ", ".join(row["measured_auto_of"])
+        notes.append(f"measured auto picks {row['measured_auto']} (of {of})")
     if row.get("failed"):
         notes.append(f"FAILED {row['failed']}")
     values = (
@@ -1358,7 +1390,7 @@ def metadata(args, peak_start: float, peak_end: float) -> dict:
         "peak_gflops_end": peak_end / 1e9,
         "peak_method": f"best of 10 float32 jnp.dot {args.peak_n}x{args.peak_n} (2*n^3 FLOPs), "
         "start and end, at JAX's default matmul precision (TF32 on recent NVIDIA GPUs)",
-        "matmul_precision": str(jax.config.jax_default_matmul_precision),
+        "matmul_precision": jax.config.jax_default_matmul_precision or "default",
         "auto_rule": "fedjax_sim.core.execution.resolve_strategy",
         "algorithms": list(args.algorithm_list),
         "round_state": "donated; each timed round's new state feeds the next (as the driver "

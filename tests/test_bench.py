@@ -133,16 +133,44 @@ def test_bench_failed_program_is_a_row_and_the_rest_still_run(tmp_path, capsys, 
     assert rows["chunked"]["failed"] == "MemoryError: first round out of memory"
     for name in ("vmap", "chunked"):
         assert rows[name]["clients_per_s"] is None and rows[name]["match"] is None
+    assert rows["vmap"]["compile_s"] is None  # it never compiled
+    assert rows["chunked"]["compile_s"] > 0 and rows["chunked"]["mem_mib"] > 0  # it did
     for name in ("sequential", "auto", bench.REFERENCE, bench.FUSED):
         assert "failed" not in rows[name] and rows[name]["clients_per_s"] > 0
         assert rows[name]["match"] is True
     # fs.simulate's measured auto skips a candidate that fails, as this picks from the rest.
     assert rows["auto"]["measured_auto"] == "sequential"
+    assert rows["auto"]["measured_auto_of"] == ["sequential"]
     printed = capsys.readouterr().out
     assert "FAILED RuntimeError: RESOURCE_EXHAUSTED" in printed
-    assert "measured auto picks sequential" in printed
+    assert "measured auto picks sequential (of sequential)" in printed
 
 
+def test_bench_a_failed_auto_fails_its_check_and_other_errors_stop_the_run(tmp_path, monkeypatch):
+    bench = load_script()
+    real = bench.strategy_runner
+    error = {"auto": RuntimeError("RESOURCE_EXHAUSTED: out of memory")}
+
+    def failing(strategy, *args, **kwargs):
+        if strategy in error:
+            raise error[strategy]
+        return real(strategy, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "strategy_runner", failing)
+    argv = ["--out", str(tmp_path / "b.json"), "--models", "logreg", "--cohorts", "4"]
+    argv += ["--repeats", "1", "--min_seconds", "0", "--max_seconds", "1"]
+    argv += ["--strategies", "sequential,auto"]
+    assert bench.main(argv) == 1  # the checks run: the auto the table measures failed
+    checks = {c["name"]: c for c in json.loads((tmp_path / "b.json").read_text())["checks"]}
+    check = checks[f"auto >= {bench.AUTO_VS_BEST_TARGET:g}x best everywhere"]
+    assert check["passed"] is False and "auto failed in logreg C=4" in check["detail"]
+    # A bug is not an out-of-memory row: it stops the run.
+    error["auto"] = TypeError("unexpected keyword argument")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        bench.main(argv)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the refusal and caps are a CPU's")
 def test_bench_gpu_table_shapes_and_refusal_on_cpu(tmp_path):
     bench = load_script()
     with pytest.raises(SystemExit, match="--gpu on a CPU backend.*--cohorts"):
