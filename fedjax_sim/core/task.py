@@ -17,13 +17,16 @@ real token (next-token prediction).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_sim.core.types import Array, Model, Params, PRNGKey
+from fedjax_sim.models.rewrite import fast_gradients
 
 # (params, batch, mask, key, *, train) -> (loss_sum, weight), float32 scalars
 TaskLoss = Callable[..., tuple[Array, Array]]
@@ -184,11 +187,17 @@ def mean_loss_fn(task: Model | Task, *, train: bool = True) -> MeanLossFn:
     Returns:
       ``(params, batch, mask, key) -> (loss_sum / max(weight, 1), weight)``, to use with
       ``jax.value_and_grad(..., has_aux=True)``; ``weight`` is the number of real units.
+      For a model with 4-D parameters (convolution kernels), the loss is traced through
+      ``models.rewrite.fast_gradients``: whatever framework the model is written in, its
+      stride-1 convolutions and 2x2 max-pools get loop-friendly gradients (the same values).
     """
     task = as_task(task)
+    loss = functools.partial(task.loss, train=train)
+    fast = fast_gradients(loss)
 
     def loss_fn(params, batch, mask, key):
-        loss_sum, weight = task.loss(params, batch, mask, key, train=train)
+        convolutional = any(getattr(p, "ndim", 0) == 4 for p in jax.tree.leaves(params))
+        loss_sum, weight = (fast if convolutional else loss)(params, batch, mask, key)
         return loss_sum / jnp.maximum(weight, 1.0), weight
 
     return loss_fn

@@ -20,6 +20,7 @@ from fedjax_sim.models.lora import adapters_only, transformer_model
 from fedjax_sim.models.mlp import mlp
 from fedjax_sim.models.preprocess import with_image_preprocessing
 from fedjax_sim.models.resnet import resnet18_gn
+from fedjax_sim.models.rewrite import fast_gradients
 from fedjax_sim.models.rnn import lstm_shakespeare
 
 _REGISTRY: dict[str, Callable[..., Model]] = {
@@ -112,6 +113,7 @@ __all__ = [
     "conv_or_lax",
     "count_params",
     "fast_convs",
+    "fast_gradients",
     "get_builder",
     "get_model",
     "logreg",
