@@ -151,3 +151,55 @@ def test_functions_with_nothing_to_rewrite_are_called_as_they_are():
         )
     )(params)
     assert str(ours) == str(theirs)
+
+
+def test_what_the_loss_closes_over_is_read_afresh_in_every_trace():
+    # A LoRA-style conv model over a frozen base (fs.models.adapters_only): the base is a
+    # program argument (frozen.jit binds it), which the loss reads through its closure. Every
+    # trace must see its own: a cached jaxpr held the first program's tracer (a leak in the
+    # second program) or the first eager call's arrays (the bound value ignored).
+    from fedjax_sim.core import frozen as frozen_lib
+    from fedjax_sim.models.lora import adapters_only
+
+    def init(key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        return {
+            "conv": {
+                "kernel": 0.3 * jax.random.normal(k1, (3, 3, 1, 4)),
+                "lora_a": 0.1 * jax.random.normal(k2, (3, 3, 1, 2)),
+                "lora_b": jnp.zeros((1, 1, 2, 4)),
+            },
+            "dense": {"kernel": 0.1 * jax.random.normal(k3, (6 * 6 * 4, 10))},
+        }
+
+    def apply(p, x, *, train, key=None):
+        del train, key
+        c, conv = (
+            p["conv"],
+            lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC),
+        )
+        y = conv(x, c["kernel"]) + conv(conv(x, c["lora_a"]), c["lora_b"])
+        return jax.nn.relu(y).reshape((y.shape[0], -1)) @ p["dense"]["kernel"]
+
+    base = fs.Model(init, apply, fs.models.softmax_cross_entropy, "conv_lora", (6, 6, 1))
+    model = adapters_only(base, init(jax.random.key(0)))
+    params = model.init(jax.random.key(1))
+    loss_fn = mean_loss_fn(model)
+    batch, mask = _batch((6, 6, 1), 10, n=4), jnp.ones((4,), bool)
+    eager = loss_fn(params, batch, mask, None)[0]
+    zeroed = jax.tree.map(jnp.zeros_like, model.frozen.value)
+    with model.frozen.bound(zeroed):
+        assert not np.allclose(loss_fn(params, batch, mask, None)[0], eager)
+    for steps in (2, 3):  # two programs, two traces of the same loss function
+        batches = {k: jnp.stack([v] * steps) for k, v in batch.items()}
+        masks = jnp.ones((steps, 4), bool)
+        train = frozen_lib.jit(
+            lambda p, b, m: (
+                local_train(
+                    p, b, m, jax.random.key(3), loss_fn=loss_fn, optimizer=optax.sgd(0.1)
+                ).params
+            ),
+            model.frozen,
+        )
+        assert not train.trace(params, batches, masks).jaxpr.consts  # the base: an argument
+        jax.block_until_ready(train(params, batches, masks))

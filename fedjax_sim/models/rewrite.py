@@ -3,16 +3,20 @@
 ``model_from_linen`` gives a Flax Linen model the loop-friendly convolution and max-pool of the
 built-in models (``conv.fast_convs``) by intercepting the layers. A model written any other way
 (a hand-written ``fs.Model`` calling ``lax.conv_general_dilated``, a Linen module applied
-without ``model_from_linen``, an NNX or Equinox model) reaches XLA:CPU's naive convolution
-gradients inside the round's loops (jax-ml/jax#12868: 10x slower per round for the EMNIST CNN)
-and ``reduce_window``'s slow max-pool gradient. :func:`fast_gradients` works below every
-framework: it traces the function to a jaxpr and evaluates that jaxpr with each covered
-``conv_general_dilated`` (stride 1, undilated, ungrouped, NHWC/HWIO) computed by
-``conv.conv2d`` and each 2x2, stride-2, unpadded ``reduce_window_max`` over NHWC by
-``pool.max_pool_2x2``: the same values (the same forward operations), the gradients of their
-custom VJPs (equal to float32 rounding, and bitwise for the pool). Nested ``jit`` calls are
-inlined so their convolutions are reached too; everything else is bound as traced.
-``core.task.mean_loss_fn`` applies it to the training loss of every model with 4-D parameters.
+without ``model_from_linen``, an NNX model) reaches XLA:CPU's naive convolution gradients inside
+the round's loops (jax-ml/jax#12868: 10x slower per round for the EMNIST CNN) and
+``reduce_window``'s slow max-pool gradient; so would Equinox's, whose NCHW convolutions this
+does not cover. :func:`fast_gradients` works below the framework: it traces the function to a
+jaxpr and evaluates that jaxpr with each covered ``conv_general_dilated`` (stride 1, undilated,
+ungrouped, NHWC/HWIO) computed by ``conv.conv2d`` and each 2x2, stride-2, unpadded
+``reduce_window_max`` by ``pool.max_pool_2x2``: the same values (the same forward operations), the gradients of their
+custom VJPs (equal to float32 rounding, and bitwise for the pool). Nested ``jit`` calls holding
+such layers are inlined so they are reached too; everything else is bound as traced, so layers
+inside ``jax.checkpoint``, ``scan``, ``cond`` or custom derivative rules keep lax's (slow)
+gradients, with the same values. ``core.task.mean_loss_fn`` applies it to the training loss of
+every model with 4-D parameters. What it cannot give: forward-mode derivatives (``jax.jvp``,
+``jax.jacfwd``, ``jax.hessian``) of the rewritten loss, as of any custom-VJP function (reverse
+mode and ``jax.linearize`` work); and layer names in profiles of the rewritten layers.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ _REWRITES = {
     lax.conv_general_dilated_p: (_conv_covered, _fast_conv),
     lax.reduce_window_max_p: (_pool_covered, _fast_pool),
 }
-_INLINED = ("pjit", "jit", "closed_call")
+_INLINED = "jit"  # nested jit calls: inlined where they hold a covered equation
 
 
 def _covered(jaxpr) -> bool:
@@ -79,10 +83,15 @@ def _covered(jaxpr) -> bool:
         rule = _REWRITES.get(eqn.primitive)
         if rule is not None and rule[0](eqn, *(v.aval for v in eqn.invars)):
             return True
-        inner = eqn.params.get("jaxpr") if eqn.primitive.name in _INLINED else None
-        if inner is not None and _covered(getattr(inner, "jaxpr", inner)):
+        if _inlined(eqn) is not None:
             return True
     return False
+
+
+def _inlined(eqn):
+    """The closed jaxpr of a jit call holding a covered equation (to inline), else None."""
+    inner = eqn.params.get("jaxpr") if eqn.primitive.name == _INLINED else None
+    return inner if inner is not None and _covered(inner.jaxpr) else None
 
 
 def _evaluate(jaxpr, consts, args) -> list[Any]:
@@ -102,8 +111,7 @@ def _evaluate(jaxpr, consts, args) -> list[Any]:
         rule = _REWRITES.get(eqn.primitive)
         if rule is not None and rule[0](eqn, *invals):
             out = [rule[1](eqn, *invals)]
-        elif eqn.primitive.name in _INLINED and "jaxpr" in eqn.params:
-            inner = eqn.params["jaxpr"]
+        elif (inner := _inlined(eqn)) is not None:
             out = _evaluate(inner.jaxpr, inner.consts, invals)
         if out is None:
             with eqn.ctx.manager:
@@ -121,7 +129,10 @@ def fast_gradients(fn: Callable) -> Callable:
     nothing to rewrite is called as is (one extra trace to find that out)."""
 
     def wrapped(*args):
-        closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+        # A fresh function each call: make_jaxpr caches by the function's identity and the
+        # arguments' shapes, and a cached jaxpr would hold the values ``fn`` closed over when
+        # it was first traced (a frozen base from another program's trace, say).
+        closed, shapes = jax.make_jaxpr(lambda *a: fn(*a), return_shape=True)(*args)
         if not _covered(closed.jaxpr):
             return fn(*args)
         flat = _evaluate(closed.jaxpr, closed.consts, jax.tree.leaves(args))
