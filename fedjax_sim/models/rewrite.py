@@ -9,14 +9,15 @@ the round's loops (jax-ml/jax#12868: 10x slower per round for the EMNIST CNN) an
 does not cover. :func:`fast_gradients` works below the framework: it traces the function to a
 jaxpr and evaluates that jaxpr with each covered ``conv_general_dilated`` (stride 1, undilated,
 ungrouped, NHWC/HWIO) computed by ``conv.conv2d`` and each 2x2, stride-2, unpadded
-``reduce_window_max`` by ``pool.max_pool_2x2``: the same values (the same forward operations), the gradients of their
-custom VJPs (equal to float32 rounding, and bitwise for the pool). Nested ``jit`` calls holding
-such layers are inlined so they are reached too; everything else is bound as traced, so layers
-inside ``jax.checkpoint``, ``scan``, ``cond`` or custom derivative rules keep lax's (slow)
-gradients, with the same values. ``core.task.mean_loss_fn`` applies it to the training loss of
-every model with 4-D parameters. What it cannot give: forward-mode derivatives (``jax.jvp``,
-``jax.jacfwd``, ``jax.hessian``) of the rewritten loss, as of any custom-VJP function (reverse
-mode and ``jax.linearize`` work); and layer names in profiles of the rewritten layers.
+``reduce_window_max`` by ``pool.max_pool_2x2``: the same values (the same forward operations),
+the gradients of their custom VJPs (equal to float32 rounding, and bitwise for the pool). Nested
+``jit`` calls holding such layers are inlined so they are reached too; everything else is bound
+as traced, so layers inside ``jax.checkpoint``, ``scan``, ``cond`` or custom derivative rules
+keep lax's (slow) gradients, with the same values. ``core.task.mean_loss_fn`` applies it to the
+training loss of every model with 4-D parameters. What it cannot give: forward-mode derivatives
+(``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) of the rewritten loss, as of any custom-VJP
+function (reverse mode and ``jax.linearize`` work); and layer names in profiles of the rewritten
+layers.
 """
 
 from __future__ import annotations
