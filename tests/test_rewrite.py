@@ -140,6 +140,12 @@ def test_functions_with_nothing_to_rewrite_are_called_as_they_are():
 
     x = jnp.asarray(np.random.default_rng(0).random((2, 6, 6, 3), dtype=np.float32))
     assert str(jax.make_jaxpr(fast_gradients(pooled))(x)) == str(jax.make_jaxpr(pooled)(x))
+    # It looks once per argument shapes: later calls trace the function only to run it.
+    traces = []
+    counted = fast_gradients(lambda x: traces.append(1) or pooled(x))
+    for _ in range(3):
+        jax.make_jaxpr(lambda x: counted(x))(x)  # a new outer function: make_jaxpr caches
+    assert len(traces) == 4  # looking and running, then running twice
     mlp = fs.get_model("mlp", num_classes=10, input_shape=(28, 28, 1))
     params = mlp.init(jax.random.key(0))
     batch, mask = _batch((28, 28, 1), 10), jnp.ones((6,), bool)

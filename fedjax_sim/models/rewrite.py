@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex_core
 
@@ -127,16 +128,23 @@ def fast_gradients(fn: Callable) -> Callable:
     """``fn`` with its covered convolutions and 2x2 max-pools computed by the loop-friendly
     custom-VJP versions (see the module docstring): the same values, fast gradients inside
     ``lax`` loops on XLA:CPU. ``fn`` takes and returns pytrees of arrays; a function with
-    nothing to rewrite is called as is (one extra trace to find that out)."""
+    nothing to rewrite is called as is (one extra trace to find that out, once per argument
+    structure and shapes: remembered, since a wrong memory could only cost speed)."""
+    nothing_to_rewrite: set = set()
 
     def wrapped(*args):
+        leaves, tree = jax.tree.flatten(args)
+        shapes_in = (tree, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves))
+        if shapes_in in nothing_to_rewrite:
+            return fn(*args)
         # A fresh function each call: make_jaxpr caches by the function's identity and the
         # arguments' shapes, and a cached jaxpr would hold the values ``fn`` closed over when
         # it was first traced (a frozen base from another program's trace, say).
         closed, shapes = jax.make_jaxpr(lambda *a: fn(*a), return_shape=True)(*args)
         if not _covered(closed.jaxpr):
+            nothing_to_rewrite.add(shapes_in)
             return fn(*args)
-        flat = _evaluate(closed.jaxpr, closed.consts, jax.tree.leaves(args))
+        flat = _evaluate(closed.jaxpr, closed.consts, leaves)
         return jax.tree.unflatten(jax.tree.structure(shapes), flat)
 
     return wrapped
