@@ -209,3 +209,32 @@ def test_what_the_loss_closes_over_is_read_afresh_in_every_trace():
         )
         assert not train.trace(params, batches, masks).jaxpr.consts  # the base: an argument
         jax.block_until_ready(train(params, batches, masks))
+
+
+def test_channels_first_layers_are_computed_channels_last_with_the_same_values():
+    # Equinox's and PyTorch-style models: NCHW/OIHW convolutions and pools over dims 2 and 3,
+    # computed in NHWC and transposed back (the values to float rounding, the pool's exact).
+    nchw = ("NCHW", "OIHW", "NCHW")
+
+    def loss(params, x):
+        y = lax.conv_general_dilated(x, params["w1"], (1, 1), "SAME", dimension_numbers=nchw)
+        y = lax.reduce_window(
+            jax.nn.relu(y), -jnp.inf, lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID"
+        )
+        y = lax.conv_general_dilated(y, params["w2"], (1, 1), "VALID", dimension_numbers=nchw)
+        return jnp.sum(jnp.tanh(y) ** 2)
+
+    rng = np.random.default_rng(0)
+    params = {
+        "w1": jnp.asarray(0.3 * rng.standard_normal((8, 3, 3, 3)), jnp.float32),
+        "w2": jnp.asarray(0.3 * rng.standard_normal((4, 8, 3, 3)), jnp.float32),
+    }
+    x = jnp.asarray(rng.random((2, 3, 9, 9), dtype=np.float32))
+    fast = fast_gradients(loss)
+    top = _top_level(fast, params, x)
+    assert top["custom_vjp_call"] == 3 and not SLOW & set(top)
+    np.testing.assert_allclose(fast(params, x), loss(params, x), rtol=1e-6)
+    got, want = jax.grad(fast)(params, x), jax.grad(loss)(params, x)
+    for name in params:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+        assert np.abs(np.asarray(want[name])).max() > 1e-3

@@ -188,7 +188,7 @@ def mean_loss_fn(task: Model | Task, *, train: bool = True) -> MeanLossFn:
       ``(params, batch, mask, key) -> (loss_sum / max(weight, 1), weight)``, to use with
       ``jax.value_and_grad(..., has_aux=True)``; ``weight`` is the number of real units.
       For a model with 4-D parameters (convolution kernels), the loss is traced through
-      ``models.rewrite.fast_gradients``: however the model is written, its stride-1 NHWC
+      ``models.rewrite.fast_gradients``: however the model is written, its stride-1 2-D
       convolutions and 2x2 max-pools get loop-friendly gradients (the same values; reverse
       mode only: ``jax.jvp``/``jax.jacfwd`` of such a loss raise, as of any custom VJP).
     """

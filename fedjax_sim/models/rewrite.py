@@ -3,21 +3,22 @@
 ``model_from_linen`` gives a Flax Linen model the loop-friendly convolution and max-pool of the
 built-in models (``conv.fast_convs``) by intercepting the layers. A model written any other way
 (a hand-written ``fs.Model`` calling ``lax.conv_general_dilated``, a Linen module applied
-without ``model_from_linen``, an NNX model) reaches XLA:CPU's naive convolution gradients inside
-the round's loops (jax-ml/jax#12868: 10x slower per round for the EMNIST CNN) and
-``reduce_window``'s slow max-pool gradient; so would Equinox's, whose NCHW convolutions this
-does not cover. :func:`fast_gradients` works below the framework: it traces the function to a
-jaxpr and evaluates that jaxpr with each covered ``conv_general_dilated`` (stride 1, undilated,
-ungrouped, NHWC/HWIO) computed by ``conv.conv2d`` and each 2x2, stride-2, unpadded
-``reduce_window_max`` by ``pool.max_pool_2x2``: the same values (the same forward operations),
-the gradients of their custom VJPs (equal to float32 rounding, and bitwise for the pool). Nested
-``jit`` calls holding such layers are inlined so they are reached too; everything else is bound
-as traced, so layers inside ``jax.checkpoint``, ``scan``, ``cond`` or custom derivative rules
-keep lax's (slow) gradients, with the same values. ``core.task.mean_loss_fn`` applies it to the
-training loss of every model with 4-D parameters. What it cannot give: forward-mode derivatives
-(``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) of the rewritten loss, as of any custom-VJP
-function (reverse mode and ``jax.linearize`` work); and layer names in profiles of the rewritten
-layers.
+without ``model_from_linen``, an NNX or Equinox model) reaches XLA:CPU's naive convolution
+gradients inside the round's loops (jax-ml/jax#12868: 10x slower per round for the EMNIST CNN)
+and ``reduce_window``'s slow max-pool gradient. :func:`fast_gradients` works below the
+framework: it traces the function to a jaxpr and evaluates that jaxpr with each covered
+``conv_general_dilated`` (2-D, stride 1, undilated, ungrouped, any layout) computed by
+``conv.conv2d`` and each 2x2, stride-2, unpadded ``reduce_window_max`` over two dims of a 4-D
+array by ``pool.max_pool_2x2``, channels-first operands (NCHW/OIHW) transposed to channels-last
+and back: the same values (bitwise for NHWC layers and every pool; to float32 rounding for a
+channels-first convolution, computed in another layout), the gradients of their custom VJPs
+(equal to float32 rounding, and bitwise for the pool). Nested ``jit`` calls holding such layers
+are inlined so they are reached too; everything else is bound as traced, so layers inside
+``jax.checkpoint``, ``scan``, ``cond`` or custom derivative rules keep lax's (slow) gradients,
+with the same values. ``core.task.mean_loss_fn`` applies it to the training loss of every model
+with 4-D parameters. What it cannot give: forward-mode derivatives (``jax.jvp``, ``jax.jacfwd``,
+``jax.hessian``) of the rewritten loss, as of any custom-VJP function (reverse mode and
+``jax.linearize`` work); and layer names in profiles of the rewritten layers.
 """
 
 from __future__ import annotations
@@ -27,48 +28,76 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
-from fedjax_sim.models.conv import _unsupported, conv2d
+from fedjax_sim.models.conv import conv2d
 from fedjax_sim.models.pool import max_pool_2x2
-
-_POOL = {
-    "window_dimensions": (1, 2, 2, 1),
-    "window_strides": (1, 2, 2, 1),
-    "padding": ((0, 0),) * 4,
-    "base_dilation": (1, 1, 1, 1),
-    "window_dilation": (1, 1, 1, 1),
-}
 
 
 def _conv_covered(eqn, lhs, rhs) -> bool:
-    """Whether ``conv.conv2d`` computes this ``conv_general_dilated`` (arrays or avals)."""
+    """Whether ``conv.conv2d`` computes this ``conv_general_dilated`` (arrays or avals): a 2-D,
+    stride-1, undilated, ungrouped convolution in any layout, without negative padding."""
     p = eqn.params
-    if p.get("out_sharding") is not None or any(v < 0 for pair in p["padding"] for v in pair):
-        return False
-    return not _unsupported(
-        lhs, rhs, p["window_strides"], lhs_dilation=p["lhs_dilation"],
-        rhs_dilation=p["rhs_dilation"], dimension_numbers=p["dimension_numbers"],
-        feature_group_count=p["feature_group_count"], batch_group_count=p["batch_group_count"],
-        preferred_element_type=p["preferred_element_type"],
-    )  # fmt: skip
+    ones = (*p["window_strides"], *p["lhs_dilation"], *p["rhs_dilation"])
+    return (
+        lhs.ndim == 4
+        and rhs.ndim == 4
+        and all(v == 1 for v in ones)
+        and p["feature_group_count"] == 1
+        and p["batch_group_count"] == 1
+        and p["preferred_element_type"] is None
+        and p.get("out_sharding") is None
+        and all(v >= 0 for pair in p["padding"] for v in pair)
+    )
+
+
+def _pool_dims(eqn, x) -> tuple[int, int] | None:
+    """The two dims of a 2x2, stride-2, unpadded, undilated ``reduce_window_max`` over a 4-D
+    array (``(1, 2)`` for NHWC, ``(2, 3)`` for NCHW), else None."""
+    p = eqn.params
+    dims = tuple(i for i, w in enumerate(p["window_dimensions"]) if w != 1)
+    plain = (
+        x.ndim == 4
+        and len(dims) == 2
+        and all(p["window_dimensions"][i] == p["window_strides"][i] == 2 for i in dims)
+        and all(p["window_strides"][i] == 1 for i in range(4) if i not in dims)
+        and all(v == 0 for pair in p["padding"] for v in pair)
+        and all(v == 1 for v in (*p["base_dilation"], *p["window_dilation"]))
+    )
+    return dims if plain else None
 
 
 def _pool_covered(eqn, x) -> bool:
     """Whether ``pool.max_pool_2x2`` computes this ``reduce_window_max`` (array or aval)."""
-    return x.ndim == 4 and all(eqn.params[k] == v for k, v in _POOL.items())
+    return _pool_dims(eqn, x) is not None
 
 
 def _fast_conv(eqn, lhs, rhs):
-    return conv2d(
-        lhs, rhs, tuple(map(tuple, eqn.params["padding"])), precision=eqn.params["precision"]
-    )
+    """``conv.conv2d`` in NHWC/HWIO, the operands and result transposed from and to the
+    equation's layout (NCHW/OIHW, say) where it differs."""
+    spec = eqn.params["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = spec.lhs_spec, spec.rhs_spec, spec.out_spec
+    x = _transposed(lhs, (lhs_spec[0], lhs_spec[2], lhs_spec[3], lhs_spec[1]))
+    w = _transposed(rhs, (rhs_spec[2], rhs_spec[3], rhs_spec[1], rhs_spec[0]))
+    padding = tuple(map(tuple, eqn.params["padding"]))  # in the spatial order of the specs
+    y = conv2d(x, w, padding, precision=eqn.params["precision"])  # [N, H, W, O]
+    nhwc = (out_spec[0], out_spec[2], out_spec[3], out_spec[1])
+    return _transposed(y, tuple(int(i) for i in np.argsort(nhwc)))
+
+
+def _transposed(a, perm: tuple[int, ...]):
+    return a if perm == tuple(range(a.ndim)) else jnp.transpose(a, perm)
 
 
 def _fast_pool(eqn, x):
-    del eqn
-    return max_pool_2x2(x)
+    """``pool.max_pool_2x2`` over the window's two dims, moved to 1 and 2 and back."""
+    a, b = _pool_dims(eqn, x)
+    rest = [i for i in range(4) if i not in (a, b)]
+    perm = (rest[0], a, b, rest[1])
+    y = max_pool_2x2(_transposed(x, perm))
+    return _transposed(y, tuple(int(i) for i in np.argsort(perm)))
 
 
 # primitive -> (whether an equation is covered, what computes it instead)
