@@ -997,13 +997,10 @@ def failed_row(r: FailedRunner, model_name: str, num_clients: int, mesh) -> dict
         "memory": r.memory,
         "mem_mib": r.memory["total_mib"] if r.memory else None,
     }
-    for k in ("best_s", "median_s", "clients_per_s", "examples_per_s", "gflops_per_s", "mfu"):
-        row[k] = None
-    for k in ("params_rel_err", "update_rel_err", "match"):
-        row[k] = None
-    for k in ("x_best", "x_ref", "x_fused", "x_ref_median"):
-        row[k] = None
-    return row
+    timings = ("best_s", "median_s", "clients_per_s", "examples_per_s", "gflops_per_s", "mfu")
+    checks = ("params_rel_err", "update_rel_err", "match")
+    ratios = ("x_best", "x_ref", "x_fused", "x_ref_median")
+    return {**row, **dict.fromkeys((*timings, *checks, *ratios))}
 
 
 def measured_auto(group_rows: list[dict], num_clients: int, mesh, args) -> None:

@@ -94,7 +94,7 @@ class HostClientStates:
             )
         self.index: dict[int, int] = {}
         # Rows in order of first report; room doubles when full (no copy of them every round).
-        self.rows = jax.tree.map(lambda r: np.empty((16, *r.shape), r.dtype), self.initial_row)
+        self.rows = self._room()
         self._pending = None  # (client ids, the round's tables on the device), not yet read
 
     @property
@@ -179,4 +179,8 @@ class HostClientStates:
         self.index = {int(c): k for k, c in enumerate(ids[keep])}
         self.rows = jax.tree.map(lambda a: np.array(a)[keep], saved["rows"])
         if not self.count:  # room for the first reports
-            self.rows = jax.tree.map(lambda r: np.empty((16, *r.shape), r.dtype), self.initial_row)
+            self.rows = self._room()
+
+    def _room(self, rows: int = 16) -> PyTree:
+        """Empty tables of ``rows`` rows, for the first reports."""
+        return jax.tree.map(lambda r: np.empty((rows, *r.shape), r.dtype), self.initial_row)

@@ -83,12 +83,16 @@ def _fast_conv(eqn, lhs, rhs):
     w = _transposed(rhs, (rhs_spec[2], rhs_spec[3], rhs_spec[1], rhs_spec[0]))
     padding = tuple(map(tuple, eqn.params["padding"]))  # in the spatial order of the specs
     y = conv2d(x, w, padding, precision=eqn.params["precision"])  # [N, H, W, O]
-    nhwc = (out_spec[0], out_spec[2], out_spec[3], out_spec[1])
-    return _transposed(y, tuple(int(i) for i in np.argsort(nhwc)))
+    return _transposed_back(y, (out_spec[0], out_spec[2], out_spec[3], out_spec[1]))
 
 
 def _transposed(a, perm: tuple[int, ...]):
     return a if perm == tuple(range(a.ndim)) else jnp.transpose(a, perm)
+
+
+def _transposed_back(a, perm: tuple[int, ...]):
+    """The array whose ``_transposed(., perm)`` is ``a``."""
+    return _transposed(a, tuple(int(i) for i in np.argsort(perm)))
 
 
 def _fast_pool(eqn, x):
@@ -96,8 +100,7 @@ def _fast_pool(eqn, x):
     a, b = _pool_dims(eqn, x)
     rest = [i for i in range(4) if i not in (a, b)]
     perm = (rest[0], a, b, rest[1])
-    y = max_pool_2x2(_transposed(x, perm))
-    return _transposed(y, tuple(int(i) for i in np.argsort(perm)))
+    return _transposed_back(max_pool_2x2(_transposed(x, perm)), perm)
 
 
 # primitive -> (whether an equation is covered, what computes it instead)
