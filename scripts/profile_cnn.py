@@ -10,6 +10,7 @@ GFLOP/s it reaches, against a float32 matmul peak measured in the same run.
 
     python scripts/profile_cnn.py                 # batch 8, 200 steps per piece, ~1 min
     python scripts/profile_cnn.py --batch_size 10 --steps 500 --out profile.json
+    python scripts/profile_cnn.py --one_thread    # one XLA thread on one core, as a device runs
 
 ``--round`` profiles a whole compiled FedAvg round instead (``--clients`` clients of
 ``--examples`` examples, the sequential strategy over ``--devices`` virtual CPU devices): XLA's
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -33,9 +35,16 @@ import sys
 import tempfile
 from collections.abc import Callable
 
-if "--round" in sys.argv:  # XLA's per-operation trace events; set before JAX starts
+# Set before JAX starts: XLA's per-operation trace events (--round); one thread (--one_thread,
+# pinned to one core in main), as each of the round's per-core devices runs its clients.
+if "--round" in sys.argv:
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+    ).strip()
+if "--one_thread" in sys.argv:
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     ).strip()
 
 import jax
@@ -126,15 +135,21 @@ def pieces(batch: int):
         )  # fmt: skip
         return dw.transpose(1, 2, 0, 3)
 
-    def as_matmul(x, dy):
+    def as_matmul(x, dy, wide=False):
         p = jnp.concatenate(
             [x[:, i : i + 24, j : j + 24, :] for i in range(3) for j in range(3)], axis=-1
-        )
+        ).reshape(-1, 288)
         rows = (((0,), (0,)), ((), ()))
-        return lax.dot_general(p.reshape(-1, 288), dy.reshape(-1, 64), rows).reshape(3, 3, 32, 64)
+        if wide:  # the [64, 288] orientation, kept by a barrier (models/conv.py's _rows_product)
+            return lax.optimization_barrier(lax.dot_general(dy.reshape(-1, 64), p, rows)).T
+        return lax.dot_general(p, dy.reshape(-1, 64), rows)
 
     out["conv 32->64 kernel grad as a conv"] = (as_conv, (h1, dy))
-    out["conv 32->64 kernel grad im2col"] = (as_matmul, (h1, dy))
+    out["conv 32->64 kernel grad im2col [288,64]"] = (as_matmul, (h1, dy))
+    out["conv 32->64 kernel grad im2col [64,288]"] = (
+        functools.partial(as_matmul, wide=True),
+        (h1, dy),
+    )
     # Dropout's masks: random bits for the pooled activations and the hidden layer.
     out["dropout masks (random bits)"] = (
         lambda x, k: (
@@ -209,10 +224,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timings per piece (best kept)")
     p.add_argument("--out", default=None, help="JSON file to write")
     p.add_argument("--round", action="store_true", help="profile a whole round's operations")
+    p.add_argument("--one_thread", action="store_true", help="one XLA thread, pinned to one core")
     p.add_argument("--clients", type=int, default=10, help="--round: clients in the round")
     p.add_argument("--examples", type=int, default=32, help="--round: examples per client")
     p.add_argument("--devices", type=int, default=1, help="--round: virtual CPU devices")
     args = p.parse_args(argv)
+    if args.one_thread and hasattr(os, "sched_setaffinity"):  # before XLA starts its threads
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     if args.round:
         jax.config.update("jax_num_cpu_devices", args.devices)
         out = profile_round(args)
@@ -237,7 +255,8 @@ def main(argv=None) -> int:
             {"piece": name, "ms": 1e3 * seconds, "flops": flops, "gflops_s": flops / seconds / 1e9}
         )
     whole = rows[0]["ms"]
-    print(f"cnn_emnist, batch {args.batch_size}, {args.steps} steps in a fori_loop; "
+    threads = "one thread" if args.one_thread else "all threads"
+    print(f"cnn_emnist, batch {args.batch_size}, {args.steps} steps in a fori_loop, {threads}; "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
     print(f"{'piece':28s} {'ms/step':>8s} {'share':>6s} {'MFLOP':>8s} {'GFLOP/s':>8s}")
     for r in rows:
@@ -247,7 +266,12 @@ def main(argv=None) -> int:
     parts = sum(r["ms"] for r in rows[1:] if "kernel grad" not in r["piece"])
     print(f"{'sum of the pieces':28s} {parts:8.3f} {parts / whole:6.1%}")
     if args.out:
-        meta = {"batch_size": args.batch_size, "steps": args.steps, "peak_flops": peak}
+        meta = {
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "peak_flops": peak,
+            "one_thread": args.one_thread,
+        }
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     return 0
