@@ -10,7 +10,7 @@ GFLOP/s it reaches, against a float32 matmul peak measured in the same run.
 
     python scripts/profile_cnn.py                 # batch 8, 200 steps per piece, ~1 min
     python scripts/profile_cnn.py --batch_size 10 --steps 500 --out profile.json
-    python scripts/profile_cnn.py --one_thread    # one XLA thread on one core, as a device runs
+    python scripts/profile_cnn.py --one_thread    # on one core, as each of a round's devices
 
 ``--round`` profiles a whole compiled FedAvg round instead (``--clients`` clients of
 ``--examples`` examples, the sequential strategy over ``--devices`` virtual CPU devices): XLA's
@@ -35,16 +35,16 @@ import sys
 import tempfile
 from collections.abc import Callable
 
-# Set before JAX starts: XLA's per-operation trace events (--round); one thread (--one_thread,
-# pinned to one core in main), as each of the round's per-core devices runs its clients.
+# Set before JAX starts (hence allow_abbrev=False below): XLA's per-operation trace events
+# (--round); Eigen on one thread (--one_thread, the process pinned to one core in main), as
+# each of the round's per-core devices runs its clients.
 if "--round" in sys.argv:
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
     ).strip()
 if "--one_thread" in sys.argv:
     os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
     ).strip()
 
 import jax
@@ -218,13 +218,15 @@ def profile_round(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--steps", type=int, default=200, help="loop iterations per timing")
     p.add_argument("--repeats", type=int, default=3, help="timings per piece (best kept)")
     p.add_argument("--out", default=None, help="JSON file to write")
     p.add_argument("--round", action="store_true", help="profile a whole round's operations")
-    p.add_argument("--one_thread", action="store_true", help="one XLA thread, pinned to one core")
+    p.add_argument(
+        "--one_thread", action="store_true", help="Eigen on one thread, pinned to one core"
+    )
     p.add_argument("--clients", type=int, default=10, help="--round: clients in the round")
     p.add_argument("--examples", type=int, default=32, help="--round: examples per client")
     p.add_argument("--devices", type=int, default=1, help="--round: virtual CPU devices")
@@ -258,13 +260,13 @@ def main(argv=None) -> int:
     threads = "one thread" if args.one_thread else "all threads"
     print(f"cnn_emnist, batch {args.batch_size}, {args.steps} steps in a fori_loop, {threads}; "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
-    print(f"{'piece':28s} {'ms/step':>8s} {'share':>6s} {'MFLOP':>8s} {'GFLOP/s':>8s}")
+    print(f"{'piece':40s} {'ms/step':>8s} {'share':>6s} {'MFLOP':>8s} {'GFLOP/s':>8s}")
     for r in rows:
         r["share"] = r["ms"] / whole
-        print(f"{r['piece']:28s} {r['ms']:8.3f} {r['share']:6.1%} {r['flops'] / 1e6:8.1f} "
+        print(f"{r['piece']:40s} {r['ms']:8.3f} {r['share']:6.1%} {r['flops'] / 1e6:8.1f} "
               f"{r['gflops_s']:8.1f}")  # fmt: skip
     parts = sum(r["ms"] for r in rows[1:] if "kernel grad" not in r["piece"])
-    print(f"{'sum of the pieces':28s} {parts:8.3f} {parts / whole:6.1%}")
+    print(f"{'sum of the pieces':40s} {parts:8.3f} {parts / whole:6.1%}")
     if args.out:
         meta = {
             "batch_size": args.batch_size,

@@ -47,6 +47,8 @@ CONV_CASES = [
     ((1, 8, 8, 2), (1, 1, 2, 3), "VALID"),
     ((2, 5, 6, 2), (4, 2, 2, 3), "SAME"),
     ((1, 6, 6, 2), (2, 2, 2, 3), ((2, 0), (1, 3))),
+    ((2, 6, 6, 1), (3, 3, 1, 9), "VALID"),
+    ((2, 6, 5, 1), (3, 3, 1, 16), "SAME"),
 ]
 
 
@@ -61,10 +63,13 @@ def test_conv2d_value_and_gradients_match_lax(x_shape, w_shape, padding):
         np.testing.assert_allclose(g, r, **TOL)
 
 
+# The kernel gradient's matmul in both orientations (models/conv.py's _rows_product): kh kw C
+# > O (transposed, behind a barrier), < O and == O (direct).
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
-def test_conv2d_under_jit_and_vmap_over_clients(padding):
+@pytest.mark.parametrize("w_shape", [(3, 3, 2, 4), (2, 2, 2, 16), (2, 2, 2, 8)])
+def test_conv2d_under_jit_and_vmap_over_clients(padding, w_shape):
     # Per-client inputs and per-client kernels, as when clients train their own weights.
-    x, w = random_operands(1, (3, 2, 7, 6, 2), (3, 3, 3, 2, 4))
+    x, w = random_operands(1, (3, 2, 7, 6, 2), (3, *w_shape))
     grad_fast = jax.jit(jax.vmap(jax.grad(loss_of(conv2d, padding), argnums=(0, 1))))
     got = grad_fast(x, w)
     ref = jax.grad(loss_of(reference_conv, padding), argnums=(0, 1))

@@ -47,13 +47,16 @@ def _rows_product(a: Array, b: Array, precision: Any) -> Array:
     against 1.7 ms for ``[64, 288]``; ``K`` = 5,408: ``[32, 9]`` 0.36 against 0.17 ms for
     ``[9, 32]``; with two threads the orientations were within 10%), and the round's
     per-core devices run it on one thread. So the wide orientation is computed and transposed
-    (a few thousand values); the barrier keeps XLA from folding that transpose back into the
-    matmul, which it otherwise does. A whole ``cnn_emnist`` SGD step on one core (batch 8):
-    14.5-15.4 -> 12.5-13.3 ms.
+    (the kernel's values: 18,432 for the 32 -> 64 conv); the barrier keeps XLA from folding
+    that transpose back into the matmul, which it otherwise does. A whole ``cnn_emnist`` SGD
+    step on one core (batch 8): 14.5-15.4 -> 12.5-13.3 ms. Measured on XLA:CPU only; the
+    choice is made on every backend (on a GPU the transpose of the kernel is negligible).
     """
     rows = (((0,), (0,)), ((), ()))
     if a.shape[1] <= b.shape[1]:
         return lax.dot_general(a, b, rows, precision=precision)
+    if isinstance(precision, (tuple, list)):  # (lhs, rhs): the operands swap below
+        precision = tuple(precision)[::-1]
     return lax.optimization_barrier(lax.dot_general(b, a, rows, precision=precision)).T
 
 
