@@ -55,6 +55,7 @@ from jax import lax
 
 import fedjax_sim as fs
 from fedjax_sim.driver.autotune import best_of
+from fedjax_sim.models.conv import _rows_product
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import cost_flops, measure_peak_flops  # noqa: E402
@@ -139,10 +140,9 @@ def pieces(batch: int):
         p = jnp.concatenate(
             [x[:, i : i + 24, j : j + 24, :] for i in range(3) for j in range(3)], axis=-1
         ).reshape(-1, 288)
-        rows = (((0,), (0,)), ((), ()))
-        if wide:  # the [64, 288] orientation, kept by a barrier (models/conv.py's _rows_product)
-            return lax.optimization_barrier(lax.dot_general(dy.reshape(-1, 64), p, rows)).T
-        return lax.dot_general(p, dy.reshape(-1, 64), rows)
+        if wide:  # the [64, 288] orientation, as conv2d's backward pass computes it now
+            return _rows_product(p, dy.reshape(-1, 64), None)
+        return lax.dot_general(p, dy.reshape(-1, 64), (((0,), (0,)), ((), ())))
 
     out["conv 32->64 kernel grad as a conv"] = (as_conv, (h1, dy))
     out["conv 32->64 kernel grad im2col [288,64]"] = (as_matmul, (h1, dy))
