@@ -10,7 +10,7 @@ at 1.0. Models, each framework's own rendering of the same network:
 - ``cnn_emnist``: Reddi et al. 2021's EMNIST CNN (3x3 conv 32, 3x3 conv 64, 2x2 max-pool,
   dropout 0.25, dense 128, dropout 0.5, dense 62) on 28x28x1:
   ``fedjax.models.emnist.create_conv_model``, ``fs.get_model("cnn_emnist")``, the same layers
-  in PyTorch for Flower and pfl;
+  in PyTorch for Flower, pfl and the plain PyTorch loop;
 - ``cnn_cifar``: pfl-research's CIFAR-10 benchmark CNN, the same layers on 32x32x3 with 10
   classes (1,626,442 parameters; ``fs.get_model("cnn_emnist", input_shape=(32, 32, 3),
   num_classes=10)``);
@@ -21,16 +21,25 @@ Workloads are named ``MODEL-[COHORTof]CLIENTSxEXAMPLES[bBATCH]``. The defaults a
 table, each against the peers it names (``--every_peer``: every selected peer that has the
 model): ``logreg-1000x20b10`` (FedJAX), ``mlp-100x32b8`` (FedJAX, Flower),
 ``cnn_emnist-100x32b8`` (FedJAX), ``cnn_cifar-50of1000x50b10`` (pfl-research: 50 of 1,000
-clients per round). The table gives each framework's median training seconds per round, GFLOP/s
-and MFU for the CNN rows (analytic training FLOPs per example, against the float32 matmul peak
-measured at the start by ``scripts/bench.py``'s ``measure_peak_flops``), the ratio (the peer's
-time over fedjax_sim's) and the issue's target for it (>= 4x FedJAX, >= 30x Flower, >= 2x
-pfl-research); ``--check`` exits 1 when a measured ratio misses its target.
+clients per round); the CNN rows also run ``torch``, FedAvg written by hand in PyTorch with no
+framework around it: not a peer (no target) but the reference for the CPU kernels, oneDNN's.
+The table gives each framework's median training seconds per round, GFLOP/s and MFU for the
+CNN rows (analytic training FLOPs per example, against the float32 matmul peak measured at the
+start by ``scripts/bench.py``'s ``measure_peak_flops``), the ratio (the peer's time over
+fedjax_sim's) and the issue's target for it (>= 4x FedJAX, >= 30x Flower, >= 2x pfl-research);
+``--check`` exits 1 when a measured ratio misses its target.
 
     bash scripts/setup_peers.sh                         # once: the peers' own venvs
     python scripts/bench_peers.py                       # ~15 min on 2 cores
     python scripts/bench_peers.py --quick               # 2 timed rounds each
     python scripts/bench_peers.py --peers fedjax --workloads logreg-100x32 --rounds 3
+    python scripts/bench_peers.py --one_core --workloads cnn_emnist-100x32b8 \
+        --peers fedjax,pfl,torch --every_peer             # each framework's speed per core
+
+``--one_core`` runs every framework on one core with one thread (each runner pins itself to
+its first allowed core before any framework starts, XLA's Eigen on one thread, one torch
+thread, fedjax_sim on one device; the matmul peak is measured the same way): what each one's
+kernels and loop do per core, apart from how it uses a second core.
 
 How each framework runs a round:
 
@@ -53,6 +62,11 @@ How each framework runs a round:
   ``SimulatedBackend`` (in-process), paced by a callback, ``--torch_threads`` torch threads
   (default: one per core, as fedjax_sim uses every core; on the CIFAR workload, 2026-12-07,
   two threads ran a round in 7.0 s against 14.2 s for one).
+- ``torch`` (pfl-research's venv and its torch): one model, one ``torch.optim.SGD``; each
+  client of the cohort starts from the server's params and runs its steps in ``batch_order``;
+  the server steps toward the clients' mean. ``--torch_threads`` threads. (Checked once
+  against ``scripts/bench_sweep.py``'s NumPy FedAvg on the MLP: the same params after a round
+  to 1.5e-8.)
 
 Every framework runs in its own process (a peer with its venv's Python, from
 ``scripts/setup_peers.sh``, ``--prefix``), which sets up, runs ``--warmup`` untimed rounds
@@ -95,8 +109,16 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 FRAMEWORK = "fedjax_sim"
-PEERS = ("fedjax", "flower", "pfl")
-PEER_TITLES = {"fedjax": "FedJAX 0.0.17", "flower": "Flower 1.42", "pfl": "pfl-research 0.6"}
+# "torch" is no peer but a reference: FedAvg written by hand in PyTorch (oneDNN's CPU kernels)
+# with no federated framework around it, in pfl-research's venv (which installs that torch).
+PEERS = ("fedjax", "flower", "pfl", "torch")
+PEER_TITLES = {
+    "fedjax": "FedJAX 0.0.17",
+    "flower": "Flower 1.42",
+    "pfl": "pfl-research 0.6",
+    "torch": "plain PyTorch loop",
+}
+PEER_VENVS = {"torch": "pfl"}  # a peer whose runner runs in another peer's venv
 # model -> (input shape, classes); cnn_cifar is pfl-research's CIFAR-10 benchmark network,
 # layer for layer cnn_emnist built for 32x32x3 images and 10 classes (1,626,442 parameters).
 MODELS = {
@@ -115,14 +137,15 @@ DEFAULT_WORKLOADS = (
 DEFAULT_PEERS = {
     "logreg": ("fedjax",),
     "mlp": ("fedjax", "flower"),
-    "cnn_emnist": ("fedjax",),
-    "cnn_cifar": ("pfl",),
+    "cnn_emnist": ("fedjax", "torch"),
+    "cnn_cifar": ("pfl", "torch"),
 }
 # The models each peer's runner has (FedJAX ships the EMNIST models only).
 PEER_MODELS = {
     "fedjax": ("cnn_emnist", "mlp", "logreg"),
     "flower": tuple(MODELS),
     "pfl": tuple(MODELS),
+    "torch": tuple(MODELS),
 }
 # Issue 26's targets: how many times faster than each peer fedjax_sim must be.
 TARGETS = {"fedjax": 4.0, "flower": 30.0, "pfl": 2.0}
@@ -363,7 +386,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             target = TARGETS.get(peer)
             r = ratio(info.get("median_s"), ours_s) if info.get("status") == "ok" else None
             if target is None:
-                verdict = ""
+                verdict = "reference" if peer == "torch" else ""
             elif r is None:
                 verdict = f">= {target:g}x: not measured"
             else:
@@ -388,7 +411,8 @@ def peer_python(prefix: str, peer: str) -> tuple[str | None, str]:
     that ``scripts/setup_peers.sh`` recorded, or how to install it."""
     if peer not in PEERS:
         raise ValueError(f"unknown peer {peer!r}; known peers: {', '.join(PEERS)}")
-    root = os.path.join(prefix, peer)
+    venv = PEER_VENVS.get(peer, peer)
+    root = os.path.join(prefix, venv)
     python = os.path.join(root, "venv", "bin", "python")
     status_file, error_file = os.path.join(root, "status"), os.path.join(root, "error.txt")
     status = _read(status_file).strip()
@@ -396,9 +420,9 @@ def peer_python(prefix: str, peer: str) -> tuple[str | None, str]:
         error = _read(error_file).strip() or "see " + os.path.join(root, "pip.log")
         return None, f"install failed: {error}"
     if not os.path.exists(python):
-        return None, f"not installed (bash scripts/setup_peers.sh --prefix {prefix} {peer})"
+        return None, f"not installed (bash scripts/setup_peers.sh --prefix {prefix} {venv})"
     if status != "ok":
-        return None, f"install incomplete in {root} (rerun scripts/setup_peers.sh {peer})"
+        return None, f"install incomplete in {root} (rerun scripts/setup_peers.sh {venv})"
     return python, ""
 
 
@@ -463,7 +487,7 @@ def run_fedjax_sim(w: Workload, pacer: Pacer) -> None:
     import jax
 
     # One virtual CPU device per core, as the CLI and scripts/bench.py run (no-op on GPU).
-    jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)
+    jax.config.update("jax_num_cpu_devices", usable_cpus())
     import optax
 
     import fedjax_sim as fs
@@ -673,7 +697,7 @@ def run_flower(w: Workload, pacer: Pacer) -> None:
                 raise RuntimeError(f"Flower round {r}: no client replied")
             arrays = new_arrays
 
-    cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     pacer.info["versions"] = _versions("flwr", "ray", "torch", "numpy")
     pacer.info["client_resources"] = {"num_cpus": 1, "torch_threads": 1, "parallel": cpus}
     run_simulation(
@@ -744,11 +768,52 @@ def run_pfl(w: Workload, pacer: Pacer) -> None:
     )
 
 
+def run_torch(w: Workload, pacer: Pacer) -> None:
+    """FedAvg written by hand in PyTorch, no federated framework: each client of the cohort
+    starts from the server's params and runs its SGD steps in ``batch_order``, the server
+    moves by ``server_learning_rate`` toward the examples-weighted mean of the clients' params
+    (all clients have as many examples). The CPU kernels' reference for the CNN rows."""
+    import torch
+
+    torch.set_num_threads(pacer.torch_threads)
+    torch.manual_seed(w.seed)
+    net = torch_model(w.model)
+    params = list(net.parameters())
+    opt = torch.optim.SGD(params, lr=w.client_learning_rate)
+    data = {c: torch_client_data(w, c) for c in range(w.population)}
+    pacer.info["versions"] = _versions("torch", "numpy")
+    pacer.info["torch_threads"] = torch.get_num_threads()
+    net.train()
+    r = 0
+    while pacer.boundary():
+        server = [p.detach().clone() for p in params]
+        total = [torch.zeros_like(p) for p in params]
+        cohort = w.cohort(r)
+        for c in cohort:
+            with torch.no_grad():
+                for p, s in zip(params, server):
+                    p.copy_(s)
+            x, y = data[c]
+            for idx in batch_order(w, c, r):
+                idx = torch.from_numpy(idx)
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(net(x[idx]), y[idx].long()).backward()
+                opt.step()
+            with torch.no_grad():
+                for t, p in zip(total, params):
+                    t.add_(p)
+        with torch.no_grad():
+            for p, s, t in zip(params, server, total):
+                p.copy_(s + w.server_learning_rate * (t / len(cohort) - s))
+        r += 1
+
+
 RUNNERS: dict[str, Callable[[Workload, Pacer], None]] = {
     FRAMEWORK: run_fedjax_sim,
     "fedjax": run_fedjax,
     "flower": run_flower,
     "pfl": run_pfl,
+    "torch": run_torch,
 }
 
 
@@ -764,10 +829,35 @@ def _versions(*dists: str) -> dict[str, str]:
     return out
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity; ``os.cpu_count()`` where unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this OS
+        return os.cpu_count() or 1
+
+
+def pin_to_one_core() -> None:
+    """``--one_core``: this process (and its children) on its first allowed core, XLA's
+    Eigen on one thread; before JAX starts. Without affinity support: an error."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise RuntimeError("--one_core needs os.sched_setaffinity (Linux)")
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
+
+
 def runner_main(
-    framework: str, workload_json: str, report_fd: int, warmup: int, torch_threads: int = 1
+    framework: str,
+    workload_json: str,
+    report_fd: int,
+    warmup: int,
+    torch_threads: int = 1,
+    one_core: bool = False,
 ) -> int:
     setup_start = time.perf_counter()
+    if one_core:
+        pin_to_one_core()
     w = Workload.from_json(workload_json)
     pacer = Pacer(report_fd, warmup, setup_start, {"framework": framework}, torch_threads)
     try:
@@ -794,6 +884,7 @@ class RunnerProcess:
         warmup: int,
         log_path: str,
         torch_threads: int = 1,
+        one_core: bool = False,
     ):
         self.framework, self.log_path = framework, log_path
         read_fd, write_fd = os.pipe()
@@ -818,6 +909,7 @@ class RunnerProcess:
             str(warmup),
             "--torch_threads",
             str(torch_threads),
+            *(["--one_core"] if one_core else []),
         ]
         self.log_file = open(log_path, "w")
         self.proc = subprocess.Popen(
@@ -892,7 +984,9 @@ def run_workload(w: Workload, pythons: dict[str, str], args) -> dict[str, dict]:
         log_path = os.path.join(args.log_dir, f"{w.name}.{fw}.log")
         log(f"[{w.name}] starting {fw} (log: {log_path})")
         t0 = time.perf_counter()
-        proc = RunnerProcess(fw, python, w, args.warmup, log_path, args.torch_threads)
+        proc = RunnerProcess(
+            fw, python, w, args.warmup, log_path, args.torch_threads, args.one_core
+        )
         try:
             ready = proc.event(SETUP_TIMEOUT_S)
         except RuntimeError as e:
@@ -962,12 +1056,15 @@ def missed_targets(results: dict[str, Any]) -> list[str]:
 BENCH_PY = os.path.join(_HERE, "bench.py")
 
 
-def measure_peak_flops() -> float | None:
+def measure_peak_flops(one_core: bool = False) -> float | None:
     """The float32 matmul peak (FLOP/s) by ``scripts/bench.py``'s ``measure_peak_flops``, in
-    a child process of this Python (so this process never starts JAX), or None on failure."""
+    a child process of this Python (so this process never starts JAX; with ``one_core``, on
+    one core as the runners), or None on failure."""
+    pin = f"sys.path.insert(0, {_HERE!r}); import bench_peers; bench_peers.pin_to_one_core()\n"
     code = (
         "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('bench', {BENCH_PY!r})\n"
+        + (pin if one_core else "")
+        + f"spec = importlib.util.spec_from_file_location('bench', {BENCH_PY!r})\n"
         "bench = importlib.util.module_from_spec(spec); sys.modules['bench'] = bench\n"
         "spec.loader.exec_module(bench); print(bench.measure_peak_flops(n=1024, reps=20))"
     )
@@ -1027,9 +1124,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--torch_threads",
         type=int,
-        default=os.cpu_count() or 1,
-        help="pfl's torch intra-op threads (default: one per core; Flower: one per Ray actor, "
-        "one actor per core)",
+        default=None,
+        help="torch intra-op threads of pfl and the plain PyTorch loop (default: one per core; "
+        "Flower: one per Ray actor, one actor per core)",
+    )
+    p.add_argument(
+        "--one_core",
+        action="store_true",
+        help="every framework on one core, one thread (fedjax_sim one device): each one's "
+        "per-core speed, the kernels side by side",
     )
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="where setup_peers.sh put the venvs")
     p.add_argument("--log_dir", default=None, help="runner logs (default: next to --out)")
@@ -1039,6 +1142,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workload_json", help=argparse.SUPPRESS)
     p.add_argument("--report_fd", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.one_core and args.torch_threads not in (None, 1):
+        p.error(f"--one_core runs one torch thread, got --torch_threads {args.torch_threads}")
+    if args.torch_threads is None:
+        args.torch_threads = 1 if args.one_core else usable_cpus()
     if args.runner is not None:
         if args.workload_json is None or args.report_fd is None:
             p.error("--runner needs --workload_json and --report_fd")
@@ -1085,6 +1192,7 @@ def metadata(args, argv: Sequence[str], load_start, load_end) -> dict:
         },
         "rounds": args.rounds,
         "warmup": args.warmup,
+        "one_core": args.one_core,
         "statistic": f"median (and best) of {args.rounds} timed rounds after {args.warmup} "
         "warmup round(s), interleaved across frameworks in a random order each pass",
         "prefix": args.prefix,
@@ -1110,7 +1218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.runner is not None:
         return runner_main(
-            args.runner, args.workload_json, args.report_fd, args.warmup, args.torch_threads
+            args.runner,
+            args.workload_json,
+            args.report_fd,
+            args.warmup,
+            args.torch_threads,
+            args.one_core,
         )
 
     os.makedirs(args.log_dir, exist_ok=True)
@@ -1125,7 +1238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pythons[peer] = python
     load_start = _loadavg()
     t_start = time.perf_counter()
-    peak = measure_peak_flops()
+    peak = measure_peak_flops(args.one_core)
     log(f"float32 matmul peak: {peak / 1e9:.0f} GFLOP/s" if peak else "matmul peak: not measured")
     workloads = []
     for w in args.workload_list:

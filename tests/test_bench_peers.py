@@ -6,6 +6,7 @@ import io
 import json
 import os
 import stat
+import subprocess
 import sys
 
 import numpy as np
@@ -61,15 +62,16 @@ def test_default_workloads_are_the_issues():
     ]  # fmt: skip
     w = ws[0]
     assert (w.local_epochs, w.client_learning_rate, w.server_learning_rate) == (1, 0.1, 1.0)
-    every = ["fedjax", "flower", "pfl"]
+    every = ["fedjax", "flower", "pfl", "torch"]
+    # The CNN rows also run the plain PyTorch loop, the CPU kernels' reference.
     assert [bp.workload_peers(w, every, every_peer=False) for w in ws] == [
         ["fedjax"],
         ["fedjax", "flower"],
-        ["fedjax"],
-        ["pfl"],
+        ["fedjax", "torch"],
+        ["pfl", "torch"],
     ]
     # Every peer that has the model: FedJAX has no CIFAR network.
-    assert bp.workload_peers(ws[3], every, every_peer=True) == ["flower", "pfl"]
+    assert bp.workload_peers(ws[3], every, every_peer=True) == ["flower", "pfl", "torch"]
     assert bp.workload_peers(ws[1], ["pfl"], every_peer=False) == []
 
 
@@ -201,6 +203,20 @@ def test_markdown_table_rows_ratios_targets_and_unavailable_peers():
     assert bp.missed_targets(results) == ["mlp-100x32b8 fedjax: 3.80x < 4x"]
 
 
+def test_the_plain_pytorch_loop_is_a_reference_without_a_target():
+    results = results_of(
+        "cnn_emnist-100x32b8",
+        {
+            "fedjax_sim": {"status": "ok", "median_s": 3.0},
+            "torch": {"status": "ok", "median_s": 2.4},
+        },
+    )
+    row = bp.markdown_table(results).splitlines()[2]
+    assert row.startswith("| cnn_emnist-100x32b8 | 3.00 | plain PyTorch loop | 2.40 | 0.80x |")
+    assert row.endswith("| reference |")
+    assert bp.missed_targets(results) == []  # slower than the reference misses no target
+
+
 def test_cnn_rows_report_gflops_and_mfu():
     results = results_of(
         "cnn_cifar-50of1000x50b10",
@@ -259,6 +275,11 @@ def test_peer_python_reports_missing_failed_and_installed(tmp_path):
     (tmp_path / "pfl" / "status").write_text("ok\n")
     assert bp.peer_python(prefix, "pfl") == (str(venv_bin / "python"), "")
 
+    # The plain PyTorch loop runs in pfl-research's venv, which installs torch.
+    assert bp.peer_python(prefix, "torch") == (str(venv_bin / "python"), "")
+    python, why = bp.peer_python(str(tmp_path / "none"), "torch")
+    assert python is None and why.endswith("none pfl)")
+
     with pytest.raises(ValueError, match="unknown peer 'tff'; known peers: fedjax, flower, pfl"):
         bp.peer_python(prefix, "tff")
 
@@ -266,8 +287,11 @@ def test_peer_python_reports_missing_failed_and_installed(tmp_path):
 def test_parse_args_defaults_and_quick(tmp_path):
     args = bp.parse_args(["--out", str(tmp_path / "b.json")])
     assert args.rounds == bp.FULL_ROUNDS and args.warmup == 1
-    assert args.peer_list == ["fedjax", "flower", "pfl"]
+    assert args.peer_list == ["fedjax", "flower", "pfl", "torch"]
     assert [w.name for w in args.workload_list] == list(bp.DEFAULT_WORKLOADS)
+    assert args.torch_threads == bp.usable_cpus() and not args.one_core
+    one = bp.parse_args(["--one_core"])
+    assert one.one_core and one.torch_threads == 1
     assert args.log_dir == str(tmp_path / "b_logs")
     quick = bp.parse_args(["--quick", "--peers", "pfl,fedjax,pfl", "--workloads", "mlp-4x8"])
     assert quick.rounds == bp.QUICK_ROUNDS
@@ -281,7 +305,8 @@ def test_parse_args_defaults_and_quick(tmp_path):
         (["--rounds", "0"], "--rounds must be >= 1, got 0"),
         (["--warmup", "0"], "--warmup must be >= 1"),
         (["--torch_threads", "0"], "--torch_threads must be >= 1"),
-        (["--peers", "fedjax,tff"], "unknown peer tff; known: fedjax, flower, pfl"),
+        (["--peers", "fedjax,tff"], "unknown peer tff; known: fedjax, flower, pfl, torch"),
+        (["--one_core", "--torch_threads", "2"], "--one_core runs one torch thread, got"),
         (["--workloads", "cnn-10x3"], "unknown model 'cnn'"),
         (["--workloads", ","], "--workloads is empty"),
         (["--runner", "fedjax"], "--runner needs --workload_json and --report_fd"),
@@ -340,18 +365,45 @@ def test_pacer_stops_at_end_of_input(monkeypatch):
 
 
 def test_runner_process_reports_a_runner_that_dies(tmp_path):
+    message = dead_runner_message(tmp_path, "echo 'ImportError: no module named fedjax'", "fedjax")
+    assert "ImportError: no module named fedjax" in message
+
+
+def dead_runner_message(tmp_path, shell: str, framework: str, **kwargs) -> str:
+    """The error of a runner whose Python is a shell script running ``shell`` then exiting 3."""
     fake = tmp_path / "python"
-    fake.write_text("#!/bin/sh\necho 'ImportError: no module named fedjax'\nexit 3\n")
+    fake.write_text(f"#!/bin/sh\n{shell}\nexit 3\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    log_path = str(tmp_path / "runner.log")
     w = bp.parse_workload("logreg-2x8")
-    proc = bp.RunnerProcess("fedjax", str(fake), w, 1, log_path)
+    proc = bp.RunnerProcess(framework, str(fake), w, 1, str(tmp_path / "runner.log"), **kwargs)
     try:
         with pytest.raises(RuntimeError, match="runner exited with status 3") as exc:
             proc.event(timeout=30)
-        assert "ImportError: no module named fedjax" in str(exc.value)
+        return str(exc.value)
     finally:
         proc.close()
+
+
+def test_one_core_pins_the_runner_and_xla_to_one_core(tmp_path):
+    # The orchestrator passes --one_core to each runner ...
+    message = dead_runner_message(tmp_path, 'echo "args: $@"', "torch", one_core=True)
+    assert "--torch_threads 1 --one_core" in message
+    # ... which pins itself (and the children it starts) to its first core, with XLA's Eigen
+    # on one thread, before any framework starts.
+    code = (
+        "import os, sys; sys.path.insert(0, sys.argv[1]); import bench_peers as b; "
+        "first = min(os.sched_getaffinity(0)); b.pin_to_one_core(); "
+        "print(os.sched_getaffinity(0) == {first}, b.usable_cpus(), os.environ['XLA_FLAGS'])"
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, os.path.join(REPO_ROOT, "scripts")],
+        capture_output=True, text=True, check=True, env=env,
+    ).stdout.split()  # fmt: skip
+    assert out == [
+        "True", "1", "--xla_force_host_platform_device_count=2",
+        "--xla_cpu_multi_thread_eigen=false",
+    ]  # fmt: skip
 
 
 def test_one_command_measures_fedjax_sim_and_names_a_missing_peer(tmp_path):
