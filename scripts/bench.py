@@ -336,15 +336,23 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
+def out_of_memory_runner(
+    error: Exception, what: str, name: str, algorithm: str, like=None
+) -> FailedRunner:
+    """The ``FailedRunner`` row of a program that ran out of memory (logged as ``what``);
+    any other error is raised again."""
+    if not out_of_memory(error):
+        raise error
+    log(f"{what} failed: {first_line(error)}")
+    return FailedRunner(name, error, algorithm=algorithm, like=like)
+
+
 def attempt(name: str, algorithm: str, build: Callable[[], Runner]) -> Runner:
     """``build()``, or a ``FailedRunner`` when it runs out of memory (anything else raises)."""
     try:
         return build()
     except Exception as e:
-        if not out_of_memory(e):
-            raise
-        log(f"{name} ({algorithm}) failed: {first_line(e)}")
-        return FailedRunner(name, e, algorithm=algorithm)
+        return out_of_memory_runner(e, f"{name} ({algorithm})", name, algorithm)
 
 
 def build_algorithm(algorithm: str, model, executor: fs.Executor, num_clients: int, args):
@@ -842,10 +850,8 @@ def run_case(model_name: str, num_clients: int, args, peak_flops: float) -> list
         try:
             r.first_s = r.run_once()
         except Exception as e:
-            if not out_of_memory(e):
-                raise
-            log(f"{label(r)} failed in its first round: {first_line(e)}")
-            runners[i] = FailedRunner(r.name, e, algorithm=r.algorithm, like=r)
+            what = f"{label(r)} in its first round"
+            runners[i] = out_of_memory_runner(e, what, r.name, r.algorithm, like=r)
             del r
             continue
         r.extra["rss_hwm_growth_mib"] = peak_rss_mib() - rss0
